@@ -1,0 +1,68 @@
+"""Every NATS subject, queue group, bucket and header name toolbus uses, defined once.
+
+Public subjects start with a configurable prefix (``tools`` by default); internal ones, between
+executors and sandbox workers, with ``toolbus``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "tools"
+DEFAULT_INTERNAL_PREFIX = "toolbus"
+QUEUE_GROUP = "toolbus"
+SERVICE_NAME = "toolbus"
+
+LEASES_BUCKET = "toolbus-leases"
+WORKERS_BUCKET = "toolbus-workers"
+
+# ADR-32 error headers, and the header that carries a bearer token when auth is on.
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+AUTHORIZATION_HEADER = "Authorization"
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Subject names for one deployment (prefixes are settings)."""
+
+    prefix: str = DEFAULT_PREFIX
+    internal: str = DEFAULT_INTERNAL_PREFIX
+
+    # -- public: what clients call ------------------------------------------------------------
+    def execute(self, tool: str) -> str:
+        return f"{self.prefix}.execute.{tool}"
+
+    @property
+    def execute_wildcard(self) -> str:
+        return f"{self.prefix}.execute.*"
+
+    @property
+    def execute_token_index(self) -> int:
+        """Index of the tool name among the dot-separated tokens of an execute subject."""
+        return self.prefix.count(".") + 2
+
+    @property
+    def release(self) -> str:
+        return f"{self.prefix}.release"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}.status"
+
+    @property
+    def list_tools(self) -> str:
+        return f"{self.prefix}.list"
+
+    # -- internal: executors <-> workers ------------------------------------------------------
+    def worker_batch(self, worker_id: str) -> str:
+        return f"{self.internal}.worker.{worker_id}.batch"
+
+    def worker_acquire(self, worker_id: str) -> str:
+        return f"{self.internal}.worker.{worker_id}.acquire"
+
+    def worker_release(self, worker_id: str) -> str:
+        return f"{self.internal}.worker.{worker_id}.release"
+
+    def executor_results(self, executor_id: str) -> str:
+        return f"{self.internal}.executor.{executor_id}.results"

@@ -1,0 +1,155 @@
+"""Adaptive micro-batching of calls to one sandbox worker.
+
+When nothing is in flight to the worker, a call is sent at once (on the next loop turn, so calls
+that arrive together still share a message). While a batch is in flight, new calls wait and are
+sent together when it is acknowledged, or when the oldest has waited ``window_s``, or when the
+batch is full (``max_items`` calls or ``max_bytes``). Several batches may be in flight at once:
+the acknowledgement comes as soon as the worker has queued the calls, not when they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from schemas.internal import BatchAck, BatchItem, RejectReason
+
+from ._requests import nats_request
+
+DEFAULT_ACK_TIMEOUT_S = 10.0
+
+
+class WorkerUnavailable(Exception):
+    """The worker did not take the batch (gone, or not answering)."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    payload: bytes
+    item_id: str
+    accepted: asyncio.Future[RejectReason | None]
+    queued_at: float
+
+
+class WorkerLink:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        subject: str,
+        reply_to: str,
+        window_s: float,
+        max_items: int,
+        max_bytes: int,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+    ) -> None:
+        self._nc = nc
+        self._subject = subject
+        self._prefix = b'{"reply_to":"' + reply_to.encode() + b'","items":['
+        self._window_s = window_s
+        self._max_items = max_items
+        self._max_bytes = max_bytes - len(self._prefix) - 2
+        self._ack_timeout_s = ack_timeout_s
+        self._pending: deque[_Pending] = deque()
+        self._pending_bytes = 0
+        self._in_flight = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches_sent = 0
+        self.items_sent = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def submit(self, item: BatchItem) -> asyncio.Future[RejectReason | None]:
+        """Queue a call; the future says whether the worker accepted it (None) or why not."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(
+            item.model_dump_json().encode(), item.item_id, loop.create_future(), time.monotonic()
+        )
+        self._pending.append(pending)
+        self._pending_bytes += len(pending.payload) + 1
+        if self._in_flight == 0 or self._is_full():
+            self._schedule(0.0)
+        else:
+            self._schedule(self._window_s)
+        return pending.accepted
+
+    def _is_full(self) -> bool:
+        return len(self._pending) >= self._max_items or self._pending_bytes >= self._max_bytes
+
+    def _schedule(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        if delay <= 0:
+            if isinstance(self._flush_handle, asyncio.TimerHandle):
+                self._flush_handle.cancel()
+                self._flush_handle = None
+            if self._flush_handle is None:
+                self._flush_handle = loop.call_soon(self._flush)
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        while self._pending:
+            batch: list[_Pending] = []
+            size = 0
+            while self._pending and len(batch) < self._max_items:
+                nxt = self._pending[0]
+                if batch and size + len(nxt.payload) + 1 > self._max_bytes:
+                    break
+                batch.append(self._pending.popleft())
+                size += len(nxt.payload) + 1
+            self._pending_bytes -= size
+            self._in_flight += 1
+            task = asyncio.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            if not self._is_full():
+                break  # the rest (if any) coalesces while this batch is in flight
+        if self._pending:
+            oldest = self._pending[0].queued_at
+            self._schedule(max(self._window_s - (time.monotonic() - oldest), 0.0))
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        body = self._prefix + b",".join(p.payload for p in batch) + b"]}"
+        try:
+            reply = await nats_request(self._nc, self._subject, body, timeout=self._ack_timeout_s)
+            ack = BatchAck.model_validate_json(reply.data)
+        except (NoRespondersError, NatsTimeoutError) as exc:
+            error = WorkerUnavailable(type(exc).__name__)
+            for pending in batch:
+                if not pending.accepted.done():
+                    pending.accepted.set_exception(error)
+        except Exception as exc:
+            for pending in batch:
+                if not pending.accepted.done():
+                    pending.accepted.set_exception(exc)
+        else:
+            self.batches_sent += 1
+            self.items_sent += len(batch)
+            for pending in batch:
+                if not pending.accepted.done():
+                    pending.accepted.set_result(ack.rejected.get(pending.item_id))
+        finally:
+            self._in_flight -= 1
+            if self._pending and self._in_flight == 0:
+                self._schedule(0.0)
+
+    async def close(self) -> None:
+        if self._flush_handle:
+            self._flush_handle.cancel()
+        for pending in self._pending:
+            if not pending.accepted.done():
+                pending.accepted.set_exception(WorkerUnavailable("executor stopping"))
+        self._pending.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,58 @@
+"""Replying to NATS requests: JSON bodies, and ADR-32 error replies without tracebacks."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ValidationError
+
+from schemas.subjects import ERROR_CODE_HEADER, ERROR_HEADER
+
+from ._validation import describe_validation_error
+from .exceptions import BadRequest, PayloadTooLarge, ServiceError
+
+_MAX_HEADER_CHARS = 1024
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def reply_json(nc: Client, msg: Msg, body: bytes) -> None:
+    if msg.reply:
+        await nc.publish(msg.reply, body)
+
+
+async def reply_error(nc: Client, msg: Msg, error: ServiceError) -> None:
+    if not msg.reply:
+        return
+    # A header value is one line; the body carries the full message.
+    header = " ".join(error.message.split())[:_MAX_HEADER_CHARS]
+    await nc.publish(
+        msg.reply,
+        error.body().model_dump_json().encode(),
+        headers={ERROR_HEADER: header, ERROR_CODE_HEADER: str(int(error.code))},
+    )
+
+
+def parse_request(model: type[M], data: bytes, *, max_bytes: int) -> M:
+    """Validate a request body, raising 413 or 400 with a precise message."""
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"request body is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        if any(error["type"] == "json_invalid" for error in exc.errors()):
+            raise BadRequest(_json_problem(data), kind="invalid_json") from None
+        raise BadRequest(f"invalid {model.__name__}: {describe_validation_error(exc)}") from None
+
+
+def _json_problem(data: bytes) -> str:
+    try:
+        json.loads(data)
+    except json.JSONDecodeError as exc:
+        return f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    except UnicodeDecodeError:
+        return "request body is not valid UTF-8"
+    return "request body is not valid JSON"

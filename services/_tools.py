@@ -1,0 +1,186 @@
+"""The built-in tools as a sandbox worker runs them, one call in one slot's workspace."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas.messages import ErrorKindOfResult, ToolResult
+from schemas.tools import ReadFileArgs, TerminalArgs, WriteFileArgs
+
+from ._process import CommandOutcome, ProcessLauncher, run_command
+from ._validation import describe_validation_error
+
+SANDBOX_WORKSPACE = "/workspace"  # what commands see as their workspace (and cwd)
+
+
+class ToolFailure(Exception):
+    """The tool refused or failed; becomes ``success: false`` for the model to read."""
+
+    def __init__(self, message: str, kind: ErrorKindOfResult = ErrorKindOfResult.TOOL) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolLimits:
+    max_output_chars: int
+    max_file_chars: int
+
+
+def resolve_in_workspace(workspace: Path, raw: str) -> Path:
+    """Map a tool's path argument into the workspace; refuse anything that leaves it.
+
+    Relative paths and ``/workspace/...`` are accepted; ``..`` and symlinks are resolved first,
+    so neither can point outside.
+    """
+    if raw == SANDBOX_WORKSPACE or raw.startswith(SANDBOX_WORKSPACE + "/"):
+        raw = raw[len(SANDBOX_WORKSPACE) :].lstrip("/") or "."
+    elif os.path.isabs(raw):
+        raise ToolFailure(f"Path {raw!r} is outside the workspace (use a relative path)")
+    if "\x00" in raw:
+        raise ToolFailure("Path contains a NUL byte")
+    root = workspace.resolve()
+    resolved = (root / raw).resolve()
+    if resolved != root and not resolved.is_relative_to(root):
+        raise ToolFailure(f"Path {raw!r} is outside the workspace")
+    return resolved
+
+
+class ToolRunner:
+    """Runs a validated call of a built-in tool; knows nothing of NATS or slots."""
+
+    def __init__(self, *, launcher: ProcessLauncher, limits: ToolLimits) -> None:
+        self._launcher = launcher
+        self._limits = limits
+
+    @property
+    def sandbox_metadata(self) -> dict[str, Any]:
+        return {
+            "sandboxed": self._launcher.sandboxed,
+            "network_isolated": self._launcher.network_isolated,
+        }
+
+    async def run(
+        self, tool: str, arguments: dict[str, Any], workspace: Path, *, timeout_s: float
+    ) -> ToolResult:
+        try:
+            if tool == "terminal":
+                return await self._terminal(
+                    TerminalArgs.model_validate(arguments), workspace, timeout_s
+                )
+            if tool == "read_file":
+                return self._read_file(ReadFileArgs.model_validate(arguments), workspace)
+            if tool == "write_file":
+                return self._write_file(WriteFileArgs.model_validate(arguments), workspace)
+            raise ToolFailure(f"Unknown tool: {tool}")
+        except ValidationError as exc:
+            failure = ToolFailure(
+                f"Invalid arguments for {tool}: {describe_validation_error(exc)}",
+                ErrorKindOfResult.INVALID_ARGUMENTS,
+            )
+            return self._failure(failure)
+        except ToolFailure as failure:
+            return self._failure(failure)
+        except OSError as exc:
+            # A file tool hit the filesystem (missing file, a directory, permissions): the
+            # model should see the reason, not the service's paths.
+            return self._failure(
+                ToolFailure(f"{tool} failed: {exc.strerror or type(exc).__name__}")
+            )
+
+    def _failure(self, failure: ToolFailure) -> ToolResult:
+        return ToolResult(
+            success=False,
+            error=str(failure),
+            metadata={"error_kind": str(failure.kind), **self.sandbox_metadata},
+        )
+
+    async def _terminal(self, args: TerminalArgs, workspace: Path, timeout_s: float) -> ToolResult:
+        if args.background:
+            raise ToolFailure(
+                "background=true is not supported; run the command in the foreground "
+                "(append '&' inside the command to detach a process)",
+                ErrorKindOfResult.INVALID_ARGUMENTS,
+            )
+        outcome = await run_command(
+            self._launcher,
+            args.command,
+            workspace,
+            timeout_s=timeout_s,
+            max_output_chars=self._limits.max_output_chars,
+        )
+        return self._terminal_result(outcome, timeout_s)
+
+    def _terminal_result(self, outcome: CommandOutcome, timeout_s: float) -> ToolResult:
+        output = outcome.stdout.text
+        if outcome.stderr.text:
+            separator = "" if not output or output.endswith("\n") else "\n"
+            output = f"{output}{separator}[stderr]\n{outcome.stderr.text}"
+        truncated = outcome.stdout.truncated or outcome.stderr.truncated
+        metadata: dict[str, Any] = {
+            "exit_code": outcome.exit_code,
+            "timeout": outcome.timed_out,
+            "duration_s": round(outcome.duration_s, 6),
+            "stdout_bytes": outcome.stdout.total_bytes,
+            "stderr_bytes": outcome.stderr.total_bytes,
+            "truncated": truncated,
+            **self.sandbox_metadata,
+        }
+        if outcome.timed_out:
+            metadata["status"] = "timeout"
+            metadata["error_kind"] = str(ErrorKindOfResult.TIMEOUT)
+            return ToolResult(
+                success=False,
+                output=output,
+                error=f"Command timed out after {timeout_s:g}s",
+                metadata=metadata,
+            )
+        if outcome.exit_code != 0:
+            metadata["status"] = "exit"
+            metadata["error_kind"] = str(ErrorKindOfResult.EXIT)
+            return ToolResult(
+                success=False,
+                output=output,
+                error=f"Exit code: {outcome.exit_code}",
+                metadata=metadata,
+            )
+        metadata["status"] = "ok"
+        return ToolResult(success=True, output=output, metadata=metadata)
+
+    def _read_file(self, args: ReadFileArgs, workspace: Path) -> ToolResult:
+        path = resolve_in_workspace(workspace, args.path)
+        if path.is_dir():
+            raise ToolFailure(f"{args.path} is a directory")
+        limit = self._limits.max_file_chars
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            head = handle.read(limit * 4 + 1)
+        text = head.decode("utf-8", errors="replace")
+        truncated = len(text) > limit or size > len(head)
+        return ToolResult(
+            success=True,
+            output=text[:limit],
+            metadata={"file_size": size, "truncated": truncated, **self.sandbox_metadata},
+        )
+
+    def _write_file(self, args: WriteFileArgs, workspace: Path) -> ToolResult:
+        if len(args.content) > self._limits.max_file_chars:
+            raise ToolFailure(
+                f"content has {len(args.content)} characters; the limit is "
+                f"{self._limits.max_file_chars}",
+                ErrorKindOfResult.INVALID_ARGUMENTS,
+            )
+        path = resolve_in_workspace(workspace, args.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = args.content.encode("utf-8")
+        path.write_bytes(data)
+        return ToolResult(
+            success=True,
+            output=f"Wrote {len(data)} bytes to {args.path}",
+            metadata={"bytes_written": len(data), **self.sandbox_metadata},
+        )

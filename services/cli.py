@@ -1,0 +1,384 @@
+"""``toolbus``: serve everything on one machine, run one part, or call the service.
+
+toolbus serve                      embedded NATS + executor + local workers
+toolbus executor | worker          one part alone, joining --nats-url
+toolbus call TOOL --trajectory ID --arg command='ls -la'
+toolbus release --trajectory ID [--reset]
+toolbus status [--json] | toolbus tools
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from typing import Any, get_args, get_origin
+
+import nats
+import structlog
+from nats.aio.client import Client
+from pydantic import ValidationError
+
+from observability.logging import configure_logging
+from schemas.subjects import Subjects
+
+from ._validation import describe_validation_error
+from .exceptions import ToolbusError
+from .settings import Settings
+
+log = structlog.get_logger("toolbus.cli")
+
+_CLIENT_FIELDS = ("nats_url", "host", "port", "prefix", "token", "log_level", "log_format")
+_WORKER_READY_TIMEOUT_S = 30.0
+
+
+# -- settings <-> flags -------------------------------------------------------------------------
+def _add_settings_flags(
+    parser: argparse.ArgumentParser, fields: Sequence[str] | None = None
+) -> None:
+    group = parser.add_argument_group("settings (each also TOOLBUS_<NAME> in the environment)")
+    for name, field in Settings.model_fields.items():
+        if fields is not None and name not in fields:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} [default: {field.get_default(call_default_factory=True)}]"
+        annotation = field.annotation
+        if annotation is bool:
+            group.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+            continue
+        choices = (
+            get_args(annotation)
+            if get_origin(annotation) is not None
+            and all(isinstance(arg, str) for arg in get_args(annotation))
+            else None
+        )
+        group.add_argument(
+            flag,
+            dest=name,
+            default=argparse.SUPPRESS,
+            choices=choices or None,
+            metavar=name.upper(),
+            help=help_text,
+        )
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return Settings(**given)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as TOOLBUS_* variables, for child processes."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            env[f"TOOLBUS_{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
+    return env
+
+
+def _nats_url(settings: Settings) -> str:
+    return settings.nats_url or f"nats://{settings.host}:{settings.port}"
+
+
+async def _connect(settings: Settings, name: str) -> Client:
+    url = _nats_url(settings)
+    try:
+        return await nats.connect(
+            url, name=name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True
+        )
+    except Exception as exc:  # nats-py raises several types for an unreachable server
+        raise ToolbusError(f"cannot connect to NATS at {url}: {exc}") from None
+
+
+# -- long-running commands ----------------------------------------------------------------------
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+
+
+def _executor_config(settings: Settings) -> Any:
+    from .executor import ExecutorConfig
+
+    return ExecutorConfig(
+        subjects=Subjects(prefix=settings.prefix),
+        token=settings.token,
+        acquire_timeout_s=settings.acquire_timeout_s,
+        batch_window_ms=settings.batch_window_ms,
+        max_batch_size=settings.max_batch_size,
+        max_batch_bytes=settings.max_batch_bytes,
+        max_pending_calls=settings.max_pending_calls,
+        max_request_bytes=settings.max_request_bytes,
+        default_timeout_s=settings.default_timeout_s,
+        max_timeout_s=settings.max_timeout_s,
+    )
+
+
+async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
+    from backends.local import LocalWorkers
+
+    from ._embedded import EmbeddedNatsServer
+    from .executor import ExecutorService
+
+    # Exit order is the reverse: executor stops accepting, then workers, then NATS.
+    async with AsyncExitStack() as stack:
+        if settings.nats_url is None:
+            server = await stack.enter_async_context(
+                EmbeddedNatsServer(
+                    store_dir=settings.data_dir / "nats", host=settings.host, port=settings.port
+                )
+            )
+            settings = settings.model_copy(update={"nats_url": server.url})
+        url = _nats_url(settings)
+        nc = await _connect(settings, "toolbus-executor")
+        stack.push_async_callback(nc.drain)
+        workers = None
+        if settings.backend == "local" and settings.workers > 0:
+            workers = await stack.enter_async_context(
+                LocalWorkers(count=settings.workers, env=settings_env(settings))
+            )
+        executor = await stack.enter_async_context(ExecutorService(nc, _executor_config(settings)))
+        if workers is not None:
+            await _wait_for_workers(executor, workers, settings.workers)
+        (ready or _print_banner)(url)
+        await _until_signalled()
+        log.info("stopping")
+
+
+async def _wait_for_workers(executor: Any, workers: Any, count: int) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _WORKER_READY_TIMEOUT_S
+    while executor.status().pool.containers < count:
+        if failed := workers.exited():
+            raise ToolbusError(f"local workers exited at start: {failed} (see their log lines)")
+        if loop.time() > deadline:
+            raise ToolbusError(f"local workers did not register within {_WORKER_READY_TIMEOUT_S}s")
+        await asyncio.sleep(0.05)
+
+
+def _print_banner(url: str) -> None:
+    example = json.dumps(
+        {
+            "trajectory_id": "demo",
+            "tool": {"name": "terminal", "arguments": {"command": "uname -a"}},
+        }
+    )
+    print(
+        f"toolbus is ready on {url}\n"
+        f"  try:  toolbus call terminal --nats-url {url} --trajectory demo "
+        "--arg command='uname -a'\n"
+        f"  or, with the nats CLI:  nats --server {url} request tools.execute.terminal "
+        f"{shlex.quote(example)}\n"
+        "  Ctrl-C stops everything.",
+        flush=True,
+    )
+
+
+async def run_executor(settings: Settings) -> None:
+    from .executor import ExecutorService
+
+    nc = await _connect(settings, "toolbus-executor")
+    try:
+        async with ExecutorService(nc, _executor_config(settings)):
+            await _until_signalled()
+    finally:
+        await nc.drain()
+
+
+async def run_worker(settings: Settings) -> None:
+    from .worker import SandboxWorker, WorkerConfig, new_worker_id
+
+    worker_id = settings.worker_id or new_worker_id()
+    config = WorkerConfig(
+        worker_id=worker_id,
+        slots=settings.slots,
+        workspace_root=settings.data_dir / "workers" / worker_id,
+        subjects=Subjects(prefix=settings.prefix),
+        heartbeat_s=settings.heartbeat_s,
+        max_output_chars=settings.max_output_chars,
+        max_file_chars=settings.max_file_chars,
+    )
+    nc = await _connect(settings, f"toolbus-worker-{worker_id}")
+    try:
+        async with SandboxWorker(nc, config):
+            await _until_signalled()
+    finally:
+        await nc.drain()
+
+
+# -- client commands ----------------------------------------------------------------------------
+async def _with_client(settings: Settings, action: Callable[[Any], Awaitable[int]]) -> int:
+    from .client import ToolbusClient
+
+    nc = await _connect(settings, "toolbus-cli")
+    try:
+        return await action(ToolbusClient(nc, prefix=settings.prefix, token=settings.token))
+    finally:
+        await nc.drain()
+
+
+def _parse_arguments(pairs: list[str], raw_json: str | None) -> dict[str, Any]:
+    arguments: dict[str, Any] = {}
+    if raw_json:
+        try:
+            loaded = json.loads(raw_json)
+        except json.JSONDecodeError as exc:
+            raise ToolbusError(f"--args is not valid JSON: {exc.msg}") from None
+        if not isinstance(loaded, dict):
+            raise ToolbusError("--args must be a JSON object")
+        arguments.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ToolbusError(f"--arg expects KEY=VALUE, got {pair!r}")
+        arguments[key] = value
+    return arguments
+
+
+async def run_call(settings: Settings, args: argparse.Namespace) -> int:
+    arguments = _parse_arguments(args.arg, args.args)
+
+    async def action(client: Any) -> int:
+        result = await client.execute(
+            args.trajectory, args.tool, arguments, uniq_id=args.uniq_id, timeout_s=args.timeout
+        )
+        if args.json:
+            print(result.model_dump_json(indent=2))
+        else:
+            if result.output:
+                print(result.output)
+            if not result.success:
+                print(f"error: {result.error}", file=sys.stderr)
+        return 0 if result.success else 1
+
+    return await _with_client(settings, action)
+
+
+async def run_release(settings: Settings, args: argparse.Namespace) -> int:
+    async def action(client: Any) -> int:
+        reply = await client.release(args.trajectory, reset_workspace=args.reset)
+        print(reply.model_dump_json())
+        return 0
+
+    return await _with_client(settings, action)
+
+
+async def run_status(settings: Settings, args: argparse.Namespace) -> int:
+    async def action(client: Any) -> int:
+        status = await client.status()
+        if args.json:
+            print(status.model_dump_json(indent=2))
+            return 0
+        pool = status.pool
+        print(
+            f"executor {status.executor_id}: {status.total_requests} requests, "
+            f"{status.total_errors} errors, {status.queue_size} calls in flight"
+        )
+        print(
+            f"pool: {pool.containers} workers, {pool.total_slots} slots "
+            f"({pool.acquired_slots} acquired, {pool.available_slots} free)"
+        )
+        if status.workers:
+            print(f"{'WORKER':<28} {'HOST':<20} {'SLOTS':>6} {'FREE':>6} {'SEEN':>7}")
+            for worker in status.workers:
+                print(
+                    f"{worker.worker_id:<28} {worker.host[:20]:<20} {worker.slots_total:>6} "
+                    f"{worker.slots_free:>6} {worker.age_s:>6.1f}s"
+                )
+        return 0
+
+    return await _with_client(settings, action)
+
+
+async def run_tools(settings: Settings, args: argparse.Namespace) -> int:
+    async def action(client: Any) -> int:
+        print((await client.list_tools()).model_dump_json(indent=2))
+        return 0
+
+    return await _with_client(settings, action)
+
+
+# -- entry point --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolbus", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, help_text in (
+        ("serve", "run everything on this machine (embedded NATS unless --nats-url)"),
+        ("executor", "run one executor, joining --nats-url"),
+        ("worker", "run one sandbox worker, joining --nats-url"),
+    ):
+        _add_settings_flags(commands.add_parser(name, help=help_text))
+
+    call = commands.add_parser("call", help="execute one tool call and print the result")
+    call.add_argument("tool", help="tool name, e.g. terminal, read_file, write_file")
+    call.add_argument("--trajectory", required=True, help="trajectory id")
+    call.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a string argument (repeatable)",
+    )
+    call.add_argument("--args", metavar="JSON", help="arguments as a JSON object")
+    call.add_argument("--timeout", type=float, help="timeout in seconds")
+    call.add_argument("--uniq-id", help="id echoed back in the result")
+    call.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    _add_settings_flags(call, _CLIENT_FIELDS)
+
+    release = commands.add_parser("release", help="release a trajectory's slot")
+    release.add_argument("--trajectory", required=True)
+    release.add_argument("--reset", action="store_true", help="wipe the workspace")
+    _add_settings_flags(release, _CLIENT_FIELDS)
+
+    status = commands.add_parser("status", help="show workers and slots")
+    status.add_argument("--json", action="store_true")
+    _add_settings_flags(status, _CLIENT_FIELDS)
+
+    tools = commands.add_parser("tools", help="list the tools (OpenAI function format)")
+    _add_settings_flags(tools, _CLIENT_FIELDS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except ValidationError as exc:
+        print(f"toolbus: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    runners: dict[str, Callable[[], Awaitable[int | None]]] = {
+        "serve": lambda: run_serve(settings),
+        "executor": lambda: run_executor(settings),
+        "worker": lambda: run_worker(settings),
+        "call": lambda: run_call(settings, args),
+        "release": lambda: run_release(settings, args),
+        "status": lambda: run_status(settings, args),
+        "tools": lambda: run_tools(settings, args),
+    }
+    try:
+        code = asyncio.run(runners[args.command]())  # type: ignore[arg-type]
+    except ToolbusError as exc:
+        print(f"toolbus: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code or 0

@@ -1,0 +1,586 @@
+"""The executor service: validates calls, keeps trajectory leases, batches calls to workers.
+
+It listens on ``tools.execute.*``, ``tools.release``, ``tools.status`` and ``tools.list`` in
+queue group ``toolbus`` (so executors share the load) and answers ``$SRV.*`` discovery. Each
+request is handled in its own task: a slow call never blocks another.
+
+Lifecycle (``async with ExecutorService(...)``): enter binds the KV buckets, watches workers and
+subscribes; exit stops accepting (unsubscribe), waits for calls in flight up to
+``drain_timeout_s``, then cancels the rest with a 503 reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.nuid import NUID
+
+from schemas.errors import ErrorKind
+from schemas.internal import (
+    AcquireReply,
+    AcquireRequest,
+    BatchItem,
+    ItemResult,
+    Lease,
+    RejectReason,
+    WorkerReleaseReply,
+    WorkerReleaseRequest,
+)
+from schemas.messages import (
+    ErrorKindOfResult,
+    ExecuteRequest,
+    PoolStatus,
+    ReleaseReply,
+    ReleaseRequest,
+    StatusReply,
+    ToolListReply,
+    ToolResult,
+    WorkerStatus,
+)
+from schemas.subjects import (
+    AUTHORIZATION_HEADER,
+    LEASES_BUCKET,
+    QUEUE_GROUP,
+    SERVICE_NAME,
+    WORKERS_BUCKET,
+    Subjects,
+)
+from schemas.tools import BUILTIN_TOOLS, TOOL_ALIASES, canonical_tool_name
+
+from . import __version__
+from ._batcher import WorkerLink, WorkerUnavailable
+from ._discovery import EndpointStats, ServiceDiscovery
+from ._kv import open_bucket
+from ._leases import LeaseTable
+from ._registry import WorkerRegistry
+from ._replies import parse_request, reply_error, reply_json
+from ._requests import nats_request
+from .exceptions import (
+    BadRequest,
+    Forbidden,
+    InternalError,
+    NoCapacity,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    Unauthorized,
+)
+from .settings import (
+    DEFAULT_ACQUIRE_TIMEOUT_S,
+    DEFAULT_BATCH_WINDOW_MS,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_PENDING_CALLS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_TIMEOUT_S,
+    MAX_TIMEOUT_S,
+    MIN_TIMEOUT_S,
+)
+
+log = structlog.get_logger("toolbus.executor")
+
+DEFAULT_RESULT_GRACE_S = 10.0  # beyond a call's own timeout, for spawn, transfer and clean-up
+DEFAULT_DRAIN_TIMEOUT_S = 10.0
+_WORKER_REQUEST_TIMEOUT_S = 5.0
+_MAX_DISPATCH_ATTEMPTS = 3
+
+Handler = Callable[[Msg], Awaitable[bytes]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutorConfig:
+    subjects: Subjects = Subjects()
+    token: str | None = None
+    acquire_timeout_s: float = DEFAULT_ACQUIRE_TIMEOUT_S
+    batch_window_ms: int = DEFAULT_BATCH_WINDOW_MS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    default_timeout_s: float = DEFAULT_TIMEOUT_S
+    max_timeout_s: float = MAX_TIMEOUT_S
+    result_grace_s: float = DEFAULT_RESULT_GRACE_S
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+
+    def clamp_timeout(self, requested: float | None) -> float:
+        value = self.default_timeout_s if requested is None else requested
+        return min(max(value, MIN_TIMEOUT_S), self.max_timeout_s)
+
+
+def _infra_failure(message: str, **metadata: Any) -> ToolResult:
+    return ToolResult(
+        success=False,
+        error=message,
+        metadata={"error_kind": str(ErrorKindOfResult.INFRA), **metadata},
+    )
+
+
+class ExecutorService:
+    def __init__(self, nc: Client, config: ExecutorConfig | None = None) -> None:
+        self._nc = nc
+        self._config = config or ExecutorConfig()
+        self._subjects = self._config.subjects
+        self._nuid = NUID()
+        self.executor_id = self._nuid.next().decode()
+        self._results_subject = self._subjects.executor_results(self.executor_id)
+        self._results: dict[str, asyncio.Future[ToolResult]] = {}
+        self._links: dict[str, WorkerLink] = {}
+        self._acquiring: dict[str, asyncio.Task[Lease]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[Subscription] = []
+        self._results_sub: Subscription | None = None
+        self._registry: WorkerRegistry | None = None
+        self._leases: LeaseTable | None = None
+        self._tool_list = (
+            ToolListReply(
+                tools=[tool.spec() for tool in BUILTIN_TOOLS.values()], aliases=TOOL_ALIASES
+            )
+            .model_dump_json()
+            .encode()
+        )
+        s = self._subjects
+        self._endpoints = {
+            "execute": EndpointStats("execute", s.execute_wildcard, QUEUE_GROUP),
+            "release": EndpointStats("release", s.release, QUEUE_GROUP),
+            "status": EndpointStats("status", s.status, QUEUE_GROUP),
+            "list": EndpointStats("list", s.list_tools, QUEUE_GROUP),
+        }
+        self._discovery = ServiceDiscovery(
+            nc,
+            name=SERVICE_NAME,
+            instance_id=self.executor_id,
+            version=__version__,
+            description="Runs LLM agents' tool calls in sandboxes",
+            endpoints=list(self._endpoints.values()),
+        )
+        self.total_requests = 0
+        self.total_errors = 0
+        self._pending_calls = 0
+        self.calls_in_flight = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def __aenter__(self) -> ExecutorService:
+        js = self._nc.jetstream()
+        workers = await open_bucket(js, WORKERS_BUCKET, description="toolbus sandbox workers")
+        leases = await open_bucket(js, LEASES_BUCKET, description="toolbus trajectory leases")
+        self._registry = WorkerRegistry(workers)
+        await self._registry.start()
+        self._leases = LeaseTable(leases)
+        self._results_sub = await self._nc.subscribe(self._results_subject, cb=self._on_result)
+        s = self._subjects
+        for subject, name, handler in (
+            (s.execute_wildcard, "execute", self._execute),
+            (s.release, "release", self._release),
+            (s.status, "status", self._status),
+            (s.list_tools, "list", self._list_tools),
+        ):
+            callback = self._request_callback(handler, self._endpoints[name])
+            self._subscriptions.append(
+                await self._nc.subscribe(subject, queue=QUEUE_GROUP, cb=callback)
+            )
+        await self._discovery.start()
+        await self._nc.flush()
+        log.info("executor started", executor_id=self.executor_id, prefix=s.prefix)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # 1. stop accepting: the queue group sends new requests to other executors.
+        for sub in self._subscriptions:
+            await _quietly(sub.unsubscribe())
+        self._subscriptions.clear()
+        await _quietly(self._discovery.stop())
+        # 2. wait for calls in flight, 3. cancel the rest (each replies 503).
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self._config.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for link in self._links.values():
+            await link.close()
+        if self._results_sub is not None:
+            await _quietly(self._results_sub.unsubscribe())
+        if self._registry is not None:
+            await self._registry.stop()
+        log.info("executor stopped", executor_id=self.executor_id)
+
+    # -- request plumbing ---------------------------------------------------------------------
+    def _request_callback(
+        self, handler: Handler, stats: EndpointStats
+    ) -> Callable[[Msg], Awaitable[None]]:
+        async def on_request(msg: Msg) -> None:
+            # nats-py runs one callback at a time per subscription: hand off at once.
+            task = asyncio.create_task(self._serve(msg, handler, stats))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return on_request
+
+    async def _serve(self, msg: Msg, handler: Handler, stats: EndpointStats) -> None:
+        started = time.perf_counter_ns()
+        self.total_requests += 1
+        self._pending_calls += 1
+        try:
+            if self._pending_calls > self._config.max_pending_calls:
+                raise Overloaded(
+                    f"executor holds {self._config.max_pending_calls} calls already; retry later"
+                )
+            self._check_auth(msg)
+            body = await handler(msg)
+        except ServiceError as error:
+            await self._fail(msg, stats, started, error)
+        except asyncio.CancelledError:
+            await self._fail(
+                msg,
+                stats,
+                started,
+                NoCapacity("the executor is shutting down; retry", kind=ErrorKind.NO_CAPACITY),
+            )
+            raise
+        except Exception:
+            log.exception("request failed", subject=msg.subject)
+            await self._fail(
+                msg, stats, started, InternalError("internal error in the executor (logged)")
+            )
+        else:
+            await _quietly(reply_json(self._nc, msg, body))
+            stats.record(started)
+        finally:
+            self._pending_calls -= 1
+
+    async def _fail(
+        self, msg: Msg, stats: EndpointStats, started: int, error: ServiceError
+    ) -> None:
+        self.total_errors += 1
+        stats.record(started, str(error))
+        log.info("request refused", subject=msg.subject, code=int(error.code), reason=error.message)
+        await _quietly(reply_error(self._nc, msg, error))
+
+    def _check_auth(self, msg: Msg) -> None:
+        token = self._config.token
+        if not token:
+            return
+        headers = {key.lower(): value for key, value in (msg.headers or {}).items()}
+        value = headers.get(AUTHORIZATION_HEADER.lower())
+        if not value:
+            raise Unauthorized("Missing Authorization header")
+        scheme, _, given = value.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise Unauthorized("Invalid Authorization header (expected 'Bearer <token>')")
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Forbidden("Invalid token")
+
+    # -- tools.execute.* ----------------------------------------------------------------------
+    async def _execute(self, msg: Msg) -> bytes:
+        request = parse_request(ExecuteRequest, msg.data, max_bytes=self._config.max_request_bytes)
+        tokens = msg.subject.split(".")
+        subject_tool = tokens[self._subjects.execute_token_index]
+        if request.tool.name != subject_tool:
+            raise BadRequest(
+                f"tool.name {request.tool.name!r} does not match the subject's tool "
+                f"{subject_tool!r}"
+            )
+        tool = canonical_tool_name(request.tool.name)
+        if tool is None:
+            raise NotFound(f"Unknown tool: {request.tool.name}", kind=ErrorKind.UNKNOWN_TOOL)
+        requested = request.timeout_s
+        if requested is None:
+            requested = _number(request.tool.arguments.get("timeout"))
+        with structlog.contextvars.bound_contextvars(
+            trajectory_id=request.trajectory_id, tool=tool, uniq_id=request.tool.uniq_id
+        ):
+            result = await self.execute(
+                request.trajectory_id,
+                tool,
+                request.tool.arguments,
+                timeout_s=self._config.clamp_timeout(requested),
+                uniq_id=request.tool.uniq_id,
+            )
+            log.debug("call answered", success=result.success)
+        return result.model_dump_json().encode()
+
+    async def execute(
+        self,
+        trajectory_id: str,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        timeout_s: float,
+        uniq_id: str | None,
+    ) -> ToolResult:
+        """Run one call of a built-in tool in the trajectory's slot."""
+        self.calls_in_flight += 1
+        try:
+            return await self._dispatch(
+                trajectory_id, tool, arguments, timeout_s=timeout_s, uniq_id=uniq_id
+            )
+        finally:
+            self.calls_in_flight -= 1
+
+    async def _dispatch(
+        self,
+        trajectory_id: str,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        timeout_s: float,
+        uniq_id: str | None,
+    ) -> ToolResult:
+        stale: Lease | None = None
+        for _ in range(_MAX_DISPATCH_ATTEMPTS):
+            lease = await self._lease(trajectory_id, stale=stale)
+            item = BatchItem(
+                item_id=self._nuid.next().decode(),
+                trajectory_id=trajectory_id,
+                tool=tool,
+                arguments=arguments,
+                timeout_s=timeout_s,
+                uniq_id=uniq_id,
+            )
+            result_future: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
+            self._results[item.item_id] = result_future
+            try:
+                try:
+                    rejected = await self._link(lease.worker_id).submit(item)
+                except WorkerUnavailable:
+                    rejected = RejectReason.STOPPING
+                if rejected is RejectReason.NO_SLOT:
+                    stale = lease  # released meanwhile, or a stale lease: look again
+                    continue
+                if rejected is not None:
+                    await self._drop_lost_worker(trajectory_id, lease)
+                    return _infra_failure(
+                        "The sandbox worker holding this trajectory's workspace is unavailable; "
+                        "the next call starts in a new workspace",
+                        worker_id=lease.worker_id,
+                        uniq_id=uniq_id,
+                    )
+                try:
+                    result = await asyncio.wait_for(
+                        result_future, timeout_s + self._config.result_grace_s
+                    )
+                except TimeoutError:
+                    return _infra_failure(
+                        f"No result from sandbox worker {lease.worker_id} within "
+                        f"{timeout_s + self._config.result_grace_s:g}s",
+                        worker_id=lease.worker_id,
+                    )
+                return result
+            finally:
+                self._results.pop(item.item_id, None)
+        raise NoCapacity(
+            f"could not place the call: the slot of trajectory {trajectory_id!r} kept moving",
+            kind=ErrorKind.WORKER_UNAVAILABLE,
+        )
+
+    def _link(self, worker_id: str) -> WorkerLink:
+        link = self._links.get(worker_id)
+        if link is None:
+            link = self._links[worker_id] = WorkerLink(
+                self._nc,
+                subject=self._subjects.worker_batch(worker_id),
+                reply_to=self._results_subject,
+                window_s=self._config.batch_window_ms / 1000,
+                max_items=self._config.max_batch_size,
+                max_bytes=self._config.max_batch_bytes,
+            )
+        return link
+
+    async def _on_result(self, msg: Msg) -> None:
+        try:
+            item = ItemResult.model_validate_json(msg.data)
+        except ValueError:
+            log.warning("ignoring malformed result message", size=len(msg.data))
+            return
+        future = self._results.get(item.item_id)
+        if future is not None and not future.done():
+            future.set_result(item.result)
+
+    # -- leases -------------------------------------------------------------------------------
+    async def _lease(self, trajectory_id: str, *, stale: Lease | None = None) -> Lease:
+        """The trajectory's lease: cached, stored, or newly acquired (one acquire at a time)."""
+        assert self._registry is not None and self._leases is not None
+        cached = self._leases.cached(trajectory_id)
+        if cached is not None and cached != stale and self._registry.is_alive(cached.worker_id):
+            return cached
+        acquiring = self._acquiring.get(trajectory_id)
+        if acquiring is None:
+            # A task of its own: concurrent calls of one trajectory share it, and a caller
+            # that gives up does not cancel the others' acquisition.
+            acquiring = asyncio.create_task(self._resolve_or_acquire(trajectory_id, stale))
+            self._acquiring[trajectory_id] = acquiring
+            acquiring.add_done_callback(lambda task: self._acquired(trajectory_id, task))
+        return await asyncio.shield(acquiring)
+
+    def _acquired(self, trajectory_id: str, task: asyncio.Task[Lease]) -> None:
+        if self._acquiring.get(trajectory_id) is task:
+            del self._acquiring[trajectory_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here; the callers awaiting it re-raise it
+
+    async def _resolve_or_acquire(self, trajectory_id: str, stale: Lease | None) -> Lease:
+        assert self._registry is not None and self._leases is not None
+        stored = await self._leases.get(trajectory_id)
+        if stored is not None:
+            lease, revision = stored
+            if lease != stale and self._registry.is_alive(lease.worker_id):
+                return lease
+            log.warning("dropping stale lease", worker_id=lease.worker_id, slot=lease.slot)
+            await self._leases.delete(trajectory_id, revision=revision)
+        return await self._acquire(trajectory_id)
+
+    async def _acquire(self, trajectory_id: str) -> Lease:
+        assert self._registry is not None and self._leases is not None
+        deadline = time.monotonic() + self._config.acquire_timeout_s
+        request = AcquireRequest(trajectory_id=trajectory_id).model_dump_json().encode()
+        while True:
+            for worker_id in self._registry.candidates():
+                try:
+                    msg = await nats_request(
+                        self._nc,
+                        self._subjects.worker_acquire(worker_id),
+                        request,
+                        timeout=_WORKER_REQUEST_TIMEOUT_S,
+                    )
+                except (NoRespondersError, NatsTimeoutError):
+                    self._registry.note_gone(worker_id)
+                    continue
+                reply = AcquireReply.model_validate_json(msg.data)
+                if reply.slot is None:
+                    self._registry.note_full(worker_id)
+                    continue
+                self._registry.note_acquired(worker_id)
+                lease = Lease(worker_id=worker_id, slot=reply.slot, acquired_at=time.time())
+                if await self._leases.create(trajectory_id, lease):
+                    log.info("slot leased", worker_id=worker_id, slot=reply.slot)
+                    return lease
+                # Another executor leased this trajectory first: use its lease, give ours back.
+                stored = await self._leases.get(trajectory_id)
+                if stored is None:
+                    continue
+                winner = stored[0]
+                if winner.worker_id != worker_id:
+                    await self._release_on_worker(worker_id, trajectory_id, reset_workspace=True)
+                return winner
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                alive = self._registry.alive()
+                raise NoCapacity(
+                    f"no free slot within {self._config.acquire_timeout_s:g}s "
+                    f"({len(alive)} workers, {sum(w.slots_total for w, _ in alive)} slots, "
+                    "all in use); release finished trajectories or add workers"
+                )
+            await self._registry.wait_for_capacity(min(remaining, 0.5))
+
+    async def _drop_lost_worker(self, trajectory_id: str, lease: Lease) -> None:
+        assert self._registry is not None and self._leases is not None
+        self._registry.note_gone(lease.worker_id)
+        stored = await self._leases.get(trajectory_id)
+        if stored is not None and stored[0] == lease:
+            await self._leases.delete(trajectory_id, revision=stored[1])
+        self._leases.forget(trajectory_id)
+
+    async def _release_on_worker(
+        self, worker_id: str, trajectory_id: str, *, reset_workspace: bool
+    ) -> WorkerReleaseReply | None:
+        assert self._registry is not None
+        request = WorkerReleaseRequest(trajectory_id=trajectory_id, reset_workspace=reset_workspace)
+        try:
+            msg = await nats_request(
+                self._nc,
+                self._subjects.worker_release(worker_id),
+                request.model_dump_json().encode(),
+                timeout=_WORKER_REQUEST_TIMEOUT_S + 30,  # a wipe of a big workspace takes time
+            )
+        except (NoRespondersError, NatsTimeoutError):
+            log.warning("worker did not answer a release", worker_id=worker_id)
+            return None
+        reply = WorkerReleaseReply.model_validate_json(msg.data)
+        if reply.released:
+            self._registry.note_released(worker_id)
+        return reply
+
+    # -- tools.release ------------------------------------------------------------------------
+    async def _release(self, msg: Msg) -> bytes:
+        assert self._leases is not None
+        request = parse_request(ReleaseRequest, msg.data, max_bytes=self._config.max_request_bytes)
+        trajectory_id = request.trajectory_id
+        with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool="release"):
+            stored = await self._leases.get(trajectory_id)
+            if stored is None:
+                raise NotFound(f"No active slot for trajectory {trajectory_id!r}")
+            lease, revision = stored
+            # Lease first: a call that races the release gets a fresh slot, not a dying one.
+            await self._leases.delete(trajectory_id, revision=revision)
+            await self._release_on_worker(
+                lease.worker_id, trajectory_id, reset_workspace=request.reset_workspace
+            )
+            log.info("trajectory released", worker_id=lease.worker_id, slot=lease.slot)
+        return ReleaseReply(worker_id=lease.worker_id, slot=lease.slot).model_dump_json().encode()
+
+    # -- tools.status / tools.list ------------------------------------------------------------
+    def status(self) -> StatusReply:
+        assert self._registry is not None
+        alive = self._registry.alive()
+        total = sum(info.slots_total for info, _ in alive)
+        free = sum(info.slots_free for info, _ in alive)
+        return StatusReply(
+            executor_id=self.executor_id,
+            queue_size=self.calls_in_flight,
+            total_requests=self.total_requests,
+            total_errors=self.total_errors,
+            pool=PoolStatus(
+                total_slots=total,
+                available_slots=free,
+                acquired_slots=total - free,
+                containers=len(alive),
+                slots_by_state={"free": free, "acquired": total - free},
+                started=bool(alive),
+            ),
+            workers=[
+                WorkerStatus(
+                    worker_id=info.worker_id,
+                    host=info.host,
+                    slots_total=info.slots_total,
+                    slots_free=info.slots_free,
+                    age_s=round(age, 3),
+                )
+                for info, age in sorted(alive, key=lambda pair: pair[0].worker_id)
+            ],
+        )
+
+    async def _status(self, msg: Msg) -> bytes:
+        return self.status().model_dump_json().encode()
+
+    async def _list_tools(self, msg: Msg) -> bytes:
+        return self._tool_list
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    """Best effort: a reply to a client that went away is not an error of ours."""
+    try:
+        await awaitable
+    except Exception as exc:
+        log.debug("best-effort operation failed", error=str(exc))

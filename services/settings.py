@@ -1,0 +1,281 @@
+"""All configuration, read in one place: CLI flags > environment > ``.env`` > defaults.
+
+Every field is settable by a flag (``--batch-window-ms``) and by ``TOOLBUS_<FIELD>``
+(``TOOLBUS_BATCH_WINDOW_MS``). The seed service's ``TOOL_EXECUTOR_*`` names are accepted too.
+Everything else in toolbus receives the values it needs as arguments; nothing reads the
+environment on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.subjects import DEFAULT_PREFIX
+
+DEFAULT_PORT = 4222
+DEFAULT_SLOTS = 10
+DEFAULT_ACQUIRE_TIMEOUT_S = 30.0
+DEFAULT_BATCH_WINDOW_MS = 20
+DEFAULT_MAX_BATCH_SIZE = 200
+DEFAULT_MAX_BATCH_BYTES = 768 * 1024  # stays under nats-server's default 1 MiB max_payload
+DEFAULT_TIMEOUT_S = 30.0
+MIN_TIMEOUT_S = 1.0
+MAX_TIMEOUT_S = 600.0
+DEFAULT_MAX_OUTPUT_CHARS = 50_000
+DEFAULT_MAX_FILE_CHARS = 100_000
+DEFAULT_MAX_ARTIFACT_BYTES = 5_000_000
+DEFAULT_MAX_ARTIFACT_ENTRIES = 5_000
+DEFAULT_MAX_REQUEST_BYTES = 256 * 1024
+DEFAULT_MAX_PENDING_CALLS = 10_000
+DEFAULT_HEARTBEAT_S = 2.0
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "toolbus"
+
+
+def _env(field: str, *seed_names: str) -> Any:
+    """Accept ``TOOLBUS_<FIELD>``, then the seed's names, and the field name as a keyword."""
+    return AliasChoices(f"TOOLBUS_{field.upper()}", *seed_names, field)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    # -- NATS and the embedded server ---------------------------------------------------------
+    nats_url: str | None = Field(
+        default=None,
+        validation_alias=_env("nats_url"),
+        description="Join this NATS server; without it `serve` starts an embedded one.",
+    )
+    host: str = Field(
+        default="127.0.0.1", validation_alias=_env("host"), description="Embedded server address."
+    )
+    port: int = Field(
+        default=DEFAULT_PORT,
+        ge=0,
+        le=65535,
+        validation_alias=_env("port"),
+        description="Embedded server client port (0 picks a free one).",
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        validation_alias=_env("data_dir"),
+        description="JetStream storage and slot workspaces live under this directory.",
+    )
+    prefix: str = Field(
+        default=DEFAULT_PREFIX,
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        validation_alias=_env("prefix"),
+        description="Prefix of the public subjects (tools.execute.*, tools.release, ...).",
+    )
+    token: str | None = Field(
+        default=None,
+        validation_alias=_env("token", "TOOL_EXECUTOR_TOKEN"),
+        description="Bearer token clients must send in the Authorization header (off if unset).",
+    )
+
+    # -- workers and where they run -----------------------------------------------------------
+    workers: int = Field(
+        default=1,
+        ge=0,
+        validation_alias=_env("workers"),
+        description="Local sandbox workers `serve` starts.",
+    )
+    slots: int = Field(
+        default=DEFAULT_SLOTS,
+        ge=1,
+        le=10_000,
+        validation_alias=_env("slots", "TOOL_EXECUTOR_SLOTS"),
+        description="Slots (workspaces) per worker.",
+    )
+    worker_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        validation_alias=_env("worker_id"),
+        description="Id of a worker started with `toolbus worker` (random if unset).",
+    )
+    backend: Literal["local", "nomad", "external"] = Field(
+        default="local",
+        validation_alias=_env("backend"),
+        description="Where workers run: local processes, a Nomad job, or started elsewhere.",
+    )
+    min_workers: int = Field(
+        default=1,
+        ge=0,
+        validation_alias=_env("min_workers", "TOOL_EXECUTOR_MIN_CONTAINERS"),
+        description="Fewest workers the backend keeps.",
+    )
+    max_workers: int = Field(
+        default=10,
+        ge=1,
+        validation_alias=_env("max_workers", "TOOL_EXECUTOR_MAX_CONTAINERS"),
+        description="Most workers the backend starts.",
+    )
+    nomad_address: str = Field(
+        default="http://localhost:4646",
+        validation_alias=_env("nomad_address", "TOOL_EXECUTOR_NOMAD_ADDRESS"),
+        description="Nomad HTTP API address (backend=nomad).",
+    )
+    job_id: str = Field(
+        default="toolbus-sandbox-workers",
+        validation_alias=_env("job_id", "TOOL_EXECUTOR_JOB_ID"),
+        description="Nomad job id of the sandbox workers.",
+    )
+    image: str = Field(
+        default="toolbus-sandbox:local",
+        validation_alias=_env("image", "TOOL_EXECUTOR_IMAGE"),
+        description="Container image of a sandbox worker (backend=nomad).",
+    )
+    privileged: bool = Field(
+        default=False,
+        validation_alias=_env("privileged", "TOOL_EXECUTOR_PRIVILEGED"),
+        description="Run worker containers privileged (backend=nomad).",
+    )
+    purge_job_on_shutdown: bool = Field(
+        default=True,
+        validation_alias=_env("purge_job_on_shutdown", "TOOL_EXECUTOR_PURGE_JOB_ON_SHUTDOWN"),
+        description="Purge the Nomad job when the service stops.",
+    )
+    heartbeat_s: float = Field(
+        default=DEFAULT_HEARTBEAT_S,
+        gt=0,
+        validation_alias=_env("heartbeat_s"),
+        description="Seconds between worker heartbeats; 3 missed ones mark a worker gone.",
+    )
+
+    # -- scheduling ---------------------------------------------------------------------------
+    acquire_timeout_s: float = Field(
+        default=DEFAULT_ACQUIRE_TIMEOUT_S,
+        gt=0,
+        validation_alias=_env("acquire_timeout_s", "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S"),
+        description="Deadline to get a slot for a new trajectory before a 503.",
+    )
+    batch_window_ms: int = Field(
+        default=DEFAULT_BATCH_WINDOW_MS,
+        ge=0,
+        validation_alias=_env("batch_window_ms", "TOOL_EXECUTOR_BATCH_WINDOW_MS"),
+        description="Longest a call waits to join a batch while one to its worker is in flight.",
+    )
+    max_batch_size: int = Field(
+        default=DEFAULT_MAX_BATCH_SIZE,
+        ge=1,
+        validation_alias=_env("max_batch_size", "TOOL_EXECUTOR_MAX_BATCH_SIZE"),
+        description="Most calls in one batch to a worker.",
+    )
+    max_batch_bytes: int = Field(
+        default=DEFAULT_MAX_BATCH_BYTES,
+        ge=1024,
+        validation_alias=_env("max_batch_bytes"),
+        description="Most bytes in one batch message (keep under the server's max_payload).",
+    )
+    max_pending_calls: int = Field(
+        default=DEFAULT_MAX_PENDING_CALLS,
+        ge=1,
+        validation_alias=_env("max_pending_calls"),
+        description="Calls one executor holds at once; past it new calls get 429.",
+    )
+    max_request_bytes: int = Field(
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        ge=1024,
+        validation_alias=_env("max_request_bytes"),
+        description="Largest request body accepted; larger gets 413.",
+    )
+
+    # -- execution ----------------------------------------------------------------------------
+    default_timeout_s: float = Field(
+        default=DEFAULT_TIMEOUT_S,
+        gt=0,
+        validation_alias=_env("default_timeout_s"),
+        description="Timeout of a call that names none (clamped to 1..max_timeout_s).",
+    )
+    max_timeout_s: float = Field(
+        default=MAX_TIMEOUT_S,
+        ge=MIN_TIMEOUT_S,
+        validation_alias=_env("max_timeout_s"),
+        description="Longest timeout a call may ask for.",
+    )
+    allow_network: bool = Field(
+        default=True,
+        validation_alias=_env("allow_network", "TOOL_EXECUTOR_ALLOW_NETWORK"),
+        description="Whether sandboxed commands may use the network.",
+    )
+    require_sandbox: bool = Field(
+        default=False,
+        validation_alias=_env("require_sandbox"),
+        description="Fail closed when the sandbox cannot run, instead of a plain process.",
+    )
+    max_output_chars: int = Field(
+        default=DEFAULT_MAX_OUTPUT_CHARS,
+        ge=1,
+        validation_alias=_env("max_output_chars"),
+        description="Output kept per stream (stdout, stderr) of a command.",
+    )
+    max_file_chars: int = Field(
+        default=DEFAULT_MAX_FILE_CHARS,
+        ge=1,
+        validation_alias=_env("max_file_chars"),
+        description="Most characters read_file returns.",
+    )
+    max_artifact_bytes: int = Field(
+        default=DEFAULT_MAX_ARTIFACT_BYTES,
+        ge=1,
+        validation_alias=_env("max_artifact_bytes"),
+        description="Largest artifact read or archive.",
+    )
+    max_artifact_entries: int = Field(
+        default=DEFAULT_MAX_ARTIFACT_ENTRIES,
+        ge=1,
+        validation_alias=_env("max_artifact_entries"),
+        description="Most entries an artifact list or archive holds.",
+    )
+    artifacts_bucket: str = Field(
+        default="toolbus-artifacts",
+        validation_alias=_env("artifacts_bucket"),
+        description="JetStream Object Store bucket for artifacts.",
+    )
+    tool_server_url: str | None = Field(
+        default=None,
+        validation_alias=_env("tool_server_url", "TOOL_EXECUTOR_TOOL_SERVER_URL"),
+        description="HTTP server for external tools (web_search, ...).",
+    )
+    tool_server_token: str | None = Field(
+        default=None,
+        validation_alias=_env("tool_server_token", "TOOL_EXECUTOR_TOOL_SERVER_TOKEN"),
+        description="Bearer token for the external tool server.",
+    )
+
+    # -- logging ------------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", validation_alias=_env("log_level"), description="Lowest level logged."
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        validation_alias=_env("log_format"),
+        description="auto: console on a terminal, JSON lines otherwise.",
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Settings:
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"min_workers ({self.min_workers}) is above max_workers ({self.max_workers})"
+            )
+        return self
+
+    def clamp_timeout(self, requested: float | None) -> float:
+        """The timeout a call gets: requested or default, within 1..max_timeout_s."""
+        value = self.default_timeout_s if requested is None else requested
+        return min(max(value, MIN_TIMEOUT_S), self.max_timeout_s)

@@ -1,0 +1,315 @@
+"""The sandbox worker: N slots, one workspace each, running the calls executors send it.
+
+Calls of one slot run in arrival order (an asyncio lock is FIFO); different slots run at once.
+A batch request is acknowledged at once and each call's result is published on its own as soon
+as it is done, so a slow call never holds back another's reply.
+
+Lifecycle (``async with SandboxWorker(...)``): enter prepares workspaces, subscribes and
+registers; exit stops accepting (unsubscribe, deregister), waits for running calls up to
+``drain_timeout_s``, then cancels the rest (killing their processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
+
+from schemas.internal import (
+    AcquireReply,
+    AcquireRequest,
+    BatchAck,
+    BatchItem,
+    BatchRequest,
+    ItemResult,
+    RejectReason,
+    WorkerInfo,
+    WorkerReleaseReply,
+    WorkerReleaseRequest,
+)
+from schemas.messages import ErrorKindOfResult, ToolResult
+from schemas.subjects import WORKERS_BUCKET, Subjects
+
+from ._kv import open_bucket
+from ._process import ProcessLauncher
+from ._tools import ToolLimits, ToolRunner
+from .settings import DEFAULT_HEARTBEAT_S, DEFAULT_MAX_FILE_CHARS, DEFAULT_MAX_OUTPUT_CHARS
+
+log = structlog.get_logger("toolbus.worker")
+
+DEFAULT_DRAIN_TIMEOUT_S = 10.0
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:8]}".replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    worker_id: str
+    slots: int
+    workspace_root: Path
+    subjects: Subjects = Subjects()
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS
+    max_file_chars: int = DEFAULT_MAX_FILE_CHARS
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    index: int
+    workspace: Path
+    trajectory_id: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class SandboxWorker:
+    def __init__(
+        self, nc: Client, config: WorkerConfig, *, launcher: ProcessLauncher | None = None
+    ) -> None:
+        self._nc = nc
+        self._config = config
+        self._subjects = config.subjects
+        self._runner = ToolRunner(
+            launcher=launcher or ProcessLauncher(),
+            limits=ToolLimits(
+                max_output_chars=config.max_output_chars, max_file_chars=config.max_file_chars
+            ),
+        )
+        self._slots = [_Slot(i, config.workspace_root / f"slot_{i}") for i in range(config.slots)]
+        self._by_trajectory: dict[str, _Slot] = {}
+        self._subscriptions: list[Subscription] = []
+        self._registry: KeyValue | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._announce_soon: asyncio.TimerHandle | None = None
+        self._started_at = time.time()
+        self._accepting = False
+        self.calls_completed = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self._config.worker_id
+
+    @property
+    def slots_free(self) -> int:
+        return len(self._slots) - len(self._by_trajectory)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def __aenter__(self) -> SandboxWorker:
+        for slot in self._slots:
+            slot.workspace.mkdir(parents=True, exist_ok=True)
+        self._registry = await open_bucket(
+            self._nc.jetstream(), WORKERS_BUCKET, description="toolbus sandbox workers"
+        )
+        wid = self.worker_id
+        for subject, handler in (
+            (self._subjects.worker_batch(wid), self._on_batch),
+            (self._subjects.worker_acquire(wid), self._on_acquire),
+            (self._subjects.worker_release(wid), self._on_release),
+        ):
+            self._subscriptions.append(await self._nc.subscribe(subject, cb=handler))
+        await self._nc.flush()
+        self._accepting = True
+        await self._announce()
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{wid}")
+        log.info(
+            "worker started",
+            worker_id=wid,
+            slots=len(self._slots),
+            workspace_root=str(self._config.workspace_root),
+            **self._runner.sandbox_metadata,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # 1. stop accepting: no new batches, and executors stop choosing this worker.
+        self._accepting = False
+        for sub in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subscriptions.clear()
+        if self._heartbeat:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self._announce_soon:
+            self._announce_soon.cancel()
+        if self._registry is not None and self._nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._registry.delete(self.worker_id)
+        # 2. wait for running calls, 3. then cancel what is left (their processes are killed).
+        running = [task for slot in self._slots for task in slot.tasks]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=self._config.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        log.info("worker stopped", worker_id=self.worker_id)
+
+    # -- registration -------------------------------------------------------------------------
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            slots_total=len(self._slots),
+            slots_free=self.slots_free,
+            started_at=self._started_at,
+            updated_at=time.time(),
+            heartbeat_s=self._config.heartbeat_s,
+        )
+
+    async def _announce(self) -> None:
+        assert self._registry is not None
+        await self._registry.put(self.worker_id, self.info().model_dump_json().encode())
+
+    def _announce_change(self) -> None:
+        """Publish free slots soon, coalescing a burst of acquires/releases into one put."""
+        if self._announce_soon is None and self._accepting:
+            loop = asyncio.get_running_loop()
+            self._announce_soon = loop.call_later(0.05, self._fire_announce)
+
+    def _fire_announce(self) -> None:
+        self._announce_soon = None
+        task = asyncio.create_task(self._announce())
+        task.add_done_callback(_log_task_failure)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_s)
+            try:
+                await self._announce()
+            except Exception as exc:  # a missed heartbeat is logged, the next one retries
+                log.warning("heartbeat failed", worker_id=self.worker_id, error=str(exc))
+
+    # -- slots --------------------------------------------------------------------------------
+    async def _on_acquire(self, msg: Msg) -> None:
+        request = AcquireRequest.model_validate_json(msg.data)
+        reply = self.acquire(request.trajectory_id)
+        await msg.respond(reply.model_dump_json().encode())
+
+    def acquire(self, trajectory_id: str) -> AcquireReply:
+        """Give the trajectory a slot (the one it has, if any); ``slot=None`` when full."""
+        if not self._accepting:
+            return AcquireReply()
+        slot = self._by_trajectory.get(trajectory_id)
+        if slot is not None:
+            return AcquireReply(slot=slot.index)
+        for slot in self._slots:
+            if slot.trajectory_id is None:
+                slot.trajectory_id = trajectory_id
+                self._by_trajectory[trajectory_id] = slot
+                self._announce_change()
+                log.info("slot acquired", trajectory_id=trajectory_id, slot=slot.index)
+                return AcquireReply(slot=slot.index, created=True)
+        return AcquireReply()
+
+    async def _on_release(self, msg: Msg) -> None:
+        request = WorkerReleaseRequest.model_validate_json(msg.data)
+        reply = await self.release(request.trajectory_id, reset_workspace=request.reset_workspace)
+        await msg.respond(reply.model_dump_json().encode())
+
+    async def release(self, trajectory_id: str, *, reset_workspace: bool) -> WorkerReleaseReply:
+        """Free the trajectory's slot: cancel its calls (killing their processes), maybe wipe."""
+        slot = self._by_trajectory.pop(trajectory_id, None)
+        if slot is None:
+            return WorkerReleaseReply(released=False)
+        slot.trajectory_id = None  # no new call can reach it from here on
+        for task in list(slot.tasks):
+            task.cancel()
+        await asyncio.gather(*slot.tasks, return_exceptions=True)
+        if reset_workspace:
+            await asyncio.to_thread(_wipe_directory, slot.workspace)
+        self._announce_change()
+        log.info(
+            "slot released", trajectory_id=trajectory_id, slot=slot.index, reset=reset_workspace
+        )
+        return WorkerReleaseReply(released=True, slot=slot.index)
+
+    # -- calls --------------------------------------------------------------------------------
+    async def _on_batch(self, msg: Msg) -> None:
+        batch = BatchRequest.model_validate_json(msg.data)
+        ack = BatchAck()
+        for item in batch.items:
+            slot = self._by_trajectory.get(item.trajectory_id)
+            if not self._accepting:
+                ack.rejected[item.item_id] = RejectReason.STOPPING
+            elif slot is None:
+                ack.rejected[item.item_id] = RejectReason.NO_SLOT
+            else:
+                task = asyncio.create_task(self._run_item(slot, item, batch.reply_to))
+                slot.tasks.add(task)
+                task.add_done_callback(slot.tasks.discard)
+        await msg.respond(ack.model_dump_json().encode())
+
+    async def _run_item(self, slot: _Slot, item: BatchItem, reply_to: str) -> None:
+        with structlog.contextvars.bound_contextvars(
+            trajectory_id=item.trajectory_id, tool=item.tool, uniq_id=item.uniq_id
+        ):
+            try:
+                async with slot.lock:
+                    result = await self._runner.run(
+                        item.tool, item.arguments, slot.workspace, timeout_s=item.timeout_s
+                    )
+            except asyncio.CancelledError:
+                result = ToolResult(
+                    success=False,
+                    error="Call cancelled: the trajectory was released or the worker stopped",
+                    metadata={"error_kind": str(ErrorKindOfResult.INFRA), "cancelled": True},
+                )
+                await self._publish_result(item, result, reply_to, slot)
+                raise
+            except Exception:
+                log.exception("tool crashed")
+                result = ToolResult(
+                    success=False,
+                    error="Internal error in the sandbox worker",
+                    metadata={"error_kind": str(ErrorKindOfResult.INFRA)},
+                )
+            await self._publish_result(item, result, reply_to, slot)
+
+    async def _publish_result(
+        self, item: BatchItem, result: ToolResult, reply_to: str, slot: _Slot
+    ) -> None:
+        result.uniq_id = item.uniq_id
+        result.metadata.update(worker_id=self.worker_id, slot=slot.index)
+        self.calls_completed += 1
+        log.debug("call done", success=result.success, slot=slot.index)
+        payload = ItemResult(item_id=item.item_id, result=result).model_dump_json().encode()
+        with contextlib.suppress(Exception):  # the executor may be gone; nothing to tell
+            await self._nc.publish(reply_to, payload)
+
+
+def _wipe_directory(directory: Path) -> None:
+    """Empty a workspace without removing it (its path stays the slot's)."""
+    for entry in list(directory.iterdir()) if directory.exists() else []:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("background task failed", error=str(exc))

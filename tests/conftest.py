@@ -1,0 +1,97 @@
+"""Fixtures: one real nats-server per test session, and in-process toolbus stacks on it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from observability.logging import configure_logging
+from services.client import ToolbusClient
+from services.executor import ExecutorConfig, ExecutorService
+from services.worker import SandboxWorker, WorkerConfig
+
+from ._nats_server import nats_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    configure_logging(level="warning", fmt="json")
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with nats_server(tmp_path_factory.mktemp("nats")) as url:
+        yield url
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    connection = await nats.connect(nats_url, name="toolbus-tests")
+    yield connection
+    await connection.drain()
+
+
+@pytest.fixture
+def trajectory() -> Callable[[], str]:
+    """Fresh trajectory ids, unique across the session (buckets are shared)."""
+    return lambda: f"traj-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class Stack:
+    client: ToolbusClient
+    executors: list[ExecutorService] = field(default_factory=list)
+    workers: list[SandboxWorker] = field(default_factory=list)
+    connections: list[Client] = field(default_factory=list)
+
+
+StackFactory = Callable[..., Awaitable[Stack]]
+
+
+@pytest.fixture
+async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactory]:
+    """Build executors and workers in this process, each on its own NATS connection."""
+    async with AsyncExitStack() as exit_stack:
+
+        async def connect(name: str) -> Client:
+            connection = await nats.connect(nats_url, name=name)
+            exit_stack.push_async_callback(connection.drain)
+            return connection
+
+        async def factory(
+            *,
+            executors: int = 1,
+            workers: int = 1,
+            slots: int = 4,
+            executor_config: ExecutorConfig | None = None,
+            worker_options: dict[str, Any] | None = None,
+            client_options: dict[str, Any] | None = None,
+        ) -> Stack:
+            stack = Stack(client=ToolbusClient(await connect("client"), **(client_options or {})))
+            for _ in range(workers):
+                worker_id = f"test-{uuid.uuid4().hex[:8]}"
+                config = WorkerConfig(
+                    worker_id=worker_id,
+                    slots=slots,
+                    workspace_root=tmp_path / worker_id,
+                    heartbeat_s=0.5,
+                    **(worker_options or {}),
+                )
+                connection = await connect(worker_id)
+                worker = SandboxWorker(connection, config)
+                stack.workers.append(await exit_stack.enter_async_context(worker))
+            for index in range(executors):
+                connection = await connect(f"executor-{index}")
+                executor = ExecutorService(connection, executor_config or ExecutorConfig())
+                stack.executors.append(await exit_stack.enter_async_context(executor))
+            return stack
+
+        yield factory
