@@ -68,7 +68,7 @@ class WorkerRegistry:
         finally:
             self._ready.set()
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _is_alive(self, entry: _Entry, now: float) -> bool:
         return now - entry.seen_at <= entry.info.heartbeat_s * _MISSED_HEARTBEATS

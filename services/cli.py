@@ -15,7 +15,7 @@ import json
 import shlex
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, get_args, get_origin
 
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"toolbus: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
     configure_logging(level=settings.log_level, fmt=settings.log_format)
-    runners: dict[str, Callable[[], Awaitable[int | None]]] = {
+    runners: dict[str, Callable[[], Coroutine[Any, Any, int | None]]] = {
         "serve": lambda: run_serve(settings),
         "executor": lambda: run_executor(settings),
         "worker": lambda: run_worker(settings),
@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tools": lambda: run_tools(settings, args),
     }
     try:
-        code = asyncio.run(runners[args.command]())  # type: ignore[arg-type]
+        code = asyncio.run(runners[args.command]())
     except ToolbusError as exc:
         print(f"toolbus: {exc}", file=sys.stderr)
         return 1
