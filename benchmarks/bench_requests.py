@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,9 +148,9 @@ async def measure(
         seconds=duration_s,
         calls=len(latencies),
         errors=sum(errors.values()),
-        calls_per_s=len(latencies) / duration_s,
-        p50_ms=None if p50 is None else p50 * 1000,
-        p99_ms=None if p99 is None else p99 * 1000,
+        calls_per_s=round(len(latencies) / duration_s, 1),
+        p50_ms=None if p50 is None else round(p50 * 1000, 3),
+        p99_ms=None if p99 is None else round(p99 * 1000, 3),
         error_kinds=dict(errors.most_common(5)),
     )
 
@@ -187,7 +187,7 @@ async def echo_responder(url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def echo_responder_process(url: str) -> Any:
+async def echo_responder_process(url: str) -> AsyncIterator[asyncio.subprocess.Process]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         SCRIPT,
@@ -393,12 +393,12 @@ def render_table(rows: Sequence[Row], header: str) -> str:
                 f"{row.calls_per_s:>10,.0f} {_ms(row.p50_ms):>8} {_ms(row.p99_ms):>8} "
                 f"{row.calls:>8,} {row.errors:>5} "
             )
-        lines.append((f"{level:>11} " + "  ".join(cells)).rstrip())
+        lines.append(f"{level:>11} " + "  ".join(cells))
     errors = [row for row in rows if row.errors]
     if errors:
         lines.append("")
         lines.extend(f"errors ({r.system}, {r.concurrency}): {r.error_kinds}" for r in errors)
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 # -- entry point --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from contextlib import AsyncExitStack
 from typing import Any, get_args, get_origin
 
 import nats
+import nats.errors
 import structlog
 from nats.aio.client import Client
 from pydantic import ValidationError
@@ -35,6 +36,7 @@ log = structlog.get_logger("toolbus.cli")
 
 _CLIENT_FIELDS = ("nats_url", "host", "port", "prefix", "token", "log_level", "log_format")
 _WORKER_READY_TIMEOUT_S = 30.0
+_CONNECT_DEADLINE_S = 15.0
 
 
 # -- settings <-> flags -------------------------------------------------------------------------
@@ -93,14 +95,35 @@ def _nats_url(settings: Settings) -> str:
     return settings.nats_url or f"nats://{settings.host}:{settings.port}"
 
 
-async def _connect(settings: Settings, name: str) -> Client:
+async def _connect(settings: Settings, name: str, *, service: bool = True) -> Client:
+    """Connect to NATS; a service keeps reconnecting later, a one-shot command does not."""
     url = _nats_url(settings)
+
+    async def on_error(exc: Exception) -> None:
+        if service:  # one line, no traceback: the reconnect loop will try again
+            log.warning("nats connection error", url=url, error=str(exc) or type(exc).__name__)
+
     try:
-        return await nats.connect(
-            url, name=name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True
+        return await asyncio.wait_for(
+            nats.connect(
+                url,
+                name=name,
+                connect_timeout=2,
+                error_cb=on_error,
+                allow_reconnect=service,
+                # nats-py reads 0 as "no limit" here; a one-shot command tries twice.
+                max_reconnect_attempts=-1 if service else 1,
+                reconnect_time_wait=1 if service else 0.1,
+            ),
+            _CONNECT_DEADLINE_S if service else None,
         )
-    except Exception as exc:  # nats-py raises several types for an unreachable server
-        raise ToolbusError(f"cannot connect to NATS at {url}: {exc}") from None
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        detail = (
+            "no server answered"
+            if isinstance(exc, nats.errors.NoServersError)
+            else (str(exc) or type(exc).__name__)
+        )
+        raise ToolbusError(f"cannot connect to NATS at {url}: {detail}") from None
 
 
 # -- long-running commands ----------------------------------------------------------------------
@@ -227,7 +250,7 @@ async def run_worker(settings: Settings) -> None:
 async def _with_client(settings: Settings, action: Callable[[Any], Awaitable[int]]) -> int:
     from .client import ToolbusClient
 
-    nc = await _connect(settings, "toolbus-cli")
+    nc = await _connect(settings, "toolbus-cli", service=False)
     try:
         return await action(ToolbusClient(nc, prefix=settings.prefix, token=settings.token))
     finally:

@@ -274,8 +274,3 @@ class Settings(BaseSettings):
                 f"min_workers ({self.min_workers}) is above max_workers ({self.max_workers})"
             )
         return self
-
-    def clamp_timeout(self, requested: float | None) -> float:
-        """The timeout a call gets: requested or default, within 1..max_timeout_s."""
-        value = self.default_timeout_s if requested is None else requested
-        return min(max(value, MIN_TIMEOUT_S), self.max_timeout_s)

@@ -169,9 +169,7 @@ async def test_service_discovery_reports_true_counts(
     executor = stack.executors[0]
     subject = f"$SRV.STATS.toolbus.{executor.executor_id}"
     for _ in range(3):
-        await executor.execute(
-            tid, "terminal", {"command": "true"}, timeout_s=5, uniq_id=None
-        )
+        await executor.execute(tid, "terminal", {"command": "true"}, timeout_s=5, uniq_id=None)
     info = json.loads(
         (await nats_request(nc, f"$SRV.INFO.toolbus.{executor.executor_id}", b"", timeout=5)).data
     )
