@@ -36,7 +36,7 @@ def resolve_in_workspace(workspace: Path, raw: str) -> Path:
     """Map a tool's path argument into the workspace; refuse anything that leaves it.
 
     Relative paths and ``/workspace/...`` are accepted; ``..`` and symlinks are resolved first,
-    so neither can point outside.
+    so neither can point outside. ``workspace`` must itself be resolved (the worker does it once).
     """
     if raw == SANDBOX_WORKSPACE or raw.startswith(SANDBOX_WORKSPACE + "/"):
         raw = raw[len(SANDBOX_WORKSPACE) :].lstrip("/") or "."
@@ -44,9 +44,8 @@ def resolve_in_workspace(workspace: Path, raw: str) -> Path:
         raise ToolFailure(f"Path {raw!r} is outside the workspace (use a relative path)")
     if "\x00" in raw:
         raise ToolFailure("Path contains a NUL byte")
-    root = workspace.resolve()
-    resolved = (root / raw).resolve()
-    if resolved != root and not resolved.is_relative_to(root):
+    resolved = (workspace / raw).resolve()
+    if resolved != workspace and not resolved.is_relative_to(workspace):
         raise ToolFailure(f"Path {raw!r} is outside the workspace")
     return resolved
 

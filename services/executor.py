@@ -119,12 +119,29 @@ class ExecutorConfig:
         return min(max(value, MIN_TIMEOUT_S), self.max_timeout_s)
 
 
-def _infra_failure(message: str, **metadata: Any) -> ToolResult:
+def _infra_failure(message: str, *, uniq_id: str | None = None, **metadata: Any) -> ToolResult:
     return ToolResult(
         success=False,
         error=message,
         metadata={"error_kind": str(ErrorKindOfResult.INFRA), **metadata},
+        uniq_id=uniq_id,
     )
+
+
+def _workspace_lost(lease: Lease, uniq_id: str | None) -> ToolResult:
+    return _infra_failure(
+        f"The sandbox worker {lease.worker_id} holding this trajectory's workspace is gone; "
+        "the workspace is lost and the next call starts in a new one",
+        uniq_id=uniq_id,
+        worker_id=lease.worker_id,
+        workspace_lost=True,
+    )
+
+
+class _WorkspaceLost(Exception):
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(lease.worker_id)
+        self.lease = lease
 
 
 class ExecutorService:
@@ -344,7 +361,10 @@ class ExecutorService:
     ) -> ToolResult:
         stale: Lease | None = None
         for _ in range(_MAX_DISPATCH_ATTEMPTS):
-            lease = await self._lease(trajectory_id, stale=stale)
+            try:
+                lease = await self._lease(trajectory_id, stale=stale)
+            except _WorkspaceLost as lost:
+                return _workspace_lost(lost.lease, uniq_id)
             item = BatchItem(
                 item_id=self._nuid.next().decode(),
                 trajectory_id=trajectory_id,
@@ -365,12 +385,7 @@ class ExecutorService:
                     continue
                 if rejected is not None:
                     await self._drop_lost_worker(trajectory_id, lease)
-                    return _infra_failure(
-                        "The sandbox worker holding this trajectory's workspace is unavailable; "
-                        "the next call starts in a new workspace",
-                        worker_id=lease.worker_id,
-                        uniq_id=uniq_id,
-                    )
+                    return _workspace_lost(lease, uniq_id)
                 try:
                     result = await asyncio.wait_for(
                         result_future, timeout_s + self._config.result_grace_s
@@ -379,6 +394,7 @@ class ExecutorService:
                     return _infra_failure(
                         f"No result from sandbox worker {lease.worker_id} within "
                         f"{timeout_s + self._config.result_grace_s:g}s",
+                        uniq_id=uniq_id,
                         worker_id=lease.worker_id,
                     )
                 return result
@@ -443,6 +459,10 @@ class ExecutorService:
                 return lease
             log.warning("dropping stale lease", worker_id=lease.worker_id, slot=lease.slot)
             await self._leases.delete(trajectory_id, revision=revision)
+            if lease != stale:
+                # Its worker is gone and the workspace with it: say so once, rather than
+                # carry on silently in an empty workspace.
+                raise _WorkspaceLost(lease)
         return await self._acquire(trajectory_id)
 
     async def _acquire(self, trajectory_id: str) -> Lease:
@@ -451,6 +471,9 @@ class ExecutorService:
         request = AcquireRequest(trajectory_id=trajectory_id).model_dump_json().encode()
         while True:
             for worker_id in self._registry.candidates():
+                # Count the slot as taken before asking, so that concurrent new trajectories
+                # spread over the workers instead of all asking the one that looked emptiest.
+                self._registry.note_acquired(worker_id)
                 try:
                     msg = await nats_request(
                         self._nc,
@@ -465,7 +488,6 @@ class ExecutorService:
                 if reply.slot is None:
                     self._registry.note_full(worker_id)
                     continue
-                self._registry.note_acquired(worker_id)
                 lease = Lease(worker_id=worker_id, slot=reply.slot, acquired_at=time.time())
                 if await self._leases.create(trajectory_id, lease):
                     log.info("slot leased", worker_id=worker_id, slot=reply.slot)

@@ -114,6 +114,7 @@ class SandboxWorker:
     async def __aenter__(self) -> SandboxWorker:
         for slot in self._slots:
             slot.workspace.mkdir(parents=True, exist_ok=True)
+            slot.workspace = slot.workspace.resolve()  # once, not on every file call
         self._registry = await open_bucket(
             self._nc.jetstream(), WORKERS_BUCKET, description="toolbus sandbox workers"
         )

@@ -23,7 +23,7 @@ from ._nats_server import nats_server
 
 @pytest.fixture(scope="session", autouse=True)
 def _logging() -> None:
-    configure_logging(level="warning", fmt="json")
+    configure_logging(level="debug", fmt="json")
 
 
 @pytest.fixture(scope="session")

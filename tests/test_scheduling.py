@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from schemas.internal import BatchAck, BatchItem, BatchRequest
 from services._batcher import WorkerLink
 from services._requests import nats_request
-from services.exceptions import NoCapacity
+from services.exceptions import NoCapacity, Overloaded
 from services.executor import ExecutorConfig
 from tests.conftest import StackFactory
 
@@ -240,3 +240,41 @@ async def test_worker_link_sends_at_once_when_idle_and_coalesces_while_in_flight
     assert len(sizes) < 22 - 5  # coalesced, not one message per call
     await link.close()
     await sub.unsubscribe()
+
+
+async def test_an_executor_past_its_call_limit_answers_429(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack(slots=8, executor_config=ExecutorConfig(max_pending_calls=2))
+    tids = [trajectory() for _ in range(5)]
+    outcomes = await asyncio.gather(
+        *(stack.client.execute(tid, "terminal", {"command": "sleep 0.5"}) for tid in tids),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]
+    served = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(served) == 2
+    assert len(refused) == 3
+    assert "retry later" in refused[0].message
+    assert (await stack.client.execute(tids[0], "terminal", {"command": "echo ok"})).success
+
+
+async def test_a_lost_worker_is_an_infra_failure_and_the_next_call_gets_a_new_slot(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack(workers=2, slots=2)
+    tid = trajectory()
+    first = await stack.client.execute(tid, "write_file", {"path": "f", "content": "x"})
+    lost = next(w for w in stack.workers if w.worker_id == first.metadata["worker_id"])
+    await lost.__aexit__(None, None, None)  # the worker goes away (deregisters)
+    stack.workers.remove(lost)
+
+    after = await stack.client.execute(tid, "read_file", {"path": "f"}, uniq_id="u")
+    assert not after.success
+    assert after.uniq_id == "u"
+    assert after.metadata["error_kind"] == "infra"
+    assert after.metadata["workspace_lost"] is True
+    assert "workspace is lost" in after.error
+    again = await stack.client.execute(tid, "terminal", {"command": "echo fresh"})
+    assert again.success
+    assert again.metadata["worker_id"] == stack.workers[0].worker_id
