@@ -160,6 +160,11 @@ async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None =
     from ._embedded import EmbeddedNatsServer
     from .executor import ExecutorService
 
+    if settings.backend == "nomad":
+        raise ToolbusError(
+            "backend 'nomad' is not available yet: use --backend local, or --backend external "
+            "and start workers with `toolbus worker` (deploy/nomad has job files for that)"
+        )
     # Exit order is the reverse: executor stops accepting, then workers, then NATS.
     async with AsyncExitStack() as stack:
         if settings.nats_url is None:
@@ -237,6 +242,8 @@ async def run_worker(settings: Settings) -> None:
         heartbeat_s=settings.heartbeat_s,
         max_output_chars=settings.max_output_chars,
         max_file_chars=settings.max_file_chars,
+        allow_network=settings.allow_network,
+        require_sandbox=settings.require_sandbox,
     )
     nc = await _connect(settings, f"toolbus-worker-{worker_id}")
     try:

@@ -47,6 +47,7 @@ from schemas.subjects import WORKERS_BUCKET, Subjects
 from ._kv import open_bucket
 from ._process import ProcessLauncher
 from ._tools import ToolLimits, ToolRunner
+from .exceptions import StartupError
 from .settings import DEFAULT_HEARTBEAT_S, DEFAULT_MAX_FILE_CHARS, DEFAULT_MAX_OUTPUT_CHARS
 
 log = structlog.get_logger("toolbus.worker")
@@ -68,6 +69,8 @@ class WorkerConfig:
     max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS
     max_file_chars: int = DEFAULT_MAX_FILE_CHARS
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    allow_network: bool = True
+    require_sandbox: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -112,6 +115,17 @@ class SandboxWorker:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> SandboxWorker:
+        sandbox = self._runner.sandbox_metadata
+        if self._config.require_sandbox and not sandbox["sandboxed"]:
+            raise StartupError(
+                "require_sandbox is set but this worker can only run plain processes; "
+                "unset require_sandbox (TOOLBUS_REQUIRE_SANDBOX=false) to run unsandboxed"
+            )
+        if not self._config.allow_network and not sandbox["network_isolated"]:
+            log.warning(
+                "allow_network is false but this worker cannot isolate the network: "
+                "commands can reach it (results say network_isolated=false)"
+            )
         for slot in self._slots:
             slot.workspace.mkdir(parents=True, exist_ok=True)
             slot.workspace = slot.workspace.resolve()  # once, not on every file call

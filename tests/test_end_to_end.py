@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from nats.aio.client import Client
 
 from schemas.subjects import ERROR_CODE_HEADER, ERROR_HEADER
 from services._requests import nats_request
-from services.exceptions import BadRequest, NotFound
+from services.exceptions import BadRequest, NotFound, StartupError
+from services.worker import SandboxWorker, WorkerConfig
 from tests.conftest import StackFactory
 
 
@@ -137,8 +141,6 @@ async def test_release_with_and_without_reset(
 async def test_release_cancels_a_running_call(
     make_stack: StackFactory, trajectory: Callable[[], str]
 ) -> None:
-    import asyncio
-
     stack = await make_stack()
     tid = trajectory()
     await stack.client.execute(tid, "terminal", {"command": "true"})
@@ -296,3 +298,14 @@ async def test_client_raises_typed_errors(
             "tools.execute.terminal",
             b'{"trajectory_id": "t", "tool": {"name": "terminal"}, "timeout_s": -1}',
         )
+
+
+async def test_a_worker_that_must_sandbox_but_cannot_refuses_to_start(
+    nc: Client, tmp_path: Path
+) -> None:
+    config = WorkerConfig(
+        worker_id="strict", slots=1, workspace_root=tmp_path, require_sandbox=True
+    )
+    with pytest.raises(StartupError, match="require_sandbox is set"):
+        async with SandboxWorker(nc, config):
+            pass
