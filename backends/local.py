@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 import structlog
@@ -19,6 +19,8 @@ from services._children import child_preexec, stop_process
 from services.exceptions import StartupError
 
 log = structlog.get_logger("toolbus.backend.local")
+
+DEFAULT_READY_TIMEOUT_S = 30.0
 
 
 class LocalWorkers:
@@ -59,6 +61,22 @@ class LocalWorkers:
         self._processes[worker_id] = process
         log.info("local worker started", worker_id=worker_id, pid=process.pid)
         return worker_id
+
+    async def wait_registered(
+        self, registered: Callable[[], int], *, timeout_s: float = DEFAULT_READY_TIMEOUT_S
+    ) -> None:
+        """Return once ``registered()`` counts every worker started here.
+
+        Raises StartupError when a worker exits first or the deadline passes.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while registered() < len(self._processes):
+            if failed := self.exited():
+                raise StartupError(f"local workers exited at start: {failed} (see their logs)")
+            if loop.time() > deadline:
+                raise StartupError(f"local workers did not register within {timeout_s:g}s")
+            await asyncio.sleep(0.05)
 
     def exited(self) -> dict[str, int]:
         """Workers whose process ended, with their exit codes."""

@@ -50,7 +50,7 @@ from services._embedded import EmbeddedNatsServer
 from services._validation import describe_validation_error
 from services.cli import settings_env
 from services.client import ToolbusClient
-from services.exceptions import NotFound, ServiceError
+from services.exceptions import NotFound, ServiceError, StartupError
 from services.executor import ExecutorConfig, ExecutorService
 from services.settings import Settings
 
@@ -61,7 +61,6 @@ READY_LINE = b"ready\n"
 FILE_PATH = "bench/notes.txt"
 REQUEST_TIMEOUT_S = 30.0  # per call; a call slower than this counts as an error
 STRAGGLER_TIMEOUT_S = 30.0  # after a row, how long calls still in flight may take to return
-WORKERS_READY_TIMEOUT_S = 30.0
 SETUP_TIMEOUT_S = 120.0
 
 
@@ -257,16 +256,6 @@ async def run_baseline(url: str, levels: Sequence[int], args: argparse.Namespace
 
 
 # -- toolbus: read_file through the whole stack -------------------------------------------------
-async def _wait_for_workers(executor: ExecutorService, workers: LocalWorkers, count: int) -> None:
-    deadline = time.monotonic() + WORKERS_READY_TIMEOUT_S
-    while executor.status().pool.containers < count:
-        if failed := workers.exited():
-            raise BenchError(f"sandbox workers exited at start: {failed}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"sandbox workers did not register within {WORKERS_READY_TIMEOUT_S}s")
-        await asyncio.sleep(0.05)
-
-
 async def _release_all(client: ToolbusClient, trajectories: Sequence[str]) -> None:
     limit = asyncio.Semaphore(100)
     failures: Counter[str] = Counter()
@@ -355,7 +344,7 @@ async def run_toolbus(
             LocalWorkers(count=args.workers, env=settings_env(settings))
         )
         executor = await stack.enter_async_context(ExecutorService(executor_nc, ExecutorConfig()))
-        await _wait_for_workers(executor, workers, args.workers)
+        await workers.wait_registered(lambda: executor.status().pool.containers)
         client = ToolbusClient(client_nc)
         for level in levels:
             progress(f"toolbus, {level} concurrent trajectories ...")
@@ -490,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; child processes stopped", file=sys.stderr)
         return 130
-    except BenchError as exc:
+    except (BenchError, StartupError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     finally:

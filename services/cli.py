@@ -25,17 +25,20 @@ import structlog
 from nats.aio.client import Client
 from pydantic import ValidationError
 
+from backends.local import LocalWorkers
 from observability.logging import configure_logging
-from schemas.subjects import Subjects
 
+from ._embedded import EmbeddedNatsServer
 from ._validation import describe_validation_error
+from .client import ToolbusClient
 from .exceptions import ToolbusError
+from .executor import ExecutorConfig, ExecutorService
 from .settings import Settings
+from .worker import SandboxWorker, WorkerConfig, new_worker_id
 
 log = structlog.get_logger("toolbus.cli")
 
 _CLIENT_FIELDS = ("nats_url", "host", "port", "prefix", "token", "log_level", "log_format")
-_WORKER_READY_TIMEOUT_S = 30.0
 _CONNECT_DEADLINE_S = 15.0
 
 
@@ -137,29 +140,7 @@ async def _until_signalled() -> None:
         loop.remove_signal_handler(sig)
 
 
-def _executor_config(settings: Settings) -> Any:
-    from .executor import ExecutorConfig
-
-    return ExecutorConfig(
-        subjects=Subjects(prefix=settings.prefix),
-        token=settings.token,
-        acquire_timeout_s=settings.acquire_timeout_s,
-        batch_window_ms=settings.batch_window_ms,
-        max_batch_size=settings.max_batch_size,
-        max_batch_bytes=settings.max_batch_bytes,
-        max_pending_calls=settings.max_pending_calls,
-        max_request_bytes=settings.max_request_bytes,
-        default_timeout_s=settings.default_timeout_s,
-        max_timeout_s=settings.max_timeout_s,
-    )
-
-
 async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
-    from backends.local import LocalWorkers
-
-    from ._embedded import EmbeddedNatsServer
-    from .executor import ExecutorService
-
     if settings.backend == "nomad":
         raise ToolbusError(
             "backend 'nomad' is not available yet: use --backend local, or --backend external "
@@ -182,23 +163,14 @@ async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None =
             workers = await stack.enter_async_context(
                 LocalWorkers(count=settings.workers, env=settings_env(settings))
             )
-        executor = await stack.enter_async_context(ExecutorService(nc, _executor_config(settings)))
+        executor = await stack.enter_async_context(
+            ExecutorService(nc, ExecutorConfig.from_settings(settings))
+        )
         if workers is not None:
-            await _wait_for_workers(executor, workers, settings.workers)
+            await workers.wait_registered(lambda: executor.status().pool.containers)
         (ready or _print_banner)(url)
         await _until_signalled()
         log.info("stopping")
-
-
-async def _wait_for_workers(executor: Any, workers: Any, count: int) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _WORKER_READY_TIMEOUT_S
-    while executor.status().pool.containers < count:
-        if failed := workers.exited():
-            raise ToolbusError(f"local workers exited at start: {failed} (see their log lines)")
-        if loop.time() > deadline:
-            raise ToolbusError(f"local workers did not register within {_WORKER_READY_TIMEOUT_S}s")
-        await asyncio.sleep(0.05)
 
 
 def _print_banner(url: str) -> None:
@@ -220,31 +192,17 @@ def _print_banner(url: str) -> None:
 
 
 async def run_executor(settings: Settings) -> None:
-    from .executor import ExecutorService
-
     nc = await _connect(settings, "toolbus-executor")
     try:
-        async with ExecutorService(nc, _executor_config(settings)):
+        async with ExecutorService(nc, ExecutorConfig.from_settings(settings)):
             await _until_signalled()
     finally:
         await nc.drain()
 
 
 async def run_worker(settings: Settings) -> None:
-    from .worker import SandboxWorker, WorkerConfig, new_worker_id
-
     worker_id = settings.worker_id or new_worker_id()
-    config = WorkerConfig(
-        worker_id=worker_id,
-        slots=settings.slots,
-        workspace_root=settings.data_dir / "workers" / worker_id,
-        subjects=Subjects(prefix=settings.prefix),
-        heartbeat_s=settings.heartbeat_s,
-        max_output_chars=settings.max_output_chars,
-        max_file_chars=settings.max_file_chars,
-        allow_network=settings.allow_network,
-        require_sandbox=settings.require_sandbox,
-    )
+    config = WorkerConfig.from_settings(settings, worker_id)
     nc = await _connect(settings, f"toolbus-worker-{worker_id}")
     try:
         async with SandboxWorker(nc, config):
@@ -254,9 +212,9 @@ async def run_worker(settings: Settings) -> None:
 
 
 # -- client commands ----------------------------------------------------------------------------
-async def _with_client(settings: Settings, action: Callable[[Any], Awaitable[int]]) -> int:
-    from .client import ToolbusClient
-
+async def _with_client(
+    settings: Settings, action: Callable[[ToolbusClient], Awaitable[int]]
+) -> int:
     nc = await _connect(settings, "toolbus-cli", service=False)
     try:
         return await action(ToolbusClient(nc, prefix=settings.prefix, token=settings.token))
@@ -285,7 +243,7 @@ def _parse_arguments(pairs: list[str], raw_json: str | None) -> dict[str, Any]:
 async def run_call(settings: Settings, args: argparse.Namespace) -> int:
     arguments = _parse_arguments(args.arg, args.args)
 
-    async def action(client: Any) -> int:
+    async def action(client: ToolbusClient) -> int:
         result = await client.execute(
             args.trajectory, args.tool, arguments, uniq_id=args.uniq_id, timeout_s=args.timeout
         )
@@ -302,7 +260,7 @@ async def run_call(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run_release(settings: Settings, args: argparse.Namespace) -> int:
-    async def action(client: Any) -> int:
+    async def action(client: ToolbusClient) -> int:
         reply = await client.release(args.trajectory, reset_workspace=args.reset)
         print(reply.model_dump_json())
         return 0
@@ -311,7 +269,7 @@ async def run_release(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run_status(settings: Settings, args: argparse.Namespace) -> int:
-    async def action(client: Any) -> int:
+    async def action(client: ToolbusClient) -> int:
         status = await client.status()
         if args.json:
             print(status.model_dump_json(indent=2))
@@ -338,7 +296,7 @@ async def run_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run_tools(settings: Settings, args: argparse.Namespace) -> int:
-    async def action(client: Any) -> int:
+    async def action(client: ToolbusClient) -> int:
         print((await client.list_tools()).model_dump_json(indent=2))
         return 0
 

@@ -87,6 +87,7 @@ from .settings import (
     DEFAULT_TIMEOUT_S,
     MAX_TIMEOUT_S,
     MIN_TIMEOUT_S,
+    Settings,
 )
 
 log = structlog.get_logger("toolbus.executor")
@@ -117,6 +118,21 @@ class ExecutorConfig:
     def clamp_timeout(self, requested: float | None) -> float:
         value = self.default_timeout_s if requested is None else requested
         return min(max(value, MIN_TIMEOUT_S), self.max_timeout_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ExecutorConfig:
+        return cls(
+            subjects=Subjects(prefix=settings.prefix),
+            token=settings.token,
+            acquire_timeout_s=settings.acquire_timeout_s,
+            batch_window_ms=settings.batch_window_ms,
+            max_batch_size=settings.max_batch_size,
+            max_batch_bytes=settings.max_batch_bytes,
+            max_pending_calls=settings.max_pending_calls,
+            max_request_bytes=settings.max_request_bytes,
+            default_timeout_s=settings.default_timeout_s,
+            max_timeout_s=settings.max_timeout_s,
+        )
 
 
 def _infra_failure(message: str, *, uniq_id: str | None = None, **metadata: Any) -> ToolResult:
@@ -344,9 +360,7 @@ class ExecutorService:
         """Run one call of a built-in tool in the trajectory's slot."""
         self.calls_in_flight += 1
         try:
-            return await self._dispatch(
-                trajectory_id, tool, arguments, timeout_s=timeout_s, uniq_id=uniq_id
-            )
+            return await self._dispatch(trajectory_id, tool, arguments, timeout_s, uniq_id)
         finally:
             self.calls_in_flight -= 1
 
@@ -355,7 +369,6 @@ class ExecutorService:
         trajectory_id: str,
         tool: str,
         arguments: dict[str, Any],
-        *,
         timeout_s: float,
         uniq_id: str | None,
     ) -> ToolResult:

@@ -48,7 +48,12 @@ from ._kv import open_bucket
 from ._process import ProcessLauncher
 from ._tools import ToolLimits, ToolRunner
 from .exceptions import StartupError
-from .settings import DEFAULT_HEARTBEAT_S, DEFAULT_MAX_FILE_CHARS, DEFAULT_MAX_OUTPUT_CHARS
+from .settings import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_MAX_FILE_CHARS,
+    DEFAULT_MAX_OUTPUT_CHARS,
+    Settings,
+)
 
 log = structlog.get_logger("toolbus.worker")
 
@@ -71,6 +76,20 @@ class WorkerConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     allow_network: bool = True
     require_sandbox: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, worker_id: str) -> WorkerConfig:
+        return cls(
+            worker_id=worker_id,
+            slots=settings.slots,
+            workspace_root=settings.data_dir / "workers" / worker_id,
+            subjects=Subjects(prefix=settings.prefix),
+            heartbeat_s=settings.heartbeat_s,
+            max_output_chars=settings.max_output_chars,
+            max_file_chars=settings.max_file_chars,
+            allow_network=settings.allow_network,
+            require_sandbox=settings.require_sandbox,
+        )
 
 
 @dataclass(slots=True, eq=False)
