@@ -12,10 +12,9 @@ from pydantic import ValidationError
 from schemas.messages import ErrorKindOfResult, ToolResult
 from schemas.tools import ReadFileArgs, TerminalArgs, WriteFileArgs
 
-from ._process import CommandOutcome, ProcessLauncher, run_command
+from ._process import CommandOutcome, run_command
+from ._sandbox import SANDBOX_WORKSPACE, Sandbox, SandboxError
 from ._validation import describe_validation_error
-
-SANDBOX_WORKSPACE = "/workspace"  # what commands see as their workspace (and cwd)
 
 
 class ToolFailure(Exception):
@@ -53,24 +52,27 @@ def resolve_in_workspace(workspace: Path, raw: str) -> Path:
 class ToolRunner:
     """Runs a validated call of a built-in tool; knows nothing of NATS or slots."""
 
-    def __init__(self, *, launcher: ProcessLauncher, limits: ToolLimits) -> None:
-        self._launcher = launcher
+    def __init__(self, *, limits: ToolLimits) -> None:
         self._limits = limits
 
-    @property
-    def sandbox_metadata(self) -> dict[str, Any]:
-        return {
-            "sandboxed": self._launcher.sandboxed,
-            "network_isolated": self._launcher.network_isolated,
-        }
-
     async def run(
-        self, tool: str, arguments: dict[str, Any], workspace: Path, *, timeout_s: float
+        self, tool: str, arguments: dict[str, Any], sandbox: Sandbox, *, timeout_s: float
     ) -> ToolResult:
+        """Run the call; the result's metadata says how it was sandboxed."""
+        result = await self._run(tool, arguments, sandbox, timeout_s)
+        result.metadata.update(
+            sandboxed=sandbox.sandboxed, network_isolated=sandbox.network_isolated
+        )
+        return result
+
+    async def _run(
+        self, tool: str, arguments: dict[str, Any], sandbox: Sandbox, timeout_s: float
+    ) -> ToolResult:
+        workspace = sandbox.workspace
         try:
             if tool == "terminal":
                 return await self._terminal(
-                    TerminalArgs.model_validate(arguments), workspace, timeout_s
+                    TerminalArgs.model_validate(arguments), sandbox, timeout_s
                 )
             if tool == "read_file":
                 return self._read_file(ReadFileArgs.model_validate(arguments), workspace)
@@ -85,6 +87,8 @@ class ToolRunner:
             return self._failure(failure)
         except ToolFailure as failure:
             return self._failure(failure)
+        except SandboxError as exc:
+            return self._failure(ToolFailure(f"Sandbox failure: {exc}", ErrorKindOfResult.SANDBOX))
         except OSError as exc:
             # A file tool hit the filesystem (missing file, a directory, permissions): the
             # model should see the reason, not the service's paths.
@@ -94,12 +98,10 @@ class ToolRunner:
 
     def _failure(self, failure: ToolFailure) -> ToolResult:
         return ToolResult(
-            success=False,
-            error=str(failure),
-            metadata={"error_kind": str(failure.kind), **self.sandbox_metadata},
+            success=False, error=str(failure), metadata={"error_kind": str(failure.kind)}
         )
 
-    async def _terminal(self, args: TerminalArgs, workspace: Path, timeout_s: float) -> ToolResult:
+    async def _terminal(self, args: TerminalArgs, sandbox: Sandbox, timeout_s: float) -> ToolResult:
         if args.background:
             raise ToolFailure(
                 "background=true is not supported; run the command in the foreground "
@@ -107,9 +109,8 @@ class ToolRunner:
                 ErrorKindOfResult.INVALID_ARGUMENTS,
             )
         outcome = await run_command(
-            self._launcher,
+            sandbox,
             args.command,
-            workspace,
             timeout_s=timeout_s,
             max_output_chars=self._limits.max_output_chars,
         )
@@ -128,7 +129,6 @@ class ToolRunner:
             "stdout_bytes": outcome.stdout.total_bytes,
             "stderr_bytes": outcome.stderr.total_bytes,
             "truncated": truncated,
-            **self.sandbox_metadata,
         }
         if outcome.timed_out:
             metadata["status"] = "timeout"
@@ -164,7 +164,7 @@ class ToolRunner:
         return ToolResult(
             success=True,
             output=text[:limit],
-            metadata={"file_size": size, "truncated": truncated, **self.sandbox_metadata},
+            metadata={"file_size": size, "truncated": truncated},
         )
 
     def _write_file(self, args: WriteFileArgs, workspace: Path) -> ToolResult:
@@ -181,5 +181,5 @@ class ToolRunner:
         return ToolResult(
             success=True,
             output=f"Wrote {len(data)} bytes to {args.path}",
-            metadata={"bytes_written": len(data), **self.sandbox_metadata},
+            metadata={"bytes_written": len(data)},
         )

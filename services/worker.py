@@ -45,9 +45,8 @@ from schemas.messages import ErrorKindOfResult, ToolResult
 from schemas.subjects import WORKERS_BUCKET, Subjects
 
 from ._kv import open_bucket
-from ._process import ProcessLauncher
+from ._sandbox import Sandbox, SandboxFactory
 from ._tools import ToolLimits, ToolRunner
-from .exceptions import StartupError
 from .settings import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_MAX_FILE_CHARS,
@@ -96,25 +95,26 @@ class WorkerConfig:
 class _Slot:
     index: int
     workspace: Path
+    sandbox: Sandbox
     trajectory_id: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class SandboxWorker:
-    def __init__(
-        self, nc: Client, config: WorkerConfig, *, launcher: ProcessLauncher | None = None
-    ) -> None:
+    def __init__(self, nc: Client, config: WorkerConfig) -> None:
         self._nc = nc
         self._config = config
         self._subjects = config.subjects
         self._runner = ToolRunner(
-            launcher=launcher or ProcessLauncher(),
             limits=ToolLimits(
                 max_output_chars=config.max_output_chars, max_file_chars=config.max_file_chars
             ),
         )
-        self._slots = [_Slot(i, config.workspace_root / f"slot_{i}") for i in range(config.slots)]
+        self._sandboxes = SandboxFactory(
+            allow_network=config.allow_network, require_sandbox=config.require_sandbox
+        )
+        self._slots: list[_Slot] = []
         self._by_trajectory: dict[str, _Slot] = {}
         self._subscriptions: list[Subscription] = []
         self._registry: KeyValue | None = None
@@ -134,20 +134,20 @@ class SandboxWorker:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> SandboxWorker:
-        sandbox = self._runner.sandbox_metadata
-        if self._config.require_sandbox and not sandbox["sandboxed"]:
-            raise StartupError(
-                "require_sandbox is set but this worker can only run plain processes; "
-                "unset require_sandbox (TOOLBUS_REQUIRE_SANDBOX=false) to run unsandboxed"
-            )
-        if not self._config.allow_network and not sandbox["network_isolated"]:
+        root = self._config.workspace_root
+        # Fails closed here when require_sandbox is set and bubblewrap cannot run.
+        await self._sandboxes.probe(root / ".probe")
+        if not self._sandboxes.sandboxed:
             log.warning(
-                "allow_network is false but this worker cannot isolate the network: "
-                "commands can reach it (results say network_isolated=false)"
+                "commands run WITHOUT a sandbox: results say sandboxed=false",
+                reason=self._sandboxes.reason_unsandboxed,
+                network_isolated=False,
             )
-        for slot in self._slots:
-            slot.workspace.mkdir(parents=True, exist_ok=True)
-            slot.workspace = slot.workspace.resolve()  # once, not on every file call
+        for index in range(self._config.slots):
+            workspace = root / f"slot_{index}"
+            workspace.mkdir(parents=True, exist_ok=True)
+            workspace = workspace.resolve()  # once, not on every file call
+            self._slots.append(_Slot(index, workspace, self._sandboxes.make(workspace)))
         self._registry = await open_bucket(
             self._nc.jetstream(), WORKERS_BUCKET, description="toolbus sandbox workers"
         )
@@ -167,7 +167,8 @@ class SandboxWorker:
             worker_id=wid,
             slots=len(self._slots),
             workspace_root=str(self._config.workspace_root),
-            **self._runner.sandbox_metadata,
+            sandboxed=self._sandboxes.sandboxed,
+            network_isolated=self._sandboxes.sandboxed and not self._config.allow_network,
         )
         return self
 
@@ -198,6 +199,8 @@ class SandboxWorker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        # 4. end every sandbox and what still runs in it.
+        await asyncio.gather(*(slot.sandbox.close() for slot in self._slots))
         log.info("worker stopped", worker_id=self.worker_id)
 
     # -- registration -------------------------------------------------------------------------
@@ -264,7 +267,7 @@ class SandboxWorker:
         await msg.respond(reply.model_dump_json().encode())
 
     async def release(self, trajectory_id: str, *, reset_workspace: bool) -> WorkerReleaseReply:
-        """Free the trajectory's slot: cancel its calls (killing their processes), maybe wipe."""
+        """Free the trajectory's slot: cancel its calls, end every process it left, maybe wipe."""
         slot = self._by_trajectory.pop(trajectory_id, None)
         if slot is None:
             return WorkerReleaseReply(released=False)
@@ -272,6 +275,7 @@ class SandboxWorker:
         for task in list(slot.tasks):
             task.cancel()
         await asyncio.gather(*slot.tasks, return_exceptions=True)
+        await slot.sandbox.reset()  # background processes (&, nohup, setsid) end here too
         if reset_workspace:
             await asyncio.to_thread(_wipe_directory, slot.workspace)
         self._announce_change()
@@ -303,7 +307,7 @@ class SandboxWorker:
             try:
                 async with slot.lock:
                     result = await self._runner.run(
-                        item.tool, item.arguments, slot.workspace, timeout_s=item.timeout_s
+                        item.tool, item.arguments, slot.sandbox, timeout_s=item.timeout_s
                     )
             except asyncio.CancelledError:
                 result = ToolResult(

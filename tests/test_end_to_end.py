@@ -25,11 +25,9 @@ async def test_terminal_runs_in_the_workspace_and_reports_exit_code(
     ok = await stack.client.execute(tid, "terminal", {"command": "echo hello; pwd"}, uniq_id="u1")
     assert ok.success
     assert ok.uniq_id == "u1"
-    lines = ok.output.splitlines()
-    assert lines[0] == "hello"
-    assert lines[1].endswith("/slot_0")
+    assert ok.output == "hello\n/workspace\n"
     assert ok.metadata["exit_code"] == 0
-    assert ok.metadata["sandboxed"] is False
+    assert ok.metadata["sandboxed"] is True
 
     failed = await stack.client.execute(tid, "bash", {"command": "echo out; echo bad >&2; exit 7"})
     assert not failed.success
@@ -301,11 +299,25 @@ async def test_client_raises_typed_errors(
 
 
 async def test_a_worker_that_must_sandbox_but_cannot_refuses_to_start(
-    nc: Client, tmp_path: Path
+    nc: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A bubblewrap that cannot run: the real binary /bin/false in its place.
+    monkeypatch.setattr("services._sandbox.find_bwrap", lambda: Path("/bin/false"))
     config = WorkerConfig(
         worker_id="strict", slots=1, workspace_root=tmp_path, require_sandbox=True
     )
-    with pytest.raises(StartupError, match="require_sandbox is set"):
+    with pytest.raises(StartupError, match="require_sandbox is set but bubblewrap cannot run"):
         async with SandboxWorker(nc, config):
             pass
+
+
+async def test_without_require_sandbox_a_worker_falls_back_and_says_so(
+    make_stack: StackFactory, trajectory: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("services._sandbox.find_bwrap", lambda: Path("/bin/false"))
+    stack = await make_stack()
+    result = await stack.client.execute(trajectory(), "terminal", {"command": "pwd"})
+    assert result.success
+    assert result.metadata["sandboxed"] is False
+    assert result.metadata["network_isolated"] is False
+    assert result.output.strip().endswith("/slot_0")

