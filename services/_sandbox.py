@@ -222,7 +222,8 @@ def bwrap_argv(options: BwrapOptions, workspace: Path, command: list[str]) -> li
     ]
     if not options.allow_network:
         argv.append("--unshare-net")
-    return [*argv, "--", *command]
+    # The sandbox's own root is a tmpfs: read-only, so only /workspace and /tmp take writes.
+    return [*argv, "--remount-ro", "/", "--", *command]
 
 
 class _SandboxCommand:

@@ -1,0 +1,177 @@
+"""Attempts to leave the sandbox: each must fail, and the service must serve the next call."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from services.client import ToolbusClient
+from services.worker import WorkerConfig
+from tests.conftest import Stack, StackFactory
+
+
+async def _still_serving(client: ToolbusClient, tid: str) -> None:
+    after = await client.execute(tid, "terminal", {"command": "echo alive"})
+    assert after.success, after.error
+    assert after.output == "alive\n"
+    assert after.metadata["sandboxed"] is True
+
+
+def _host_processes(marker: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
+async def _two_trajectories(stack: Stack, trajectory: Callable[[], str]) -> tuple[str, str]:
+    first, second = trajectory(), trajectory()
+    for tid in (first, second):
+        assert (await stack.client.execute(tid, "terminal", {"command": "true"})).success
+    return first, second
+
+
+async def test_cannot_read_another_slots_file_by_absolute_path(
+    make_stack: StackFactory, trajectory: Callable[[], str], tmp_path: Path
+) -> None:
+    stack = await make_stack(slots=2)
+    owner, intruder = await _two_trajectories(stack, trajectory)
+    wrote = await stack.client.execute(owner, "write_file", {"path": "secret", "content": "s3"})
+    host_file = tmp_path / stack.workers[0].worker_id / f"slot_{wrote.metadata['slot']}" / "secret"
+    assert host_file.read_text() == "s3"
+    for command in (f"cat {host_file}", "cat /workspace/../slot_0/secret /workspace/../*/secret"):
+        attempt = await stack.client.execute(intruder, "terminal", {"command": command})
+        assert not attempt.success
+        assert "s3" not in attempt.output
+    await _still_serving(stack.client, intruder)
+
+
+async def test_cannot_write_outside_the_workspace(
+    make_stack: StackFactory, trajectory: Callable[[], str], tmp_path: Path
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    outside = tmp_path / "outside.txt"
+    for command in (
+        "echo x > /usr/evil",
+        "echo x > /etc/evil",
+        f"echo x > {outside}",
+        "mkdir -p /home/evil",
+    ):
+        attempt = await stack.client.execute(tid, "terminal", {"command": command})
+        assert not attempt.success, command
+    assert not Path("/home/evil").exists()
+    assert not Path("/usr/evil").exists()
+    assert not Path("/etc/evil").exists()
+    assert not outside.exists()
+    # /tmp is writable but private to the sandbox.
+    assert (await stack.client.execute(tid, "terminal", {"command": "echo t > /tmp/t"})).success
+    assert not Path("/tmp/t").exists() or Path("/tmp/t").read_text() != "t\n"
+    await _still_serving(stack.client, tid)
+
+
+async def test_symlinks_cannot_carry_file_tools_outside(
+    make_stack: StackFactory, trajectory: Callable[[], str], tmp_path: Path
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    target = tmp_path / "host-target.txt"
+    target.write_text("host")
+    await stack.client.execute(
+        tid, "terminal", {"command": f"ln -s {target} out && ln -s /etc/hostname etc-link"}
+    )
+    read = await stack.client.execute(tid, "read_file", {"path": "out"})
+    assert not read.success
+    assert "outside the workspace" in read.error
+    written = await stack.client.execute(tid, "write_file", {"path": "out", "content": "pwned"})
+    assert not written.success
+    assert target.read_text() == "host"
+    assert not (await stack.client.execute(tid, "read_file", {"path": "etc-link"})).success
+    await _still_serving(stack.client, tid)
+
+
+async def test_host_processes_are_invisible_and_the_worker_cannot_be_killed(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    listing = await stack.client.execute(
+        tid, "terminal", {"command": "ls /proc | grep -c '^[0-9]'"}
+    )
+    assert int(listing.output) < 10  # bubblewrap's init, the launcher, this shell and ls
+    me = os.getpid()  # the worker runs in this test process
+    kill = await stack.client.execute(tid, "terminal", {"command": f"kill -9 {me}"})
+    assert not kill.success
+    assert "No such process" in kill.output
+    # Killing everything it can see ends only the sandbox; the slot gets a new one.
+    await stack.client.execute(tid, "terminal", {"command": "kill -9 -1"})
+    await _still_serving(stack.client, tid)
+
+
+@pytest.mark.parametrize("allow_network", [False, True])
+async def test_network_off_leaves_only_loopback(
+    make_stack: StackFactory, trajectory: Callable[[], str], nats_url: str, allow_network: bool
+) -> None:
+    stack = await make_stack(worker_options={"allow_network": allow_network})
+    tid = trajectory()
+    port = nats_url.rsplit(":", 1)[1]
+    probe = f"timeout 3 bash -c 'echo > /dev/tcp/127.0.0.1/{port}' && echo reached"
+    result = await stack.client.execute(tid, "terminal", {"command": probe})
+    assert result.metadata["network_isolated"] is (not allow_network)
+    if allow_network:
+        assert result.output.strip() == "reached"
+    else:
+        assert not result.success
+        assert "reached" not in result.output
+        interfaces = await stack.client.execute(
+            tid, "terminal", {"command": "tail -n +3 /proc/net/dev | cut -d: -f1"}
+        )
+        assert interfaces.output.split() == ["lo"]
+    await _still_serving(stack.client, tid)
+
+
+async def test_timeout_kills_a_command_that_ignores_sigterm_and_its_escaped_children(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    command = (
+        "trap '' TERM; setsid sleep 1002.25 & nohup sleep 1002.5 >/dev/null & echo up; sleep 60"
+    )
+    result = await stack.client.execute(tid, "terminal", {"command": command}, timeout_s=1)
+    assert result.metadata["status"] == "timeout"
+    assert result.output == "up\n"
+    assert _host_processes("sleep 1002.25") == []
+    assert _host_processes("sleep 1002.5") == []
+    await _still_serving(stack.client, tid)
+
+
+async def test_background_processes_end_with_the_release(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    command = "nohup sleep 1003.25 >/dev/null 2>&1 & setsid sleep 1003.5 & (sleep 1003.75 &); true"
+    started = await stack.client.execute(tid, "terminal", {"command": command})
+    assert started.success
+    assert len(_host_processes("sleep 1003")) == 3  # they outlive the call...
+    await stack.client.release(tid, reset_workspace=True)
+    assert _host_processes("sleep 1003") == []  # ...but not the release
+    await _still_serving(stack.client, trajectory())
+
+
+async def test_a_gigabyte_of_output_is_truncated_and_counted(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    result = await stack.client.execute(
+        tid, "terminal", {"command": "head -c 1000000000 /dev/zero | tr '\\0' a"}, timeout_s=120
+    )
+    assert result.success
+    assert result.metadata["truncated"] is True
+    assert result.metadata["stdout_bytes"] == 1_000_000_000
+    assert len(result.output) == WorkerConfig.__dataclass_fields__["max_output_chars"].default
+    await _still_serving(stack.client, tid)
