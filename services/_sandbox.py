@@ -49,6 +49,10 @@ class SandboxError(Exception):
     """The sandbox could not run a command (it failed to start, or died)."""
 
 
+class _SandboxGone(SandboxError):
+    """The sandbox ended between two commands."""
+
+
 class RunningCommand(Protocol):
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
@@ -274,11 +278,18 @@ class BwrapSandbox:
 
     async def _ensure_started(self) -> socket.socket:
         async with self._start_lock:
-            if self._socket is not None and self._process is not None:
-                if self._process.returncode is None:
-                    return self._socket
-                await self._stop()
+            if self._socket is not None and self._alive():
+                return self._socket
+            await self._stop()  # dead, or never started: clean up whatever is left
             return await self._start()
+
+    def _alive(self) -> bool:
+        return (
+            self._process is not None
+            and self._process.returncode is None
+            and self._reader is not None
+            and not self._reader.done()
+        )
 
     async def _start(self) -> socket.socket:
         python = _sandbox_python()
@@ -354,6 +365,14 @@ class BwrapSandbox:
                 call.exited.set_exception(SandboxError(str(event.get("error"))))
 
     async def run(self, command: str) -> RunningCommand:
+        try:
+            return await self._run(command)
+        except _SandboxGone:
+            # Its processes killed it (``kill -9 -1``) just before: start afresh, once.
+            await self.reset()
+            return await self._run(command)
+
+    async def _run(self, command: str) -> RunningCommand:
         sock = await self._ensure_started()
         call_id = next(self._call_ids)
         loop = asyncio.get_running_loop()
@@ -389,7 +408,7 @@ class BwrapSandbox:
         except OSError as exc:
             self._calls.pop(call_id, None)
             call.close()
-            raise SandboxError(f"the sandbox is not answering: {exc}") from None
+            raise _SandboxGone(f"the sandbox is not answering: {exc}") from None
         finally:
             for fd in write_ends:
                 os.close(fd)

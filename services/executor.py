@@ -234,9 +234,9 @@ class ExecutorService:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # 1. stop accepting: the queue group sends new requests to other executors.
-        for sub in self._subscriptions:
-            await _quietly(sub.unsubscribe())
+        # 1. stop accepting: the queue group sends new requests to other executors. Drain, not
+        #    unsubscribe: requests the server routed here before it saw that are still served.
+        await asyncio.gather(*(_quietly(sub.drain()) for sub in self._subscriptions))  # type: ignore[no-untyped-call]
         self._subscriptions.clear()
         await _quietly(self._discovery.stop())
         # 2. wait for calls in flight, 3. cancel the rest (each replies 503).

@@ -180,9 +180,9 @@ class SandboxWorker:
     ) -> None:
         # 1. stop accepting: no new batches, and executors stop choosing this worker.
         self._accepting = False
-        for sub in self._subscriptions:
+        for sub in self._subscriptions:  # drained: what was already routed here gets an answer
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await sub.drain()  # type: ignore[no-untyped-call]
         self._subscriptions.clear()
         if self._heartbeat:
             self._heartbeat.cancel()
