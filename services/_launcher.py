@@ -82,10 +82,14 @@ def _kill_call(call_id: int, pid: int | None) -> None:
     if pid is not None:
         with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
-    for tagged in _tagged_pids(call_id):
-        if tagged != os.getpid():
+    # A fork bomb keeps forking while it is being killed: sweep until none is left.
+    for _ in range(50):
+        tagged = [p for p in _tagged_pids(call_id) if p != os.getpid()]
+        if not tagged:
+            return
+        for victim in tagged:
             with contextlib.suppress(OSError):
-                os.kill(tagged, signal.SIGKILL)
+                os.kill(victim, signal.SIGKILL)
 
 
 def main() -> None:

