@@ -21,6 +21,19 @@ class TerminalArgs(BaseModel):
     background: bool = Field(default=False, description="Not supported; must be false.")
 
 
+class StatefulTerminalArgs(BaseModel):
+    model_config = _ARGS
+
+    command: str = Field(
+        min_length=1,
+        description="Shell command for the trajectory's persistent bash: cwd, exported and shell "
+        "variables and functions carry over between calls.",
+    )
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds before it is killed (and the shell restarted)."
+    )
+
+
 class ReadFileArgs(BaseModel):
     model_config = _ARGS
 
@@ -59,6 +72,11 @@ BUILTIN_TOOLS: dict[str, BuiltinTool] = {
             "terminal",
             "Run a shell command in the trajectory's sandbox workspace and return its output.",
             TerminalArgs,
+        ),
+        BuiltinTool(
+            "terminal_stateful",
+            "Run a command in the trajectory's persistent shell (state carries over).",
+            StatefulTerminalArgs,
         ),
         BuiltinTool("read_file", "Read a text file from the workspace.", ReadFileArgs),
         BuiltinTool(

@@ -5,7 +5,8 @@ protocol over a SOCK_SEQPACKET socket (one JSON object per packet):
 
     worker -> launcher  {"op": "run", "id": N, "argv": [...], "env": {...}, "cwd": "...",
                          "rlimits": {"RLIMIT_CPU": [soft, hard], ...}}
-                        with two file descriptors attached: the command's stdout and stderr
+                        with file descriptors attached: the command's stdout and stderr, and
+                        optionally its stdin (else /dev/null)
                         {"op": "kill", "id": N}     kill the call's process group and every
                                                     process that still carries its tag
     launcher -> worker  {"event": "ready"}
@@ -45,8 +46,8 @@ def _spawn(message: dict[str, object], fds: list[int]) -> int:
     if pid == 0:  # the command: its own session, so a kill of its group reaches its children
         try:
             os.setsid()
-            devnull = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(devnull, 0)
+            stdin = fds[2] if len(fds) > 2 else os.open("/dev/null", os.O_RDONLY)
+            os.dup2(stdin, 0)
             os.dup2(fds[0], 1)
             os.dup2(fds[1], 2)
             os.closerange(3, 65536)

@@ -30,7 +30,7 @@ class CommandOutcome:
     duration_s: float
 
 
-class _BoundedReader:
+class BoundedReader:
     """Keeps the first ``max_chars`` characters of a stream and counts every byte."""
 
     def __init__(self, max_chars: int) -> None:
@@ -60,7 +60,7 @@ async def run_command(
     """Run ``command``; on timeout kill it and all it started, keeping the output so far."""
     started = time.monotonic()
     running = await sandbox.run(command)
-    out, err = _BoundedReader(max_output_chars), _BoundedReader(max_output_chars)
+    out, err = BoundedReader(max_output_chars), BoundedReader(max_output_chars)
     readers = [
         asyncio.ensure_future(out.drain(running.stdout)),
         asyncio.ensure_future(err.drain(running.stderr)),

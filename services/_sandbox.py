@@ -65,6 +65,7 @@ class _SandboxGone(SandboxError):
 class RunningCommand(Protocol):
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
+    stdin: asyncio.WriteTransport | None  # only when asked for
 
     async def wait(self) -> int:
         """The exit code; negative when killed by a signal."""
@@ -84,7 +85,13 @@ class Sandbox(Protocol):
     sandboxed: bool
     network_isolated: bool
 
-    async def run(self, command: str) -> RunningCommand: ...
+    async def run(self, command: str) -> RunningCommand:
+        """``bash -c command`` in the workspace."""
+        ...
+
+    async def spawn(self, argv: list[str], *, stdin: bool = False) -> RunningCommand:
+        """Any program in the workspace, optionally with a pipe to its stdin."""
+        ...
 
     async def reset(self) -> None:
         """End every process the slot left running."""
@@ -100,6 +107,9 @@ class _HostCommand:
         self._process = process
         self.stdout = process.stdout
         self.stderr = process.stderr
+        self.stdin: asyncio.WriteTransport | None = (
+            process.stdin.transport if process.stdin is not None else None
+        )
 
     async def wait(self) -> int:
         return await self._process.wait()
@@ -125,15 +135,16 @@ class PlainSandbox:
         self._groups: set[int] = set()
 
     async def run(self, command: str) -> RunningCommand:
+        return await self.spawn(["bash", "-c", command])
+
+    async def spawn(self, argv: list[str], *, stdin: bool = False) -> RunningCommand:
         rlimits = self._rlimits
         process = await asyncio.create_subprocess_exec(
-            "bash",
-            "-c",
-            command,
+            *argv,
             preexec_fn=lambda: apply_rlimits(rlimits),
             cwd=self.workspace,
             env={**_BASE_ENV, "HOME": str(self.workspace), "PWD": str(self.workspace)},
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group, so a kill reaches its children
@@ -248,12 +259,14 @@ class _SandboxCommand:
         call_id: int,
         stdout: asyncio.StreamReader,
         stderr: asyncio.StreamReader,
+        stdin: asyncio.WriteTransport | None,
         transports: list[asyncio.BaseTransport],
     ) -> None:
         self._sandbox = sandbox
         self._call_id = call_id
         self.stdout = stdout
         self.stderr = stderr
+        self.stdin = stdin
         self._transports = transports
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -383,14 +396,17 @@ class BwrapSandbox:
                 call.exited.set_exception(SandboxError(str(event.get("error"))))
 
     async def run(self, command: str) -> RunningCommand:
+        return await self.spawn(["/bin/bash", "-c", command])
+
+    async def spawn(self, argv: list[str], *, stdin: bool = False) -> RunningCommand:
         try:
-            return await self._run(command)
+            return await self._spawn(argv, stdin)
         except _SandboxGone:
             # Its processes killed it (``kill -9 -1``) just before: start afresh, once.
             await self.reset()
-            return await self._run(command)
+            return await self._spawn(argv, stdin)
 
-    async def _run(self, command: str) -> RunningCommand:
+    async def _spawn(self, argv: list[str], with_stdin: bool) -> RunningCommand:
         sock = await self._ensure_started()
         call_id = next(self._call_ids)
         loop = asyncio.get_running_loop()
@@ -407,12 +423,20 @@ class BwrapSandbox:
             )
             readers.append(reader)
             transports.append(transport)
-        call = _SandboxCommand(self, call_id, readers[0], readers[1], transports)
+        stdin: asyncio.WriteTransport | None = None
+        if with_stdin:
+            read_end, write_end = os.pipe()
+            write_ends.append(read_end)  # the sandbox's end: closed here once sent
+            stdin, _ = await loop.connect_write_pipe(
+                asyncio.BaseProtocol, os.fdopen(write_end, "wb", buffering=0)
+            )
+            transports.append(stdin)
+        call = _SandboxCommand(self, call_id, readers[0], readers[1], stdin, transports)
         self._calls[call_id] = call
         message = {
             "op": "run",
             "id": call_id,
-            "argv": ["/bin/bash", "-c", command],
+            "argv": argv,
             "env": {
                 **_BASE_ENV,
                 "HOME": SANDBOX_WORKSPACE,

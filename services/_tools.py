@@ -11,10 +11,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from schemas.messages import ErrorKindOfResult, ToolResult
-from schemas.tools import ReadFileArgs, TerminalArgs, WriteFileArgs
+from schemas.tools import ReadFileArgs, StatefulTerminalArgs, TerminalArgs, WriteFileArgs
 
 from ._process import CommandOutcome, run_command
 from ._sandbox import SANDBOX_WORKSPACE, Sandbox, SandboxError
+from ._stateful import StatefulShell
 from ._validation import describe_validation_error
 
 _SIGNAL_HINTS = {
@@ -63,17 +64,28 @@ class ToolRunner:
         self._limits = limits
 
     async def run(
-        self, tool: str, arguments: dict[str, Any], sandbox: Sandbox, *, timeout_s: float
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        sandbox: Sandbox,
+        shell: StatefulShell,
+        *,
+        timeout_s: float,
     ) -> ToolResult:
-        """Run the call; the result's metadata says how it was sandboxed."""
-        result = await self._run(tool, arguments, sandbox, timeout_s)
+        """Run the call in a slot; the result's metadata says how it was sandboxed."""
+        result = await self._run(tool, arguments, sandbox, shell, timeout_s)
         result.metadata.update(
             sandboxed=sandbox.sandboxed, network_isolated=sandbox.network_isolated
         )
         return result
 
     async def _run(
-        self, tool: str, arguments: dict[str, Any], sandbox: Sandbox, timeout_s: float
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        sandbox: Sandbox,
+        shell: StatefulShell,
+        timeout_s: float,
     ) -> ToolResult:
         workspace = sandbox.workspace
         try:
@@ -81,6 +93,9 @@ class ToolRunner:
                 return await self._terminal(
                     TerminalArgs.model_validate(arguments), sandbox, timeout_s
                 )
+            if tool == "terminal_stateful":
+                args = StatefulTerminalArgs.model_validate(arguments)
+                return await self._terminal_stateful(args, shell, timeout_s)
             if tool == "read_file":
                 return self._read_file(ReadFileArgs.model_validate(arguments), workspace)
             if tool == "write_file":
@@ -122,6 +137,23 @@ class ToolRunner:
             max_output_chars=self._limits.max_output_chars,
         )
         return self._terminal_result(outcome, timeout_s)
+
+    async def _terminal_stateful(
+        self, args: StatefulTerminalArgs, shell: StatefulShell, timeout_s: float
+    ) -> ToolResult:
+        stateful = await shell.run(
+            args.command, timeout_s=timeout_s, max_output_chars=self._limits.max_output_chars
+        )
+        result = self._terminal_result(stateful.outcome, timeout_s)
+        result.metadata.update(new_shell=stateful.new_shell, shell_restarted=stateful.shell_ended)
+        if stateful.shell_ended:
+            reason = "timed out" if stateful.outcome.timed_out else "ended the shell"
+            note = (
+                f"The command {reason}; the next call starts a new shell "
+                "(cwd, variables and functions are reset)."
+            )
+            result.error = f"{result.error}. {note}" if result.error else note
+        return result
 
     def _terminal_result(self, outcome: CommandOutcome, timeout_s: float) -> ToolResult:
         output = outcome.stdout.text

@@ -143,6 +143,7 @@ def test_serve_runs_calls_and_stops_cleanly_on_sigterm(
     tools = json.loads(_toolbus("tools", "--nats-url", url).stdout)
     assert [t["function"]["name"] for t in tools["tools"]] == [
         "terminal",
+        "terminal_stateful",
         "read_file",
         "write_file",
     ]
