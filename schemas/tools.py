@@ -6,6 +6,8 @@ Argument models ignore unknown fields: policy fields a model might send (``allow
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from .messages import FunctionSpec, ToolSpec
@@ -32,6 +34,29 @@ class StatefulTerminalArgs(BaseModel):
     timeout: float | None = Field(
         default=None, gt=0, description="Seconds before it is killed (and the shell restarted)."
     )
+
+
+class TmuxArgs(BaseModel):
+    model_config = _ARGS
+
+    action: Literal["start", "send_keys", "capture", "stream", "stop"] = Field(
+        description="start a session; send_keys; capture the screen; stream new output; stop."
+    )
+    keys: str | list[str] | None = Field(
+        default=None,
+        description="send_keys: text (typed literally) or a list of text and tmux key names "
+        "such as 'Enter', 'C-c', 'Up', 'Tab'.",
+    )
+    block: bool = Field(default=False, description="send_keys: wait for the screen to settle.")
+    min_wait_s: float = Field(
+        default=0.5, ge=0, le=60, description="send_keys+block: wait at least."
+    )
+    max_wait_s: float = Field(default=10.0, ge=0, le=600, description="send_keys+block: at most.")
+    capture_entire: bool = Field(default=False, description="capture: the whole history.")
+    max_bytes: int = Field(default=50_000, ge=1, le=1_000_000, description="stream: at most.")
+    reset: bool = Field(default=False, description="stream: forget what was streamed so far.")
+    width: int = Field(default=200, ge=20, le=1000, description="start: columns.")
+    height: int = Field(default=50, ge=5, le=500, description="start: rows.")
 
 
 class ReadFileArgs(BaseModel):
@@ -77,6 +102,12 @@ BUILTIN_TOOLS: dict[str, BuiltinTool] = {
             "terminal_stateful",
             "Run a command in the trajectory's persistent shell (state carries over).",
             StatefulTerminalArgs,
+        ),
+        BuiltinTool(
+            "tmux",
+            "Drive an interactive terminal (a tmux session in the sandbox): start, send_keys, "
+            "capture, stream, stop.",
+            TmuxArgs,
         ),
         BuiltinTool("read_file", "Read a text file from the workspace.", ReadFileArgs),
         BuiltinTool(

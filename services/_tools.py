@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from schemas.messages import ErrorKindOfResult, ToolResult
-from schemas.tools import ReadFileArgs, StatefulTerminalArgs, TerminalArgs, WriteFileArgs
+from schemas.tools import (
+    ReadFileArgs,
+    StatefulTerminalArgs,
+    TerminalArgs,
+    TmuxArgs,
+    WriteFileArgs,
+)
 
 from ._process import CommandOutcome, run_command
 from ._sandbox import SANDBOX_WORKSPACE, Sandbox, SandboxError
 from ._stateful import StatefulShell
+from ._tmux import TmuxError, TmuxState, run_tmux
 from ._validation import describe_validation_error
 
 _SIGNAL_HINTS = {
@@ -31,6 +38,25 @@ class ToolFailure(Exception):
     def __init__(self, message: str, kind: ErrorKindOfResult = ErrorKindOfResult.TOOL) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+@dataclass(slots=True)
+class SlotTools:
+    """What the tools of one slot share: its sandbox, its persistent shell, its tmux state."""
+
+    sandbox: Sandbox
+    shell: StatefulShell
+    tmux: TmuxState = field(default_factory=TmuxState)
+
+    @classmethod
+    def for_sandbox(cls, sandbox: Sandbox) -> SlotTools:
+        return cls(sandbox, StatefulShell(sandbox))
+
+    async def close(self) -> None:
+        """End the shell and every process the slot left (tmux included)."""
+        await self.shell.close()
+        await self.sandbox.reset()
+        self.tmux = TmuxState()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,29 +90,19 @@ class ToolRunner:
         self._limits = limits
 
     async def run(
-        self,
-        tool: str,
-        arguments: dict[str, Any],
-        sandbox: Sandbox,
-        shell: StatefulShell,
-        *,
-        timeout_s: float,
+        self, tool: str, arguments: dict[str, Any], slot: SlotTools, *, timeout_s: float
     ) -> ToolResult:
         """Run the call in a slot; the result's metadata says how it was sandboxed."""
-        result = await self._run(tool, arguments, sandbox, shell, timeout_s)
+        result = await self._run(tool, arguments, slot, timeout_s)
         result.metadata.update(
-            sandboxed=sandbox.sandboxed, network_isolated=sandbox.network_isolated
+            sandboxed=slot.sandbox.sandboxed, network_isolated=slot.sandbox.network_isolated
         )
         return result
 
     async def _run(
-        self,
-        tool: str,
-        arguments: dict[str, Any],
-        sandbox: Sandbox,
-        shell: StatefulShell,
-        timeout_s: float,
+        self, tool: str, arguments: dict[str, Any], slot: SlotTools, timeout_s: float
     ) -> ToolResult:
+        sandbox = slot.sandbox
         workspace = sandbox.workspace
         try:
             if tool == "terminal":
@@ -95,7 +111,15 @@ class ToolRunner:
                 )
             if tool == "terminal_stateful":
                 args = StatefulTerminalArgs.model_validate(arguments)
-                return await self._terminal_stateful(args, shell, timeout_s)
+                return await self._terminal_stateful(args, slot.shell, timeout_s)
+            if tool == "tmux":
+                output, metadata = await run_tmux(
+                    TmuxArgs.model_validate(arguments),
+                    sandbox,
+                    slot.tmux,
+                    max_chars=self._limits.max_output_chars,
+                )
+                return ToolResult(success=True, output=output, metadata=metadata)
             if tool == "read_file":
                 return self._read_file(ReadFileArgs.model_validate(arguments), workspace)
             if tool == "write_file":
@@ -109,6 +133,8 @@ class ToolRunner:
             return self._failure(failure)
         except ToolFailure as failure:
             return self._failure(failure)
+        except TmuxError as exc:
+            return self._failure(ToolFailure(f"tmux: {exc}"))
         except SandboxError as exc:
             return self._failure(ToolFailure(f"Sandbox failure: {exc}", ErrorKindOfResult.SANDBOX))
         except OSError as exc:

@@ -46,9 +46,8 @@ from schemas.subjects import WORKERS_BUCKET, Subjects
 
 from ._cgroups import PidsCgroups
 from ._kv import open_bucket
-from ._sandbox import Sandbox, SandboxFactory, SandboxLimits
-from ._stateful import StatefulShell
-from ._tools import ToolLimits, ToolRunner
+from ._sandbox import SandboxFactory, SandboxLimits
+from ._tools import SlotTools, ToolLimits, ToolRunner
 from .settings import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_MAX_FILE_CHARS,
@@ -105,8 +104,7 @@ class WorkerConfig:
 class _Slot:
     index: int
     workspace: Path
-    sandbox: Sandbox
-    shell: StatefulShell
+    tools: SlotTools
     trajectory_id: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -168,7 +166,7 @@ class SandboxWorker:
             workspace.mkdir(parents=True, exist_ok=True)
             workspace = workspace.resolve()  # once, not on every file call
             sandbox = self._sandboxes.make(index, workspace)
-            self._slots.append(_Slot(index, workspace, sandbox, StatefulShell(sandbox)))
+            self._slots.append(_Slot(index, workspace, SlotTools.for_sandbox(sandbox)))
         self._registry = await open_bucket(
             self._nc.jetstream(), WORKERS_BUCKET, description="toolbus sandbox workers"
         )
@@ -222,8 +220,7 @@ class SandboxWorker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         # 4. end every sandbox and what still runs in it.
-        await asyncio.gather(*(slot.shell.close() for slot in self._slots))
-        await asyncio.gather(*(slot.sandbox.close() for slot in self._slots))
+        await asyncio.gather(*(slot.tools.close() for slot in self._slots))
         if self._cgroups is not None:
             self._cgroups.remove()
         log.info("worker stopped", worker_id=self.worker_id)
@@ -300,8 +297,7 @@ class SandboxWorker:
         for task in list(slot.tasks):
             task.cancel()
         await asyncio.gather(*slot.tasks, return_exceptions=True)
-        await slot.shell.close()
-        await slot.sandbox.reset()  # background processes (&, nohup, setsid) end here too
+        await slot.tools.close()  # background processes (&, nohup, setsid, tmux) end here too
         if reset_workspace:
             await asyncio.to_thread(_wipe_directory, slot.workspace)
         self._announce_change()
@@ -333,11 +329,7 @@ class SandboxWorker:
             try:
                 async with slot.lock:
                     result = await self._runner.run(
-                        item.tool,
-                        item.arguments,
-                        slot.sandbox,
-                        slot.shell,
-                        timeout_s=item.timeout_s,
+                        item.tool, item.arguments, slot.tools, timeout_s=item.timeout_s
                     )
             except asyncio.CancelledError:
                 result = ToolResult(

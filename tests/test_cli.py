@@ -144,6 +144,7 @@ def test_serve_runs_calls_and_stops_cleanly_on_sigterm(
     assert [t["function"]["name"] for t in tools["tools"]] == [
         "terminal",
         "terminal_stateful",
+        "tmux",
         "read_file",
         "write_file",
     ]

@@ -169,7 +169,7 @@ async def test_status_and_tool_list(
 
     tools = await stack.client.list_tools()
     names = [spec.function.name for spec in tools.tools]
-    assert names == ["terminal", "terminal_stateful", "read_file", "write_file"]
+    assert names == ["terminal", "terminal_stateful", "tmux", "read_file", "write_file"]
     assert tools.aliases == {"bash": "terminal"}
     assert tools.tools[0].function.parameters["required"] == ["command"]
 
