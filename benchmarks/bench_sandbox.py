@@ -141,22 +141,23 @@ def cpu_snapshot() -> dict[str, Any]:
         children.setdefault(ppid, []).append(pid)
     per_pid: dict[int, tuple[str, float]] = {}
 
-    def walk(pid: int, group: str) -> None:
+    def add(pid: int, group: str) -> None:
+        _, own, reaped = stats[pid]
+        # Reaped children count with their parent (the launcher reaps the commands), but not
+        # a worker's: those are sandboxes that ended, outside any timed window.
+        per_pid[pid] = (group, own + (0.0 if group == "workers" else reaped))
         for child in children.get(pid, []):
-            child_group = group
-            if group == "sandboxes" and pid == me:
-                command = _cmdline(child)
-                if "nats-server" in command:
-                    child_group = "nats"
-                elif "services worker" in command:
-                    child_group = "workers"
-            _, own, reaped = stats[child]
-            # A worker's reaped children are sandboxes that ended: counted under sandboxes.
-            per_pid[child] = (child_group, own + (0.0 if child_group == "workers" else reaped))
-            walk(child, "sandboxes")
+            add(child, "sandboxes")
 
-    walk(me, "sandboxes")
-    own, reaped = (stats[me][1], stats[me][2]) if me in stats else (0.0, 0.0)
+    for child in children.get(me, []):
+        command = _cmdline(child)
+        if "nats-server" in command:
+            add(child, "nats")
+        elif "services worker" in command:
+            add(child, "workers")
+        else:
+            add(child, "sandboxes")
+    own, reaped = stats[me][1:] if me in stats else (0.0, 0.0)
     return {"machine": _machine_busy_s(), "bench": own, "reaped": reaped, "pids": per_pid}
 
 
@@ -417,6 +418,12 @@ async def run_toolbus(data_dir: Path, args: argparse.Namespace) -> Row:
         )
         await workers.wait_registered(lambda: executor.status().pool.containers)
         client = ToolbusClient(client_nc)
+        pids = cpu_snapshot()["pids"]
+        progress(
+            f"pids (to profile): this process {os.getpid()}, workers "
+            f"{[pid for pid, (group, _) in pids.items() if group == 'workers']}, nats-server "
+            f"{[pid for pid, (group, _) in pids.items() if group == 'nats']}"
+        )
 
         def caller(tid: str) -> Callable[[], Awaitable[None]]:
             async def call() -> None:

@@ -8,6 +8,7 @@ holds for a non-root worker, per user).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from pathlib import Path
@@ -37,13 +38,19 @@ class PidsCgroups:
         (path / "pids.max").write_text(str(max_pids))
         return path
 
-    def remove(self) -> None:
-        """Remove the (empty) cgroups; a cgroup with processes left stays."""
-        for child in self._root.glob("slot_*"):
+    async def remove(self, *, timeout_s: float = 2.0) -> None:
+        """Remove the cgroups once empty (killed sandboxes take a moment to be reaped)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            for child in self._root.glob("slot_*"):
+                with contextlib.suppress(OSError):
+                    child.rmdir()
             with contextlib.suppress(OSError):
-                child.rmdir()
-        with contextlib.suppress(OSError):
-            self._root.rmdir()
+                self._root.rmdir()
+            if not self._root.exists() or loop.time() > deadline:
+                return
+            await asyncio.sleep(0.05)
 
 
 def join_cgroup(path: Path) -> None:

@@ -153,8 +153,13 @@ class SandboxWorker:
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> SandboxWorker:
         root = self._config.workspace_root
-        # Fails closed here when require_sandbox is set and bubblewrap cannot run.
-        await self._sandboxes.probe(root / ".probe")
+        try:
+            # Fails closed here when require_sandbox is set and bubblewrap cannot run.
+            await self._sandboxes.probe(root / ".probe")
+        except BaseException:
+            if self._cgroups is not None:
+                await self._cgroups.remove()
+            raise
         if not self._sandboxes.sandboxed:
             log.warning(
                 "commands run WITHOUT a sandbox: results say sandboxed=false",
@@ -222,7 +227,7 @@ class SandboxWorker:
         # 4. end every sandbox and what still runs in it.
         await asyncio.gather(*(slot.tools.close() for slot in self._slots))
         if self._cgroups is not None:
-            self._cgroups.remove()
+            await self._cgroups.remove()
         log.info("worker stopped", worker_id=self.worker_id)
 
     # -- registration -------------------------------------------------------------------------
