@@ -236,6 +236,7 @@ async def measure(
                     errors[failure] += 1
 
     tasks = [asyncio.create_task(requester(call)) for call in calls]
+    pending: set[asyncio.Task[None]] = set()
     try:
         await asyncio.sleep(warmup_s)
         cpu_before = cpu_snapshot()
@@ -243,15 +244,18 @@ async def measure(
         window[:] = [start, start + duration_s]
         await asyncio.sleep(max(window[1] - time.perf_counter(), 0.0))
         cpu_after = cpu_snapshot()
+    finally:
+        # Also on Ctrl-C: the calls in flight end on their own (they take milliseconds) rather
+        # than being cancelled, since a cancelled process start can hang (see spawn).
         stopping.set()
         _, pending = await asyncio.wait(tasks, timeout=STRAGGLER_TIMEOUT_S)
-        if pending:
-            errors[f"still in flight {STRAGGLER_TIMEOUT_S:g}s after the row"] += len(pending)
-    finally:
-        stopping.set()
-        for task in tasks:
+        for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if _STARTING:
+            await asyncio.wait(set(_STARTING), timeout=STRAGGLER_TIMEOUT_S)
+    if pending:
+        errors[f"still in flight {STRAGGLER_TIMEOUT_S:g}s after the row"] += len(pending)
     latencies.sort()
     p50, p99 = _percentile(latencies, 0.50), _percentile(latencies, 0.99)
     cpu = cpu_delta(cpu_before, cpu_after)
@@ -297,15 +301,36 @@ def _workspaces(root: Path, count: int) -> list[Path]:
 
 
 # -- plain and bwrap-per-call spawns ------------------------------------------------------------
+_STARTING: set[asyncio.Future[asyncio.subprocess.Process]] = set()
+
+
+def _kill_started(starting: asyncio.Future[asyncio.subprocess.Process]) -> None:
+    if not starting.cancelled() and starting.exception() is None:
+        with contextlib.suppress(ProcessLookupError):
+            starting.result().kill()
+
+
 async def spawn(argv: Sequence[str], **options: Any) -> None:
     """Start a process, drain its stdout and stderr, wait; raise unless it exits with 0."""
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        **options,
+    # A create_subprocess_exec cancelled while it connects the pipes can wait forever (CPython
+    # gh-103847, gh-125502): the start is shielded, and a process started for a cancelled call
+    # is killed once it exists.
+    starting = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            **options,
+        )
     )
+    _STARTING.add(starting)
+    starting.add_done_callback(_STARTING.discard)
+    try:
+        process = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        starting.add_done_callback(_kill_started)
+        raise
     try:
         _, stderr = await process.communicate()
     except BaseException:

@@ -323,7 +323,15 @@ class BwrapSandbox:
         python = _sandbox_python()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         launcher = Path(__file__).with_name("_launcher.py")
-        command = [python.executable, "-I", "-S", "-B", _LAUNCHER_PATH, str(theirs.fileno())]
+        command = [
+            python.executable,
+            "-I",
+            "-S",
+            "-B",
+            _LAUNCHER_PATH,
+            str(theirs.fileno()),
+            json.dumps(self._rlimits),
+        ]
         argv = bwrap_argv(self._options, self.workspace, command)
         binds = [*python.bind, "--ro-bind", str(launcher), _LAUNCHER_PATH]
         argv[1:1] = binds
@@ -443,8 +451,6 @@ class BwrapSandbox:
                 "PWD": SANDBOX_WORKSPACE,
                 CALL_TAG: str(call_id),
             },
-            "cwd": SANDBOX_WORKSPACE,
-            "rlimits": self._rlimits,
         }
         try:
             await _send_with_fds(sock, json.dumps(message).encode(), write_ends)
