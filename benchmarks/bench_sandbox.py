@@ -9,11 +9,16 @@ One run measures, one after the other, N requesters (``--concurrency``) in a clo
   piped and drained, as toolbus's unsandboxed slots start it;
 - bwrap: the same command in a fresh bubblewrap sandbox per call, with the command line
   toolbus builds for its sandboxes (``bwrap_argv``);
-- sandbox: toolbus's persistent sandbox alone, in this process: ``run_command`` on one
-  ``BwrapSandbox`` per requester (the namespaces are set up once; the launcher forks each call);
+- sandbox: toolbus's persistent sandbox alone, in this process, no NATS: ``run_command`` on one
+  ``BwrapSandbox`` per requester (namespaces set up once; the in-sandbox launcher starts each
+  command);
 - toolbus: ``terminal`` calls running ``true`` through client -> executor -> sandbox worker ->
   persistent sandbox -> back, one trajectory per requester; an embedded nats-server and the
   sandbox workers run as child processes, the executor in this process.
+
+Each row prints calls/s, p50/p99 latency, its ratio to the plain row, and the CPU time per call
+spent by this process, its reaped children, nats-server, the workers, the sandboxes (bubblewrap,
+launchers and the commands they reaped) and the rest of the machine (from /proc, Linux only).
 
 Everything is started here and stopped at the end (also on Ctrl-C or SIGTERM); all state
 lives in a temporary directory that is removed at the end.

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 import structlog
 
 from ._cgroups import PidsCgroups, join_cgroup
-from ._children import stop_process
 from ._launcher import CALL_TAG
 from .exceptions import StartupError
 from .settings import (
@@ -335,9 +334,9 @@ class BwrapSandbox:
         argv = bwrap_argv(self._options, self.workspace, command)
         binds = [*python.bind, "--ro-bind", str(launcher), _LAUNCHER_PATH]
         argv[1:1] = binds
-        try:
-            cgroup = self._cgroup
-            self._process = await asyncio.create_subprocess_exec(
+        cgroup = self._cgroup
+        spawn = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -346,8 +345,17 @@ class BwrapSandbox:
                 # Into the slot's pids cgroup before exec, so nothing it starts escapes it.
                 preexec_fn=(lambda: join_cgroup(cgroup)) if cgroup is not None else None,
             )
+        )
+        try:
+            # Shielded: cancelling a process start mid-way can hang on Python 3.11
+            # (CPython gh-103847); a start whose caller went away is killed once it is done.
+            self._process = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            spawn.add_done_callback(_kill_started_process)
+            ours.close()
+            raise
         finally:
-            theirs.close()
+            theirs.close()  # the child has its copy (fork happened before the first await)
         ours.setblocking(False)
         self._socket = ours
         loop = asyncio.get_running_loop()
@@ -485,12 +493,18 @@ class BwrapSandbox:
             # Killing bubblewrap kills the sandbox's pid 1, and the kernel ends the namespace.
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
-            await stop_process(self._process, timeout=5)
+            await self._process.wait()
             self._process = None
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
+
+
+def _kill_started_process(spawn: asyncio.Future[asyncio.subprocess.Process]) -> None:
+    if not spawn.cancelled() and spawn.exception() is None:
+        with contextlib.suppress(ProcessLookupError):
+            spawn.result().kill()
 
 
 async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
