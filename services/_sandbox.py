@@ -45,6 +45,16 @@ SANDBOX_WORKSPACE = "/workspace"
 _LAUNCHER_PATH = "/opt/toolbus/launcher.py"
 _SANDBOX_PYTHON_PREFIX = "/opt/toolbus/python"
 _READY_TIMEOUT_S = 10.0
+_ETC_SECRET_FILES = (
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/security/opasswd",
+    "/etc/sudoers",
+    "/etc/machine-id",
+)
+_ETC_SECRET_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/sudoers.d", "/etc/credstore")
 _BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -241,7 +251,16 @@ def bwrap_argv(options: BwrapOptions, workspace: Path, command: list[str]) -> li
             argv += ["--symlink", os.readlink(path), f"/{name}"]
         elif path.is_dir():
             argv += ["--ro-bind", str(path), f"/{name}"]
-    argv += ["--ro-bind", "/etc", "/etc", "--proc", "/proc", "--dev", "/dev"]
+    argv += ["--ro-bind", "/etc", "/etc"]
+    # Commands of a worker that runs as root are root in their user namespace, which maps to
+    # the host's root: they pass the owner check of root's files. Mask the secrets in /etc.
+    for secret in _ETC_SECRET_FILES:
+        if Path(secret).is_file():
+            argv += ["--ro-bind", "/dev/null", secret]
+    for secret in _ETC_SECRET_DIRS:
+        if Path(secret).is_dir():
+            argv += ["--tmpfs", secret, "--remount-ro", secret]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--size", tmp_bytes, "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/var/tmp"]
     argv += ["--bind", str(workspace), SANDBOX_WORKSPACE, "--chdir", SANDBOX_WORKSPACE]
     argv += ["--clearenv"]

@@ -25,11 +25,7 @@ from ._stateful import StatefulShell
 from ._tmux import TmuxError, TmuxState, run_tmux
 from ._validation import describe_validation_error
 
-_SIGNAL_HINTS = {
-    "SIGXCPU": ": CPU time limit",
-    "SIGXFSZ": ": file size limit",
-    "SIGKILL": "",
-}
+_SIGNAL_HINTS = {"SIGXCPU": ": CPU time limit", "SIGXFSZ": ": file size limit"}
 
 
 class ToolFailure(Exception):

@@ -175,3 +175,17 @@ async def test_a_gigabyte_of_output_is_truncated_and_counted(
     assert result.metadata["stdout_bytes"] == 1_000_000_000
     assert len(result.output) == WorkerConfig.__dataclass_fields__["max_output_chars"].default
     await _still_serving(stack.client, tid)
+
+
+async def test_host_secrets_in_etc_are_masked(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    probe = "cat /etc/shadow 2>/dev/null | wc -c; ls -A /etc/ssh | wc -l; cat /etc/hostname"
+    result = await stack.client.execute(tid, "terminal", {"command": probe})
+    lines = result.output.split()
+    assert lines[0] == "0"  # nothing of /etc/shadow can be read
+    assert lines[1] == "0"  # ssh host keys are not there
+    assert lines[2]  # the rest of /etc is
+    await _still_serving(stack.client, tid)
