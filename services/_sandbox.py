@@ -91,6 +91,7 @@ class RunningCommand(Protocol):
 
 class Sandbox(Protocol):
     workspace: Path  # the host directory
+    owner: tuple[int, int] | None  # (uid, gid) its files must belong to; None: the worker's
     sandboxed: bool
     network_isolated: bool
 
@@ -140,6 +141,7 @@ class PlainSandbox:
 
     def __init__(self, workspace: Path, limits: SandboxLimits) -> None:
         self.workspace = workspace
+        self.owner: tuple[int, int] | None = None
         self._rlimits = limits.rlimits()
         self._groups: set[int] = set()
 
@@ -188,7 +190,7 @@ class _SandboxPython:
     """How the launcher's interpreter is reached inside the sandbox."""
 
     executable: str
-    bind: tuple[str, ...] = ()
+    prefix: str | None = None  # a host directory to bind at _SANDBOX_PYTHON_PREFIX
 
 
 def _sandbox_python() -> _SandboxPython:
@@ -198,10 +200,14 @@ def _sandbox_python() -> _SandboxPython:
         if real.is_file() and real.is_relative_to("/usr"):
             return _SandboxPython(str(real))
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    return _SandboxPython(
-        f"{_SANDBOX_PYTHON_PREFIX}/bin/{version}",
-        ("--ro-bind", sys.base_prefix, _SANDBOX_PYTHON_PREFIX),
-    )
+    return _SandboxPython(f"{_SANDBOX_PYTHON_PREFIX}/bin/{version}", sys.base_prefix)
+
+
+def _drop_to(owner: tuple[int, int]) -> None:
+    """In a child before exec: become the slot's unprivileged user."""
+    os.setgroups([])
+    os.setgid(owner[1])
+    os.setuid(owner[0])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,8 +243,8 @@ class BwrapOptions:
     limits: SandboxLimits = SandboxLimits()
 
 
-def bwrap_argv(options: BwrapOptions, workspace: Path, command: list[str]) -> list[str]:
-    """The bubblewrap command line of a slot's sandbox."""
+def bwrap_argv(options: BwrapOptions, workspace: Path | int, command: list[str]) -> list[str]:
+    """The bubblewrap command line of a slot's sandbox (workspace: a path or an open fd)."""
     tmp_bytes = str(options.limits.max_tmp_mb * 1024 * 1024)
     argv = [str(options.bwrap)]
     argv += ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
@@ -262,7 +268,11 @@ def bwrap_argv(options: BwrapOptions, workspace: Path, command: list[str]) -> li
             argv += ["--tmpfs", secret, "--remount-ro", secret]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--size", tmp_bytes, "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/var/tmp"]
-    argv += ["--bind", str(workspace), SANDBOX_WORKSPACE, "--chdir", SANDBOX_WORKSPACE]
+    if isinstance(workspace, int):  # an fd: bubblewrap need not be able to walk to it
+        argv += ["--bind-fd", str(workspace), SANDBOX_WORKSPACE]
+    else:
+        argv += ["--bind", str(workspace), SANDBOX_WORKSPACE]
+    argv += ["--chdir", SANDBOX_WORKSPACE]
     argv += ["--clearenv"]
     if not options.allow_network:
         argv += ["--unshare-net"]
@@ -307,9 +317,15 @@ class BwrapSandbox:
     sandboxed = True
 
     def __init__(
-        self, workspace: Path, options: BwrapOptions, *, cgroup: Path | None = None
+        self,
+        workspace: Path,
+        options: BwrapOptions,
+        *,
+        cgroup: Path | None = None,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         self.workspace = workspace
+        self.owner = owner  # (uid, gid) the sandbox runs as, when the worker is root
         self._options = options
         self._cgroup = cgroup
         self._rlimits = options.limits.rlimits()
@@ -350,19 +366,34 @@ class BwrapSandbox:
             str(theirs.fileno()),
             json.dumps(self._rlimits),
         ]
-        argv = bwrap_argv(self._options, self.workspace, command)
-        binds = [*python.bind, "--ro-bind", str(launcher), _LAUNCHER_PATH]
-        argv[1:1] = binds
-        cgroup = self._cgroup
+        # Sources are passed as open fds: a sandbox user may not be able to walk to them.
+        fds = [
+            theirs.fileno(),
+            os.open(self.workspace, os.O_PATH | os.O_DIRECTORY),
+            os.open(launcher, os.O_RDONLY),
+        ]
+        argv = bwrap_argv(self._options, fds[1], command)
+        extra = ["--file", str(fds[2]), _LAUNCHER_PATH]
+        if python.prefix is not None:
+            fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
+            extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
+        argv[1:1] = extra
+        cgroup, owner = self._cgroup, self.owner
+
+        def before_exec() -> None:
+            if cgroup is not None:  # into the slot's pids cgroup, so nothing escapes it
+                join_cgroup(cgroup)
+            if owner is not None:
+                _drop_to(owner)
+
         spawn = asyncio.ensure_future(
             asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=[theirs.fileno()],
-                # Into the slot's pids cgroup before exec, so nothing it starts escapes it.
-                preexec_fn=(lambda: join_cgroup(cgroup)) if cgroup is not None else None,
+                pass_fds=fds,
+                preexec_fn=before_exec,
             )
         )
         try:
@@ -374,7 +405,9 @@ class BwrapSandbox:
             ours.close()
             raise
         finally:
-            theirs.close()  # the child has its copy (fork happened before the first await)
+            theirs.close()  # the child has its copies (fork happened before the first await)
+            for fd in fds[1:]:
+                os.close(fd)
         ours.setblocking(False)
         self._socket = ours
         loop = asyncio.get_running_loop()
@@ -546,13 +579,16 @@ class SandboxFactory:
         require_sandbox: bool,
         limits: SandboxLimits,
         cgroups: PidsCgroups | None,
+        uid_base: int = 0,
     ) -> None:
+        self._uid_base = uid_base if os.geteuid() == 0 else 0
         self._allow_network = allow_network
         self._require_sandbox = require_sandbox
         self._limits = limits
         self._cgroups = cgroups
         self._options: BwrapOptions | None = None
         self.reason_unsandboxed = ""
+        self.reason_not_separate_user = ""
 
     @property
     def process_limit(self) -> str:
@@ -565,6 +601,21 @@ class SandboxFactory:
     def sandboxed(self) -> bool:
         return self._options is not None
 
+    def owner(self, index: int) -> tuple[int, int] | None:
+        """The host user slot ``index`` runs as: its own, when the worker is root."""
+        if self._uid_base <= 0 or self._options is None:
+            return None
+        return (self._uid_base + index, self._uid_base + index)
+
+    @property
+    def identity(self) -> str:
+        """Who sandboxed commands run as, for the startup log."""
+        if self._options is None:
+            return "the worker's user (no sandbox)"
+        if self._uid_base > 0:
+            return f"uid {self._uid_base} + slot index"
+        return "the worker's user"
+
     async def probe(self, scratch: Path) -> None:
         """Try a real sandbox once; fall back, or fail closed, with a reason."""
         bwrap = find_bwrap()
@@ -575,16 +626,13 @@ class SandboxFactory:
                 bwrap=bwrap, allow_network=self._allow_network, limits=self._limits
             )
             scratch.mkdir(parents=True, exist_ok=True)
-            probe = BwrapSandbox(scratch, options)
-            try:
-                command = await probe.run("true")
-                code = await asyncio.wait_for(command.wait(), _READY_TIMEOUT_S)
-                command.close()
-                reason = "" if code == 0 else f"a probe command exited with {code}"
-            except (SandboxError, OSError, TimeoutError) as exc:
-                reason = str(exc) or type(exc).__name__
-            finally:
-                await probe.close()
+            if self._uid_base > 0:
+                reason = await _try_sandbox(scratch, options, (self._uid_base, self._uid_base))
+                if reason:
+                    # Still a sandbox, but as root: say why, so the operator can fix it.
+                    self.reason_not_separate_user = reason
+                    self._uid_base = 0
+            reason = await _try_sandbox(scratch, options, None) if self._uid_base == 0 else ""
             if not reason:
                 self._options = options
                 return
@@ -598,4 +646,31 @@ class SandboxFactory:
         cgroup = None
         if self._cgroups is not None:
             cgroup = self._cgroups.slot(index, self._limits.max_processes)
-        return BwrapSandbox(workspace, self._options, cgroup=cgroup)
+        owner = self.owner(index)
+        if owner is not None:
+            chown_tree(workspace, owner)
+        return BwrapSandbox(workspace, self._options, cgroup=cgroup, owner=owner)
+
+
+async def _try_sandbox(scratch: Path, options: BwrapOptions, owner: tuple[int, int] | None) -> str:
+    """Run ``true`` in a throwaway sandbox; the reason it failed, or "" when it worked."""
+    if owner is not None:
+        os.chown(scratch, *owner)
+    probe = BwrapSandbox(scratch, options, owner=owner)
+    try:
+        command = await probe.run("true")
+        code = await asyncio.wait_for(command.wait(), _READY_TIMEOUT_S)
+        command.close()
+        return "" if code == 0 else f"a probe command exited with {code}"
+    except (SandboxError, OSError, TimeoutError) as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        await probe.close()
+
+
+def chown_tree(root: Path, owner: tuple[int, int]) -> None:
+    """Give a workspace (and what is in it) to the slot's user."""
+    os.chown(root, *owner, follow_symlinks=False)
+    for directory, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.chown(os.path.join(directory, name), *owner, follow_symlinks=False)

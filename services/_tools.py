@@ -119,7 +119,8 @@ class ToolRunner:
             if tool == "read_file":
                 return self._read_file(ReadFileArgs.model_validate(arguments), workspace)
             if tool == "write_file":
-                return self._write_file(WriteFileArgs.model_validate(arguments), workspace)
+                write = WriteFileArgs.model_validate(arguments)
+                return self._write_file(write, workspace, sandbox.owner)
             raise ToolFailure(f"Unknown tool: {tool}")
         except ValidationError as exc:
             failure = ToolFailure(
@@ -228,7 +229,9 @@ class ToolRunner:
             metadata={"file_size": size, "truncated": truncated},
         )
 
-    def _write_file(self, args: WriteFileArgs, workspace: Path) -> ToolResult:
+    def _write_file(
+        self, args: WriteFileArgs, workspace: Path, owner: tuple[int, int] | None
+    ) -> ToolResult:
         if len(args.content) > self._limits.max_file_chars:
             raise ToolFailure(
                 f"content has {len(args.content)} characters; the limit is "
@@ -236,9 +239,13 @@ class ToolRunner:
                 ErrorKindOfResult.INVALID_ARGUMENTS,
             )
         path = resolve_in_workspace(workspace, args.path)
+        missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
         data = args.content.encode("utf-8")
         path.write_bytes(data)
+        if owner is not None:  # the sandbox's user must be able to change what it was given
+            for created in (path, *missing):
+                os.chown(created, *owner)
         return ToolResult(
             success=True,
             output=f"Wrote {len(data)} bytes to {args.path}",

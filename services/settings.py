@@ -38,9 +38,14 @@ DEFAULT_MAX_MEMORY_MB = 4096
 DEFAULT_MAX_CPU_S = 600
 DEFAULT_MAX_FILE_MB = 1024
 DEFAULT_MAX_TMP_MB = 512
+DEFAULT_SANDBOX_UID_BASE = 2_000_000_000
 
 
 def default_data_dir() -> Path:
+    """/var/lib/toolbus for root (sandbox users must be able to reach the workspaces), else
+    the user's XDG data directory."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/toolbus")
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "toolbus"
 
@@ -251,6 +256,14 @@ class Settings(BaseSettings):
         ge=1,
         validation_alias=_env("max_tmp_mb"),
         description="Size of the sandbox's private /tmp (in memory), in MiB.",
+    )
+    sandbox_uid_base: int = Field(
+        default=DEFAULT_SANDBOX_UID_BASE,
+        ge=0,
+        lt=2**31 - 1_000_000,
+        validation_alias=_env("sandbox_uid_base"),
+        description="When the worker runs as root, slot i's sandbox runs as host uid/gid "
+        "base+i (0: as root, not advised).",
     )
     max_output_chars: int = Field(
         default=DEFAULT_MAX_OUTPUT_CHARS,

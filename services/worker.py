@@ -52,6 +52,7 @@ from .settings import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_MAX_FILE_CHARS,
     DEFAULT_MAX_OUTPUT_CHARS,
+    DEFAULT_SANDBOX_UID_BASE,
     Settings,
 )
 
@@ -77,6 +78,7 @@ class WorkerConfig:
     allow_network: bool = True
     require_sandbox: bool = False
     limits: SandboxLimits = SandboxLimits()
+    sandbox_uid_base: int = DEFAULT_SANDBOX_UID_BASE
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str) -> WorkerConfig:
@@ -97,6 +99,7 @@ class WorkerConfig:
                 max_file_mb=settings.max_file_mb,
                 max_tmp_mb=settings.max_tmp_mb,
             ),
+            sandbox_uid_base=settings.sandbox_uid_base,
         )
 
 
@@ -126,6 +129,7 @@ class SandboxWorker:
             require_sandbox=config.require_sandbox,
             limits=config.limits,
             cgroups=self._cgroups,
+            uid_base=config.sandbox_uid_base,
         )
         self._slots: list[_Slot] = []
         self._by_trajectory: dict[str, _Slot] = {}
@@ -153,6 +157,8 @@ class SandboxWorker:
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> SandboxWorker:
         root = self._config.workspace_root
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o711)  # sandbox users pass through to their own slot; they cannot list it
         try:
             # Fails closed here when require_sandbox is set and bubblewrap cannot run.
             await self._sandboxes.probe(root / ".probe")
@@ -165,6 +171,12 @@ class SandboxWorker:
                 "commands run WITHOUT a sandbox: results say sandboxed=false",
                 reason=self._sandboxes.reason_unsandboxed,
                 network_isolated=False,
+            )
+        elif self._sandboxes.reason_not_separate_user:
+            log.warning(
+                "sandboxes run as root, not as separate users: make the workspace directory "
+                "reachable by other users (e.g. under /var/lib/toolbus)",
+                reason=self._sandboxes.reason_not_separate_user,
             )
         for index in range(self._config.slots):
             workspace = root / f"slot_{index}"
@@ -194,6 +206,7 @@ class SandboxWorker:
             sandboxed=self._sandboxes.sandboxed,
             network_isolated=self._sandboxes.sandboxed and not self._config.allow_network,
             process_limit=self._sandboxes.process_limit,
+            runs_as=self._sandboxes.identity,
         )
         return self
 

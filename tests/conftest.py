@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -59,6 +60,11 @@ StackFactory = Callable[..., Awaitable[Stack]]
 @pytest.fixture
 async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactory]:
     """Build executors and workers in this process, each on its own NATS connection."""
+    # Sandboxes of a root worker run as other users: they must be able to pass through here.
+    for directory in (tmp_path, *tmp_path.parents):
+        if directory == Path(tempfile.gettempdir()):
+            break
+        directory.chmod(directory.stat().st_mode | 0o111)
     async with AsyncExitStack() as exit_stack:
 
         async def connect(name: str) -> Client:

@@ -189,3 +189,25 @@ async def test_host_secrets_in_etc_are_masked(
     assert lines[1] == "0"  # ssh host keys are not there
     assert lines[2]  # the rest of /etc is
     await _still_serving(stack.client, tid)
+
+
+async def test_a_root_workers_sandboxes_run_as_their_own_unprivileged_users(
+    make_stack: StackFactory, trajectory: Callable[[], str], tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test checks the root worker's user separation; run the suite as root")
+    stack = await make_stack(slots=2)
+    first, second = await _two_trajectories(stack, trajectory)
+    uids = set()
+    for tid in (first, second):
+        who = await stack.client.execute(tid, "terminal", {"command": "id -u"})
+        uids.add(int(who.output))
+    base = WorkerConfig.__dataclass_fields__["sandbox_uid_base"].default
+    assert uids == {base, base + 1}  # one host user per slot, neither of them root
+    # Files the worker writes for the model stay writable by the sandbox's user.
+    await stack.client.execute(first, "write_file", {"path": "d/e/f.txt", "content": "a"})
+    appended = await stack.client.execute(first, "terminal", {"command": "echo b >> d/e/f.txt"})
+    assert appended.success, appended.output
+    workspace = tmp_path / stack.workers[0].worker_id / "slot_0"
+    assert (workspace / "d" / "e" / "f.txt").stat().st_uid == base
+    await _still_serving(stack.client, first)
