@@ -404,6 +404,9 @@ class BwrapSandbox:
             spawn.add_done_callback(_kill_started_process)
             ours.close()
             raise
+        except OSError as exc:  # bubblewrap could not be executed at all
+            ours.close()
+            raise SandboxError(f"cannot run {self._options.bwrap}: {exc.strerror}") from None
         finally:
             theirs.close()  # the child has its copies (fork happened before the first await)
             for fd in fds[1:]:
