@@ -66,6 +66,7 @@ class ErrorKindOfResult(StrEnum):
     EXIT = "exit"  # the command ran and exited non-zero
     TIMEOUT = "timeout"
     OUTPUT_LIMIT = "output_limit"
+    DISK_LIMIT = "disk_limit"  # stopped because the workspaces' disk was nearly full
     SANDBOX = "sandbox"
     INVALID_ARGUMENTS = "invalid_arguments"  # the model's arguments were wrong
     TOOL = "tool"  # the tool refused or failed (missing file, path outside workspace, ...)

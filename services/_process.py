@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
-from ._sandbox import Sandbox
+from ._diskguard import DiskGuard
+from ._sandbox import RunningCommand, Sandbox
 
 # After the command's own process exits, its background children may still hold the pipes open:
 # read what they already wrote for this long, then stop listening rather than wait for them.
@@ -28,6 +30,7 @@ class CommandOutcome:
     stderr: StreamCapture
     timed_out: bool
     duration_s: float
+    disk_full: bool = False  # killed by the disk guard
 
 
 class BoundedReader:
@@ -55,11 +58,27 @@ class BoundedReader:
 
 
 async def run_command(
-    sandbox: Sandbox, command: str, *, timeout_s: float, max_output_chars: int
+    sandbox: Sandbox,
+    command: str,
+    *,
+    timeout_s: float,
+    max_output_chars: int,
+    disk_guard: DiskGuard | None = None,
 ) -> CommandOutcome:
     """Run ``command``; on timeout kill it and all it started, keeping the output so far."""
     started = time.monotonic()
     running = await sandbox.run(command)
+    with disk_guard.watch(running) if disk_guard else contextlib.nullcontext([False]) as killed:
+        return await _finish(running, started, timeout_s, max_output_chars, killed)
+
+
+async def _finish(
+    running: RunningCommand,
+    started: float,
+    timeout_s: float,
+    max_output_chars: int,
+    disk_full: list[bool],
+) -> CommandOutcome:
     out, err = BoundedReader(max_output_chars), BoundedReader(max_output_chars)
     readers = [
         asyncio.ensure_future(out.drain(running.stdout)),
@@ -87,4 +106,5 @@ async def run_command(
         stderr=err.capture(),
         timed_out=timed_out,
         duration_s=time.monotonic() - started,
+        disk_full=disk_full[0],
     )

@@ -19,6 +19,7 @@ from schemas.tools import (
     WriteFileArgs,
 )
 
+from ._diskguard import DiskGuard
 from ._process import CommandOutcome, run_command
 from ._sandbox import SANDBOX_WORKSPACE, Sandbox, SandboxError
 from ._stateful import StatefulShell
@@ -82,8 +83,9 @@ def resolve_in_workspace(workspace: Path, raw: str) -> Path:
 class ToolRunner:
     """Runs a validated call of a built-in tool; knows nothing of NATS or slots."""
 
-    def __init__(self, *, limits: ToolLimits) -> None:
+    def __init__(self, *, limits: ToolLimits, disk_guard: DiskGuard | None = None) -> None:
         self._limits = limits
+        self._disk_guard = disk_guard
 
     async def run(
         self, tool: str, arguments: dict[str, Any], slot: SlotTools, *, timeout_s: float
@@ -158,6 +160,7 @@ class ToolRunner:
             args.command,
             timeout_s=timeout_s,
             max_output_chars=self._limits.max_output_chars,
+            disk_guard=self._disk_guard,
         )
         return self._terminal_result(outcome, timeout_s)
 
@@ -192,6 +195,15 @@ class ToolRunner:
             "stderr_bytes": outcome.stderr.total_bytes,
             "truncated": truncated,
         }
+        if outcome.disk_full:
+            metadata["status"] = "disk_full"
+            metadata["error_kind"] = str(ErrorKindOfResult.DISK_LIMIT)
+            return ToolResult(
+                success=False,
+                output=output,
+                error="Stopped: the disk under the workspaces is nearly full",
+                metadata=metadata,
+            )
         if outcome.timed_out:
             metadata["status"] = "timeout"
             metadata["error_kind"] = str(ErrorKindOfResult.TIMEOUT)

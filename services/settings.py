@@ -39,6 +39,7 @@ DEFAULT_MAX_CPU_S = 600
 DEFAULT_MAX_FILE_MB = 1024
 DEFAULT_MAX_TMP_MB = 512
 DEFAULT_SANDBOX_UID_BASE = 2_000_000_000
+DEFAULT_MIN_FREE_DISK_MB = 1024
 
 
 def default_data_dir() -> Path:
@@ -256,6 +257,12 @@ class Settings(BaseSettings):
         ge=1,
         validation_alias=_env("max_tmp_mb"),
         description="Size of the sandbox's private /tmp (in memory), in MiB.",
+    )
+    min_free_disk_mb: int = Field(
+        default=DEFAULT_MIN_FREE_DISK_MB,
+        ge=0,
+        validation_alias=_env("min_free_disk_mb"),
+        description="Running commands are stopped when the workspaces' disk has less free.",
     )
     sandbox_uid_base: int = Field(
         default=DEFAULT_SANDBOX_UID_BASE,

@@ -45,6 +45,7 @@ from schemas.messages import ErrorKindOfResult, ToolResult
 from schemas.subjects import WORKERS_BUCKET, Subjects
 
 from ._cgroups import PidsCgroups
+from ._diskguard import DiskGuard
 from ._kv import open_bucket
 from ._sandbox import SandboxFactory, SandboxLimits
 from ._tools import SlotTools, ToolLimits, ToolRunner
@@ -52,6 +53,7 @@ from .settings import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_MAX_FILE_CHARS,
     DEFAULT_MAX_OUTPUT_CHARS,
+    DEFAULT_MIN_FREE_DISK_MB,
     DEFAULT_SANDBOX_UID_BASE,
     Settings,
 )
@@ -79,6 +81,7 @@ class WorkerConfig:
     require_sandbox: bool = False
     limits: SandboxLimits = SandboxLimits()
     sandbox_uid_base: int = DEFAULT_SANDBOX_UID_BASE
+    min_free_disk_mb: int = DEFAULT_MIN_FREE_DISK_MB
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str) -> WorkerConfig:
@@ -100,6 +103,7 @@ class WorkerConfig:
                 max_tmp_mb=settings.max_tmp_mb,
             ),
             sandbox_uid_base=settings.sandbox_uid_base,
+            min_free_disk_mb=settings.min_free_disk_mb,
         )
 
 
@@ -118,10 +122,12 @@ class SandboxWorker:
         self._nc = nc
         self._config = config
         self._subjects = config.subjects
+        self._disk_guard = DiskGuard(config.workspace_root, min_free_mb=config.min_free_disk_mb)
         self._runner = ToolRunner(
             limits=ToolLimits(
                 max_output_chars=config.max_output_chars, max_file_chars=config.max_file_chars
             ),
+            disk_guard=self._disk_guard,
         )
         self._cgroups = PidsCgroups.create(config.worker_id)
         self._sandboxes = SandboxFactory(
@@ -172,7 +178,13 @@ class SandboxWorker:
                 reason=self._sandboxes.reason_unsandboxed,
                 network_isolated=False,
             )
-        elif self._sandboxes.reason_not_separate_user:
+        if self._disk_guard.free_bytes() < self._config.min_free_disk_mb * 1024 * 1024:
+            log.warning(
+                "the workspaces' disk is already below min_free_disk_mb: commands will be stopped",
+                free_mb=self._disk_guard.free_bytes() // (1024 * 1024),
+                min_free_disk_mb=self._config.min_free_disk_mb,
+            )
+        if self._sandboxes.sandboxed and self._sandboxes.reason_not_separate_user:
             log.warning(
                 "sandboxes run as root, not as separate users: make the workspace directory "
                 "reachable by other users (e.g. under /var/lib/toolbus)",
@@ -239,6 +251,7 @@ class SandboxWorker:
             await asyncio.gather(*pending, return_exceptions=True)
         # 4. end every sandbox and what still runs in it.
         await asyncio.gather(*(slot.tools.close() for slot in self._slots))
+        await self._disk_guard.close()
         if self._cgroups is not None:
             await self._cgroups.remove()
         log.info("worker stopped", worker_id=self.worker_id)

@@ -89,7 +89,8 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
                     slots=slots,
                     workspace_root=tmp_path / worker_id,
                     heartbeat_s=0.5,
-                    **(worker_options or {}),
+                    # The disk guard has its own test; others must not depend on free space.
+                    **{"min_free_disk_mb": 0, **(worker_options or {})},
                 )
                 connection = await connect(worker_id)
                 worker = SandboxWorker(connection, config)

@@ -87,3 +87,21 @@ async def test_memory_and_cpu_limits_apply_to_each_process(
     assert spin.error == "Exit code: -24 (killed by SIGXCPU: CPU time limit)"
     assert spin.metadata["duration_s"] < 10
     await _still_serving(stack.client, tid)
+
+
+async def test_a_disk_filling_loop_is_stopped(
+    make_stack: StackFactory, trajectory: Callable[[], str], tmp_path: Path
+) -> None:
+    stat = os.statvfs(tmp_path)
+    free_mb = stat.f_bavail * stat.f_frsize // (1024 * 1024)
+    # Leave this loop 200 MiB of room before the guard's floor, wherever the tests run.
+    stack = await make_stack(worker_options={"min_free_disk_mb": max(free_mb - 200, 0)})
+    tid = trajectory()
+    fill = "for i in $(seq 1 2000); do head -c 1000000 /dev/zero > f$i; done; echo finished"
+    result = await stack.client.execute(tid, "terminal", {"command": fill}, timeout_s=120)
+    assert not result.success
+    assert result.metadata["status"] == "disk_full"
+    assert result.metadata["error_kind"] == "disk_limit"
+    assert "finished" not in result.output
+    await stack.client.release(tid, reset_workspace=True)  # gives the space back
+    await _still_serving(stack.client, trajectory())
