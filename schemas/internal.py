@@ -62,6 +62,7 @@ class BatchItem(BaseModel):
     arguments: dict[str, Any]
     timeout_s: float
     uniq_id: str | None = None
+    allow_network: bool = True  # False: this call runs without network
 
 
 class BatchRequest(BaseModel):

@@ -58,6 +58,11 @@ class ExecuteRequest(BaseModel):
         gt=0,
         description="Wall-clock limit in seconds; else arguments.timeout; clamped to 1..600.",
     )
+    allow_network: bool | None = Field(
+        default=None,
+        description="false: run this call without network (only loopback), even where the "
+        "service allows it. It can only restrict: true never grants what the service denies.",
+    )
 
 
 class ErrorKindOfResult(StrEnum):

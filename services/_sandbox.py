@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -646,13 +647,22 @@ class SandboxFactory:
     def make(self, index: int, workspace: Path) -> Sandbox:
         if self._options is None:
             return PlainSandbox(workspace, self._limits)
-        cgroup = None
-        if self._cgroups is not None:
-            cgroup = self._cgroups.slot(index, self._limits.max_processes)
         owner = self.owner(index)
         if owner is not None:
             chown_tree(workspace, owner)
-        return BwrapSandbox(workspace, self._options, cgroup=cgroup, owner=owner)
+        return BwrapSandbox(workspace, self._options, cgroup=self._cgroup(index), owner=owner)
+
+    def make_offline(self, index: int, workspace: Path) -> Sandbox | None:
+        """A network-less sandbox on the slot's workspace (same user and cgroup), if any."""
+        if self._options is None:
+            return None
+        options = dataclasses.replace(self._options, allow_network=False)
+        return BwrapSandbox(workspace, options, cgroup=self._cgroup(index), owner=self.owner(index))
+
+    def _cgroup(self, index: int) -> Path | None:
+        if self._cgroups is None:
+            return None
+        return self._cgroups.slot(index, self._limits.max_processes)
 
 
 async def _try_sandbox(scratch: Path, options: BwrapOptions, owner: tuple[int, int] | None) -> str:

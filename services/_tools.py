@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,20 +40,44 @@ class ToolFailure(Exception):
 
 @dataclass(slots=True)
 class SlotTools:
-    """What the tools of one slot share: its sandbox, its persistent shell, its tmux state."""
+    """What the tools of one slot share: its sandbox, its persistent shell, its tmux state,
+    and (made on first use) a network-less sandbox on the same workspace for calls that ask
+    for ``allow_network: false`` where the service allows the network."""
 
     sandbox: Sandbox
     shell: StatefulShell
+    make_offline: Callable[[], Sandbox | None]
     tmux: TmuxState = field(default_factory=TmuxState)
+    offline: Sandbox | None = None
 
     @classmethod
-    def for_sandbox(cls, sandbox: Sandbox) -> SlotTools:
-        return cls(sandbox, StatefulShell(sandbox))
+    def for_sandbox(cls, sandbox: Sandbox, make_offline: Callable[[], Sandbox | None]) -> SlotTools:
+        return cls(sandbox, StatefulShell(sandbox), make_offline)
+
+    def sandbox_for(self, tool: str, allow_network: bool) -> Sandbox:
+        if allow_network or self.sandbox.network_isolated:
+            return self.sandbox
+        if tool != "terminal":
+            raise ToolFailure(
+                f"allow_network=false is supported for terminal only, not {tool}: its session "
+                "lives in the slot's networked sandbox",
+                ErrorKindOfResult.SANDBOX,
+            )
+        if self.offline is None:
+            self.offline = self.make_offline()
+        if self.offline is None:
+            raise ToolFailure(
+                "allow_network=false needs a sandbox, and this worker runs commands unsandboxed",
+                ErrorKindOfResult.SANDBOX,
+            )
+        return self.offline
 
     async def close(self) -> None:
         """End the shell and every process the slot left (tmux included)."""
         await self.shell.close()
         await self.sandbox.reset()
+        if self.offline is not None:
+            await self.offline.reset()
         self.tmux = TmuxState()
 
 
@@ -88,19 +113,34 @@ class ToolRunner:
         self._disk_guard = disk_guard
 
     async def run(
-        self, tool: str, arguments: dict[str, Any], slot: SlotTools, *, timeout_s: float
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        slot: SlotTools,
+        *,
+        timeout_s: float,
+        allow_network: bool = True,
     ) -> ToolResult:
         """Run the call in a slot; the result's metadata says how it was sandboxed."""
-        result = await self._run(tool, arguments, slot, timeout_s)
+        try:
+            sandbox = slot.sandbox_for(tool, allow_network)
+        except ToolFailure as failure:
+            sandbox, result = slot.sandbox, self._failure(failure)
+        else:
+            result = await self._run(tool, arguments, slot, sandbox, timeout_s)
         result.metadata.update(
-            sandboxed=slot.sandbox.sandboxed, network_isolated=slot.sandbox.network_isolated
+            sandboxed=sandbox.sandboxed, network_isolated=sandbox.network_isolated
         )
         return result
 
     async def _run(
-        self, tool: str, arguments: dict[str, Any], slot: SlotTools, timeout_s: float
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        slot: SlotTools,
+        sandbox: Sandbox,
+        timeout_s: float,
     ) -> ToolResult:
-        sandbox = slot.sandbox
         workspace = sandbox.workspace
         try:
             if tool == "terminal":

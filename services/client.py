@@ -86,11 +86,13 @@ class ToolbusClient:
         *,
         uniq_id: str | None = None,
         timeout_s: float | None = None,
+        allow_network: bool | None = None,
     ) -> ToolResult:
         request = ExecuteRequest(
             trajectory_id=trajectory_id,
             tool=ToolCall(name=tool, arguments=arguments or {}, uniq_id=uniq_id),
             timeout_s=timeout_s,
+            allow_network=allow_network,
         )
         wait = (timeout_s or MAX_TIMEOUT_S) + self._execute_margin_s
         return await self._call(self._subjects.execute(tool), request, ToolResult, wait)

@@ -344,6 +344,7 @@ class ExecutorService:
                 request.tool.arguments,
                 timeout_s=self._config.clamp_timeout(requested),
                 uniq_id=request.tool.uniq_id,
+                allow_network=request.allow_network is not False,
             )
             log.debug("call answered", success=result.success)
         return result.model_dump_json().encode()
@@ -356,11 +357,14 @@ class ExecutorService:
         *,
         timeout_s: float,
         uniq_id: str | None,
+        allow_network: bool = True,
     ) -> ToolResult:
         """Run one call of a built-in tool in the trajectory's slot."""
         self.calls_in_flight += 1
         try:
-            return await self._dispatch(trajectory_id, tool, arguments, timeout_s, uniq_id)
+            return await self._dispatch(
+                trajectory_id, tool, arguments, timeout_s, uniq_id, allow_network
+            )
         finally:
             self.calls_in_flight -= 1
 
@@ -371,6 +375,7 @@ class ExecutorService:
         arguments: dict[str, Any],
         timeout_s: float,
         uniq_id: str | None,
+        allow_network: bool,
     ) -> ToolResult:
         stale: Lease | None = None
         for _ in range(_MAX_DISPATCH_ATTEMPTS):
@@ -385,6 +390,7 @@ class ExecutorService:
                 arguments=arguments,
                 timeout_s=timeout_s,
                 uniq_id=uniq_id,
+                allow_network=allow_network,
             )
             result_future: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
             self._results[item.item_id] = result_future

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -195,7 +196,8 @@ class SandboxWorker:
             workspace.mkdir(parents=True, exist_ok=True)
             workspace = workspace.resolve()  # once, not on every file call
             sandbox = self._sandboxes.make(index, workspace)
-            self._slots.append(_Slot(index, workspace, SlotTools.for_sandbox(sandbox)))
+            offline = functools.partial(self._sandboxes.make_offline, index, workspace)
+            self._slots.append(_Slot(index, workspace, SlotTools.for_sandbox(sandbox, offline)))
         self._registry = await open_bucket(
             self._nc.jetstream(), WORKERS_BUCKET, description="toolbus sandbox workers"
         )
@@ -360,7 +362,11 @@ class SandboxWorker:
             try:
                 async with slot.lock:
                     result = await self._runner.run(
-                        item.tool, item.arguments, slot.tools, timeout_s=item.timeout_s
+                        item.tool,
+                        item.arguments,
+                        slot.tools,
+                        timeout_s=item.timeout_s,
+                        allow_network=item.allow_network,
                     )
             except asyncio.CancelledError:
                 result = ToolResult(

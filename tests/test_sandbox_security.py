@@ -211,3 +211,27 @@ async def test_a_root_workers_sandboxes_run_as_their_own_unprivileged_users(
     workspace = tmp_path / stack.workers[0].worker_id / "slot_0"
     assert (workspace / "d" / "e" / "f.txt").stat().st_uid == base
     await _still_serving(stack.client, first)
+
+
+async def test_a_call_can_ask_for_no_network_where_the_service_allows_it(
+    make_stack: StackFactory, trajectory: Callable[[], str], nats_url: str
+) -> None:
+    stack = await make_stack(worker_options={"allow_network": True})
+    tid = trajectory()
+    port = nats_url.rsplit(":", 1)[1]
+    probe = f"timeout 3 bash -c 'echo > /dev/tcp/127.0.0.1/{port}' && echo reached; ls"
+    await stack.client.execute(tid, "write_file", {"path": "shared.txt", "content": "x"})
+    offline = await stack.client.execute(tid, "terminal", {"command": probe}, allow_network=False)
+    assert "reached" not in offline.output
+    assert "shared.txt" in offline.output  # same workspace
+    assert offline.metadata["network_isolated"] is True
+    online = await stack.client.execute(tid, "terminal", {"command": probe})
+    assert "reached" in online.output
+    assert online.metadata["network_isolated"] is False
+    stateful = await stack.client.execute(
+        tid, "terminal_stateful", {"command": "true"}, allow_network=False
+    )
+    assert not stateful.success
+    assert "supported for terminal only" in stateful.error
+    await stack.client.release(tid, reset_workspace=True)
+    await _still_serving(stack.client, trajectory())
