@@ -27,6 +27,7 @@ from ._stateful import StatefulShell
 from ._tmux import TmuxError, TmuxState, run_tmux
 from ._validation import describe_validation_error
 
+_FILE_TOOLS = frozenset({"read_file", "write_file"})
 _SIGNAL_HINTS = {"SIGXCPU": ": CPU time limit", "SIGXFSZ": ": file size limit"}
 
 
@@ -55,7 +56,8 @@ class SlotTools:
         return cls(sandbox, StatefulShell(sandbox), make_offline)
 
     def sandbox_for(self, tool: str, allow_network: bool) -> Sandbox:
-        if allow_network or self.sandbox.network_isolated:
+        # The file tools never touch the network: any call may use them as it is.
+        if allow_network or self.sandbox.network_isolated or tool in _FILE_TOOLS:
             return self.sandbox
         if tool != "terminal":
             raise ToolFailure(

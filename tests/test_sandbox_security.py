@@ -220,7 +220,10 @@ async def test_a_call_can_ask_for_no_network_where_the_service_allows_it(
     tid = trajectory()
     port = nats_url.rsplit(":", 1)[1]
     probe = f"timeout 3 bash -c 'echo > /dev/tcp/127.0.0.1/{port}' && echo reached; ls"
-    await stack.client.execute(tid, "write_file", {"path": "shared.txt", "content": "x"})
+    wrote = await stack.client.execute(
+        tid, "write_file", {"path": "shared.txt", "content": "x"}, allow_network=False
+    )
+    assert wrote.success  # file tools need no network: the flag does not stop them
     offline = await stack.client.execute(tid, "terminal", {"command": probe}, allow_network=False)
     assert "reached" not in offline.output
     assert "shared.txt" in offline.output  # same workspace
