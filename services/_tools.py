@@ -238,34 +238,23 @@ class ToolRunner:
             "truncated": truncated,
         }
         if outcome.disk_full:
-            metadata["status"] = "disk_full"
-            metadata["error_kind"] = str(ErrorKindOfResult.DISK_LIMIT)
-            return ToolResult(
-                success=False,
-                output=output,
-                error="Stopped: the disk under the workspaces is nearly full",
-                metadata=metadata,
-            )
-        if outcome.timed_out:
-            metadata["status"] = "timeout"
-            metadata["error_kind"] = str(ErrorKindOfResult.TIMEOUT)
-            return ToolResult(
-                success=False,
-                output=output,
-                error=f"Command timed out after {timeout_s:g}s",
-                metadata=metadata,
-            )
-        if outcome.exit_code != 0:
-            metadata["status"] = "exit"
-            metadata["error_kind"] = str(ErrorKindOfResult.EXIT)
+            status, kind = "disk_full", ErrorKindOfResult.DISK_LIMIT
+            error = "Stopped: the disk under the workspaces is nearly full"
+        elif outcome.timed_out:
+            status, kind = "timeout", ErrorKindOfResult.TIMEOUT
+            error = f"Command timed out after {timeout_s:g}s"
+        elif outcome.exit_code != 0:
+            status, kind = "exit", ErrorKindOfResult.EXIT
             error = f"Exit code: {outcome.exit_code}"
             if outcome.exit_code is not None and outcome.exit_code < 0:
                 name = signal.Signals(-outcome.exit_code).name
                 metadata["signal"] = name
                 error += f" (killed by {name}{_SIGNAL_HINTS.get(name, '')})"
-            return ToolResult(success=False, output=output, error=error, metadata=metadata)
-        metadata["status"] = "ok"
-        return ToolResult(success=True, output=output, metadata=metadata)
+        else:
+            metadata["status"] = "ok"
+            return ToolResult(success=True, output=output, metadata=metadata)
+        metadata.update(status=status, error_kind=str(kind))
+        return ToolResult(success=False, output=output, error=error, metadata=metadata)
 
     def _read_file(self, args: ReadFileArgs, workspace: Path) -> ToolResult:
         path = resolve_in_workspace(workspace, args.path)
