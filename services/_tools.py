@@ -31,6 +31,13 @@ _FILE_TOOLS = frozenset({"read_file", "write_file"})
 _SIGNAL_HINTS = {"SIGXCPU": ": CPU time limit", "SIGXFSZ": ": file size limit"}
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # real-time and other unnamed signals
+        return f"signal {number}"
+
+
 class ToolFailure(Exception):
     """The tool refused or failed; becomes ``success: false`` for the model to read."""
 
@@ -247,7 +254,7 @@ class ToolRunner:
             status, kind = "exit", ErrorKindOfResult.EXIT
             error = f"Exit code: {outcome.exit_code}"
             if outcome.exit_code is not None and outcome.exit_code < 0:
-                name = signal.Signals(-outcome.exit_code).name
+                name = _signal_name(-outcome.exit_code)
                 metadata["signal"] = name
                 error += f" (killed by {name}{_SIGNAL_HINTS.get(name, '')})"
         else:

@@ -53,6 +53,19 @@ async def test_write_read_and_workspace_affinity(
     }
 
 
+async def test_a_command_killed_by_a_signal_names_it(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    killed = await stack.client.execute(tid, "terminal", {"command": "kill -TERM $$"})
+    assert killed.error == "Exit code: -15 (killed by SIGTERM)"
+    assert killed.metadata["signal"] == "SIGTERM"
+    unnamed = await stack.client.execute(tid, "terminal", {"command": "kill -40 $$"})
+    assert unnamed.error == "Exit code: -40 (killed by signal 40)"
+    assert unnamed.metadata["error_kind"] == "exit"
+
+
 async def test_timeout_kills_the_command_and_keeps_output(
     make_stack: StackFactory, trajectory: Callable[[], str]
 ) -> None:
