@@ -24,10 +24,21 @@ DEFAULT_READY_TIMEOUT_S = 30.0
 
 
 class LocalWorkers:
-    def __init__(self, *, count: int, env: Mapping[str, str], python: str = sys.executable) -> None:
+    """``count`` worker processes; ``env_for(k)`` adds variables for the k-th one started."""
+
+    def __init__(
+        self,
+        *,
+        count: int,
+        env: Mapping[str, str],
+        env_for: Callable[[int], Mapping[str, str]] | None = None,
+        python: str = sys.executable,
+    ) -> None:
         self._count = count
         self._env = dict(env)
+        self._env_for = env_for
         self._python = python
+        self._started = 0
         self._processes: dict[str, asyncio.subprocess.Process] = {}
 
     @property
@@ -45,7 +56,9 @@ class LocalWorkers:
 
     async def start_worker(self) -> str:
         worker_id = f"local-{uuid.uuid4().hex[:8]}"
-        env = {**self._env, "TOOLBUS_WORKER_ID": worker_id}
+        extra = self._env_for(self._started) if self._env_for is not None else {}
+        self._started += 1
+        env = {**self._env, **extra, "TOOLBUS_WORKER_ID": worker_id}
         try:
             process = await asyncio.create_subprocess_exec(
                 self._python,

@@ -599,7 +599,11 @@ class SandboxFactory:
         """How ``max_processes`` is enforced, for the startup log."""
         if self._cgroups is not None:
             return "pids cgroup per slot"
-        return "RLIMIT_NPROC (per user; not enforced for root)"
+        if self.owner(0) is not None:
+            return "RLIMIT_NPROC of each slot's own user"
+        if os.geteuid() == 0:
+            return "none (RLIMIT_NPROC does not bind root; give the worker a pids cgroup)"
+        return "RLIMIT_NPROC of the worker's user (shared by its slots)"
 
     @property
     def sandboxed(self) -> bool:

@@ -17,6 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from ._diskguard import DiskGuard
 from ._process import BoundedReader, CommandOutcome
 from ._sandbox import RunningCommand, Sandbox
 
@@ -72,7 +73,12 @@ class StatefulShell:
         self._shell: RunningCommand | None = None
 
     async def run(
-        self, command: str, *, timeout_s: float, max_output_chars: int
+        self,
+        command: str,
+        *,
+        timeout_s: float,
+        max_output_chars: int,
+        disk_guard: DiskGuard | None = None,
     ) -> StatefulOutcome:
         started = time.monotonic()
         new_shell = self._shell is None
@@ -92,15 +98,18 @@ class StatefulShell:
         )
         err = _MarkedReader(max_output_chars, re.compile(re.escape(_MARKER + nonce) + rb";"))
         timed_out = False
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(
-                    out.drain_until_marker(shell.stdout), err.drain_until_marker(shell.stderr)
-                ),
-                timeout_s,
-            )
-        except TimeoutError:
-            timed_out = True
+        # The guard kills the whole shell: the drain then ends at EOF without a marker.
+        guard = disk_guard.watch(shell) if disk_guard else contextlib.nullcontext([False])
+        with guard as disk_full:
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(
+                        out.drain_until_marker(shell.stdout), err.drain_until_marker(shell.stderr)
+                    ),
+                    timeout_s,
+                )
+            except TimeoutError:
+                timed_out = True
         exit_code: int | None
         if out.match is not None and not timed_out:
             exit_code = int(out.match.group(1))
@@ -117,6 +126,7 @@ class StatefulShell:
                 stderr=err.capture(),
                 timed_out=timed_out,
                 duration_s=time.monotonic() - started,
+                disk_full=disk_full[0],
             ),
             new_shell=new_shell,
             shell_ended=shell_ended,

@@ -217,12 +217,20 @@ class ToolRunner:
         self, args: StatefulTerminalArgs, shell: StatefulShell, timeout_s: float
     ) -> ToolResult:
         stateful = await shell.run(
-            args.command, timeout_s=timeout_s, max_output_chars=self._limits.max_output_chars
+            args.command,
+            timeout_s=timeout_s,
+            max_output_chars=self._limits.max_output_chars,
+            disk_guard=self._disk_guard,
         )
         result = self._terminal_result(stateful.outcome, timeout_s)
         result.metadata.update(new_shell=stateful.new_shell, shell_restarted=stateful.shell_ended)
         if stateful.shell_ended:
-            reason = "timed out" if stateful.outcome.timed_out else "ended the shell"
+            if stateful.outcome.disk_full:
+                reason = "was stopped with its shell"
+            elif stateful.outcome.timed_out:
+                reason = "timed out"
+            else:
+                reason = "ended the shell"
             note = (
                 f"The command {reason}; the next call starts a new shell "
                 "(cwd, variables and functions are reset)."

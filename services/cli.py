@@ -94,6 +94,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _worker_uid_range(settings: Settings, k: int) -> dict[str, str]:
+    """The k-th local worker's sandbox users follow the previous worker's, so no two slots on
+    this host share a uid (and with it RLIMIT_NPROC and file ownership)."""
+    if settings.sandbox_uid_base == 0:
+        return {}
+    return {"TOOLBUS_SANDBOX_UID_BASE": str(settings.sandbox_uid_base + k * settings.slots)}
+
+
 def _nats_url(settings: Settings) -> str:
     return settings.nats_url or f"nats://{settings.host}:{settings.port}"
 
@@ -161,7 +169,11 @@ async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None =
         workers = None
         if settings.backend == "local" and settings.workers > 0:
             workers = await stack.enter_async_context(
-                LocalWorkers(count=settings.workers, env=settings_env(settings))
+                LocalWorkers(
+                    count=settings.workers,
+                    env=settings_env(settings),
+                    env_for=lambda k: _worker_uid_range(settings, k),
+                )
             )
         executor = await stack.enter_async_context(
             ExecutorService(nc, ExecutorConfig.from_settings(settings))

@@ -264,6 +264,11 @@ class Settings(BaseSettings):
         validation_alias=_env("min_free_disk_mb"),
         description="Running commands are stopped when the workspaces' disk has less free.",
     )
+    pids_cgroup: bool = Field(
+        default=True,
+        validation_alias=_env("pids_cgroup"),
+        description="Put each slot in a pids cgroup (v1, or delegated v2) when the host allows.",
+    )
     sandbox_uid_base: int = Field(
         default=DEFAULT_SANDBOX_UID_BASE,
         ge=0,

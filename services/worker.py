@@ -45,7 +45,7 @@ from schemas.internal import (
 from schemas.messages import ErrorKindOfResult, ToolResult
 from schemas.subjects import WORKERS_BUCKET, Subjects
 
-from ._cgroups import PidsCgroups
+from ._cgroups import CgroupProbe, PidsCgroups
 from ._diskguard import DiskGuard
 from ._kv import open_bucket
 from ._sandbox import SandboxFactory, SandboxLimits
@@ -83,6 +83,7 @@ class WorkerConfig:
     limits: SandboxLimits = SandboxLimits()
     sandbox_uid_base: int = DEFAULT_SANDBOX_UID_BASE
     min_free_disk_mb: int = DEFAULT_MIN_FREE_DISK_MB
+    pids_cgroup: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str) -> WorkerConfig:
@@ -105,6 +106,7 @@ class WorkerConfig:
             ),
             sandbox_uid_base=settings.sandbox_uid_base,
             min_free_disk_mb=settings.min_free_disk_mb,
+            pids_cgroup=settings.pids_cgroup,
         )
 
 
@@ -130,7 +132,12 @@ class SandboxWorker:
             ),
             disk_guard=self._disk_guard,
         )
-        self._cgroups = PidsCgroups.create(config.worker_id)
+        self._cgroup_probe = (
+            PidsCgroups.create(config.worker_id)
+            if config.pids_cgroup
+            else CgroupProbe(None, "pids_cgroup is off")
+        )
+        self._cgroups = self._cgroup_probe.cgroups
         self._sandboxes = SandboxFactory(
             allow_network=config.allow_network,
             require_sandbox=config.require_sandbox,
@@ -220,6 +227,7 @@ class SandboxWorker:
             sandboxed=self._sandboxes.sandboxed,
             network_isolated=self._sandboxes.sandboxed and not self._config.allow_network,
             process_limit=self._sandboxes.process_limit,
+            no_pids_cgroup_because=self._cgroup_probe.reason or None,
             runs_as=self._sandboxes.identity,
         )
         return self

@@ -20,7 +20,7 @@ async def test_a_fork_bomb_is_contained_and_the_worker_lives_on(
 ) -> None:
     stack = await make_stack(worker_options={"limits": TIGHT})
     worker = stack.workers[0]
-    if worker.process_limit != "pids cgroup per slot" and os.geteuid() == 0:
+    if worker.process_limit.startswith("none"):
         pytest.fail(
             "no writable pids cgroup and running as root: a fork bomb would not be contained "
             f"here ({worker.process_limit}); refusing to run it"
@@ -37,6 +37,28 @@ async def test_a_fork_bomb_is_contained_and_the_worker_lives_on(
         assert peak <= 64  # never more than max_processes at once
         assert int((cgroup / "pids.current").read_text()) <= 3  # bwrap, its init, the launcher
     await _still_serving(stack.client, tid)
+
+
+async def test_without_a_cgroup_the_slots_user_limit_contains_a_fork_bomb(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack(worker_options={"limits": TIGHT, "pids_cgroup": False})
+    worker = stack.workers[0]
+    if worker.process_limit.startswith("none"):
+        pytest.fail(f"a root worker without sandbox users has no process limit here: {worker}")
+    assert worker.process_limit.startswith("RLIMIT_NPROC")
+    tid = trajectory()
+    # A subshell starts 200 background sleeps (bash exits when a fork fails for good); then
+    # count what runs with builtins only: the sandbox's /proc shows only its own processes.
+    spawn = (
+        "(for i in $(seq 200); do sleep 5 >/dev/null & done) 2>/dev/null; "
+        "n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo running $n"
+    )
+    result = await stack.client.execute(tid, "terminal", {"command": spawn}, timeout_s=20)
+    assert "running" in result.output, result
+    assert 32 < int(result.output.split()[-1]) <= 64
+    await stack.client.release(tid, reset_workspace=True)  # ends the sleeps
+    await _still_serving(stack.client, trajectory())
 
 
 async def test_a_big_file_stops_at_the_file_size_limit(
@@ -104,4 +126,14 @@ async def test_a_disk_filling_loop_is_stopped(
     assert result.metadata["error_kind"] == "disk_limit"
     assert "finished" not in result.output
     await stack.client.release(tid, reset_workspace=True)  # gives the space back
+    await _still_serving(stack.client, trajectory())
+
+    # The same loop in the persistent shell: the shell is stopped and replaced.
+    tid = trajectory()
+    result = await stack.client.execute(tid, "terminal_stateful", {"command": fill}, timeout_s=120)
+    assert not result.success
+    assert result.metadata["status"] == "disk_full"
+    assert result.metadata["shell_restarted"] is True
+    assert "stopped with its shell" in (result.error or "")
+    await stack.client.release(tid, reset_workspace=True)
     await _still_serving(stack.client, trajectory())
