@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import errors, messages, tools
+from . import artifacts, errors, messages, tools
 
 SCHEMA_DIR = Path(__file__).parent / "json"
 
@@ -21,6 +21,11 @@ PUBLIC_MODELS: dict[str, type[BaseModel]] = {
     "status_reply": messages.StatusReply,
     "tool_list_reply": messages.ToolListReply,
     "error_body": errors.ErrorBody,
+    **{
+        f"artifact_{operation}_{role}": model
+        for operation, models in artifacts.ARTIFACT_OPERATIONS.items()
+        for role, model in zip(("request", "reply"), models, strict=True)
+    },
     **{f"tool_{name}_arguments": tool.args_model for name, tool in tools.BUILTIN_TOOLS.items()},
 }
 

@@ -58,7 +58,10 @@ class WorkerReleaseReply(BaseModel):
 class BatchItem(BaseModel):
     item_id: str
     trajectory_id: str
-    tool: str = Field(description="Canonical tool name (aliases resolved by the executor).")
+    tool: str = Field(
+        description="Canonical tool name (aliases resolved by the executor), or "
+        "'artifacts.<operation>'."
+    )
     arguments: dict[str, Any]
     timeout_s: float
     uniq_id: str | None = None
@@ -82,5 +85,8 @@ class BatchAck(BaseModel):
 
 
 class ItemResult(BaseModel):
+    """A tool call's ``result``, or an artifact operation's ``reply`` (its public shape)."""
+
     item_id: str
-    result: ToolResult
+    result: ToolResult | None = None
+    reply: dict[str, Any] | None = None

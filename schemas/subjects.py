@@ -42,6 +42,14 @@ class Subjects:
         """Index of the tool name among the dot-separated tokens of an execute subject."""
         return self.prefix.count(".") + 2
 
+    def artifacts(self, operation: str) -> str:
+        """``read``, ``list``, ``archive`` or ``upload``."""
+        return f"{self.prefix}.artifacts.{operation}"
+
+    @property
+    def artifacts_wildcard(self) -> str:
+        return f"{self.prefix}.artifacts.*"
+
     @property
     def release(self) -> str:
         return f"{self.prefix}.release"

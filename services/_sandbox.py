@@ -92,6 +92,8 @@ class RunningCommand(Protocol):
 
 class Sandbox(Protocol):
     workspace: Path  # the host directory
+    inner_workspace: str  # the workspace as commands see it
+    python: str  # a Python interpreter commands can run (stdlib only)
     owner: tuple[int, int] | None  # (uid, gid) its files must belong to; None: the worker's
     sandboxed: bool
     network_isolated: bool
@@ -100,8 +102,11 @@ class Sandbox(Protocol):
         """``bash -c command`` in the workspace."""
         ...
 
-    async def spawn(self, argv: list[str], *, stdin: bool = False) -> RunningCommand:
-        """Any program in the workspace, optionally with a pipe to its stdin."""
+    async def spawn(
+        self, argv: list[str], *, stdin: bool = False, stdin_fd: int | None = None
+    ) -> RunningCommand:
+        """Any program in the workspace; its stdin is a pipe (``stdin``), a copy of an open
+        file descriptor of the caller's (``stdin_fd``), or /dev/null."""
         ...
 
     async def reset(self) -> None:
@@ -142,6 +147,8 @@ class PlainSandbox:
 
     def __init__(self, workspace: Path, limits: SandboxLimits) -> None:
         self.workspace = workspace
+        self.inner_workspace = str(workspace)
+        self.python = sys.executable
         self.owner: tuple[int, int] | None = None
         self._rlimits = limits.rlimits()
         self._groups: set[int] = set()
@@ -149,14 +156,17 @@ class PlainSandbox:
     async def run(self, command: str) -> RunningCommand:
         return await self.spawn(["bash", "-c", command])
 
-    async def spawn(self, argv: list[str], *, stdin: bool = False) -> RunningCommand:
+    async def spawn(
+        self, argv: list[str], *, stdin: bool = False, stdin_fd: int | None = None
+    ) -> RunningCommand:
         rlimits = self._rlimits
+        stdin_source: int = asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL
         process = await asyncio.create_subprocess_exec(
             *argv,
             preexec_fn=lambda: apply_rlimits(rlimits),
             cwd=self.workspace,
             env={**_BASE_ENV, "HOME": str(self.workspace), "PWD": str(self.workspace)},
-            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdin=stdin_fd if stdin_fd is not None else stdin_source,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group, so a kill reaches its children
@@ -326,6 +336,8 @@ class BwrapSandbox:
         owner: tuple[int, int] | None = None,
     ) -> None:
         self.workspace = workspace
+        self.inner_workspace = SANDBOX_WORKSPACE
+        self.python = _sandbox_python().executable
         self.owner = owner  # (uid, gid) the sandbox runs as, when the worker is root
         self._options = options
         self._cgroup = cgroup
@@ -470,15 +482,19 @@ class BwrapSandbox:
     async def run(self, command: str) -> RunningCommand:
         return await self.spawn(["/bin/bash", "-c", command])
 
-    async def spawn(self, argv: list[str], *, stdin: bool = False) -> RunningCommand:
+    async def spawn(
+        self, argv: list[str], *, stdin: bool = False, stdin_fd: int | None = None
+    ) -> RunningCommand:
         try:
-            return await self._spawn(argv, stdin)
+            return await self._spawn(argv, stdin, stdin_fd)
         except _SandboxGone:
             # Its processes killed it (``kill -9 -1``) just before: start afresh, once.
             await self.reset()
-            return await self._spawn(argv, stdin)
+            return await self._spawn(argv, stdin, stdin_fd)
 
-    async def _spawn(self, argv: list[str], with_stdin: bool) -> RunningCommand:
+    async def _spawn(
+        self, argv: list[str], with_stdin: bool, stdin_fd: int | None
+    ) -> RunningCommand:
         sock = await self._ensure_started()
         call_id = next(self._call_ids)
         loop = asyncio.get_running_loop()
@@ -496,7 +512,9 @@ class BwrapSandbox:
             readers.append(reader)
             transports.append(transport)
         stdin: asyncio.WriteTransport | None = None
-        if with_stdin:
+        if stdin_fd is not None:
+            write_ends.append(os.dup(stdin_fd))  # sent as the command's stdin, closed here
+        elif with_stdin:
             read_end, write_end = os.pipe()
             write_ends.append(read_end)  # the sandbox's end: closed here once sent
             stdin, _ = await loop.connect_write_pipe(

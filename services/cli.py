@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, get_args, get_origin
 
 import nats
@@ -39,6 +40,7 @@ from .worker import SandboxWorker, WorkerConfig, new_worker_id
 log = structlog.get_logger("toolbus.cli")
 
 _CLIENT_FIELDS = ("nats_url", "host", "port", "prefix", "token", "log_level", "log_format")
+_ARTIFACT_CLIENT_FIELDS = (*_CLIENT_FIELDS, "artifacts_bucket")
 _CONNECT_DEADLINE_S = 15.0
 
 
@@ -229,7 +231,13 @@ async def _with_client(
 ) -> int:
     nc = await _connect(settings, "toolbus-cli", service=False)
     try:
-        return await action(ToolbusClient(nc, prefix=settings.prefix, token=settings.token))
+        client = ToolbusClient(
+            nc,
+            prefix=settings.prefix,
+            token=settings.token,
+            artifacts_bucket=settings.artifacts_bucket,
+        )
+        return await action(client)
     finally:
         await nc.drain()
 
@@ -307,6 +315,33 @@ async def run_status(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_client(settings, action)
 
 
+async def run_upload(settings: Settings, args: argparse.Namespace) -> int:
+    archive = Path(args.archive)
+    if not archive.is_file():
+        raise ToolbusError(f"no such file: {archive}")
+
+    async def action(client: ToolbusClient) -> int:
+        reply = await client.upload_archive(args.trajectory, archive, path=args.path)
+        print(reply.model_dump_json(indent=2))
+        return 0 if reply.success else 1
+
+    return await _with_client(settings, action)
+
+
+async def run_archive(settings: Settings, args: argparse.Namespace) -> int:
+    async def action(client: ToolbusClient) -> int:
+        reply = await client.archive_artifacts(args.trajectory, args.path, format=args.format)
+        print(reply.model_dump_json(indent=2))
+        if not reply.success or reply.object is None:
+            return 1
+        if args.output:
+            stored = await client.fetch_artifact(reply.object, Path(args.output))
+            print(f"wrote {stored.size} bytes to {args.output} (sha256 {stored.sha256})")
+        return 0
+
+    return await _with_client(settings, action)
+
+
 async def run_tools(settings: Settings, args: argparse.Namespace) -> int:
     async def action(client: ToolbusClient) -> int:
         print((await client.list_tools()).model_dump_json(indent=2))
@@ -352,6 +387,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     _add_settings_flags(status, _CLIENT_FIELDS)
 
+    upload = commands.add_parser(
+        "upload", help="unpack a tar or tar.gz archive into a trajectory's workspace"
+    )
+    upload.add_argument("archive", help="the archive file")
+    upload.add_argument("--trajectory", required=True)
+    upload.add_argument("--path", default=".", help="directory in the workspace (default .)")
+    _add_settings_flags(upload, _ARTIFACT_CLIENT_FIELDS)
+
+    archive = commands.add_parser(
+        "archive", help="archive a directory of a trajectory's workspace (and fetch it)"
+    )
+    archive.add_argument("path", nargs="?", default=".", help="directory in the workspace")
+    archive.add_argument("--trajectory", required=True)
+    archive.add_argument("--format", choices=["tar.gz", "tgz", "tar"], default="tar.gz")
+    archive.add_argument("-o", "--output", help="fetch the archive into this file")
+    _add_settings_flags(archive, _ARTIFACT_CLIENT_FIELDS)
+
     tools = commands.add_parser("tools", help="list the tools (OpenAI function format)")
     _add_settings_flags(tools, _CLIENT_FIELDS)
     return parser
@@ -373,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "release": lambda: run_release(settings, args),
         "status": lambda: run_status(settings, args),
         "tools": lambda: run_tools(settings, args),
+        "upload": lambda: run_upload(settings, args),
+        "archive": lambda: run_archive(settings, args),
     }
     try:
         code = asyncio.run(runners[args.command]())

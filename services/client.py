@@ -1,7 +1,11 @@
-"""Async Python client: ``execute``, ``release``, ``status`` and ``list_tools`` over NATS.
+"""Async Python client: tool calls, artifacts, release, status and the tool list over NATS.
 
     async with ToolbusClient.connect("nats://127.0.0.1:4222") as client:
+        archive = await client.put_archive(Path("task.tar.gz"))    # once, for many trajectories
+        await client.upload_archive("traj-1", archive)               # unpacked in its workspace
         result = await client.execute("traj-1", "terminal", {"command": "ls"})
+        packed = await client.archive_artifacts("traj-1", "results")
+        await client.fetch_artifact(packed.object, Path("results.tar.gz"))
 
 Service errors raise the classes of :mod:`services.exceptions` (``NotFound``, ``NoCapacity``, ...);
 a tool that ran and failed is a ``ToolResult`` with ``success=False``, not an exception.
@@ -9,9 +13,12 @@ a tool that ran and failed is a ``ToolResult`` with ``success=False``, not an ex
 
 from __future__ import annotations
 
+import io
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -19,6 +26,18 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
 
+from schemas.artifacts import (
+    ArchiveFormat,
+    ArtifactArchiveReply,
+    ArtifactArchiveRequest,
+    ArtifactListReply,
+    ArtifactListRequest,
+    ArtifactReadReply,
+    ArtifactReadRequest,
+    ArtifactUploadReply,
+    ArtifactUploadRequest,
+    ObjectRef,
+)
 from schemas.errors import ErrorBody
 from schemas.messages import (
     ExecuteRequest,
@@ -37,9 +56,15 @@ from schemas.subjects import (
     Subjects,
 )
 
+from ._objects import StoredObject, fetch_object, put_object
 from ._requests import nats_request
 from .exceptions import NoCapacity, RequestTimeout, ServiceError
-from .settings import DEFAULT_ACQUIRE_TIMEOUT_S, MAX_TIMEOUT_S
+from .settings import (
+    DEFAULT_ACQUIRE_TIMEOUT_S,
+    DEFAULT_ARTIFACT_TIMEOUT_S,
+    DEFAULT_ARTIFACTS_BUCKET,
+    MAX_TIMEOUT_S,
+)
 
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 # An execute waits for a slot, then for the command: allow both, plus transfer time.
@@ -57,8 +82,10 @@ class ToolbusClient:
         token: str | None = None,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         execute_margin_s: float = DEFAULT_EXECUTE_MARGIN_S,
+        artifacts_bucket: str = DEFAULT_ARTIFACTS_BUCKET,
     ) -> None:
         self._nc = nc
+        self._artifacts_bucket = artifacts_bucket
         self._subjects = Subjects(prefix=prefix)
         self._headers = {AUTHORIZATION_HEADER: f"Bearer {token}"} if token else None
         self._request_timeout_s = request_timeout_s
@@ -96,6 +123,127 @@ class ToolbusClient:
         )
         wait = (timeout_s or MAX_TIMEOUT_S) + self._execute_margin_s
         return await self._call(self._subjects.execute(tool), request, ToolResult, wait)
+
+    # -- artifacts ----------------------------------------------------------------------------
+    async def read_artifact(
+        self,
+        trajectory_id: str,
+        path: str,
+        *,
+        encoding: str = "text",
+        max_bytes: int | None = None,
+        include_sha256: bool = False,
+        timeout_s: float | None = None,
+    ) -> ArtifactReadReply:
+        """Small files come back in ``content``; large ones as ``object`` (see fetch_artifact)."""
+        request = ArtifactReadRequest.model_validate(
+            {
+                "trajectory_id": trajectory_id,
+                "path": path,
+                "encoding": encoding,
+                "max_bytes": max_bytes,
+                "include_sha256": include_sha256,
+                "timeout_s": timeout_s,
+            }
+        )
+        return await self._artifact_call("read", request, ArtifactReadReply, timeout_s)
+
+    async def list_artifacts(
+        self,
+        trajectory_id: str,
+        path: str = ".",
+        *,
+        recursive: bool = False,
+        max_entries: int | None = None,
+        timeout_s: float | None = None,
+    ) -> ArtifactListReply:
+        request = ArtifactListRequest(
+            trajectory_id=trajectory_id,
+            path=path,
+            recursive=recursive,
+            max_entries=max_entries,
+            timeout_s=timeout_s,
+        )
+        return await self._artifact_call("list", request, ArtifactListReply, timeout_s)
+
+    async def archive_artifacts(
+        self,
+        trajectory_id: str,
+        path: str = ".",
+        *,
+        format: ArchiveFormat = "tar.gz",
+        max_bytes: int | None = None,
+        max_entries: int | None = None,
+        timeout_s: float | None = None,
+    ) -> ArtifactArchiveReply:
+        """Archive a directory of the workspace into the Object Store; ``object`` says where."""
+        request = ArtifactArchiveRequest(
+            trajectory_id=trajectory_id,
+            path=path,
+            format=format,
+            max_bytes=max_bytes,
+            max_entries=max_entries,
+            timeout_s=timeout_s,
+        )
+        return await self._artifact_call("archive", request, ArtifactArchiveReply, timeout_s)
+
+    async def put_archive(
+        self, source: Path | bytes | BinaryIO, *, name: str | None = None
+    ) -> ObjectRef:
+        """Put a tar (or tar.gz) archive into the artifacts bucket, for ``upload_archive``.
+
+        One archive can be unpacked into any number of trajectories' workspaces.
+        """
+        if isinstance(source, bytes):
+            source = io.BytesIO(source)
+        name = name or f"uploads/{uuid.uuid4().hex}"
+        stored = await put_object(self._nc.jetstream(), self._artifacts_bucket, name, source)
+        return ObjectRef(
+            bucket=stored.bucket, name=stored.name, size=stored.size, sha256=stored.sha256
+        )
+
+    async def upload_archive(
+        self,
+        trajectory_id: str,
+        archive: ObjectRef | Path | bytes | BinaryIO,
+        *,
+        path: str = ".",
+        timeout_s: float | None = None,
+    ) -> ArtifactUploadReply:
+        """Unpack an archive into the trajectory's workspace (taking a slot if it has none)."""
+        ref = archive if isinstance(archive, ObjectRef) else await self.put_archive(archive)
+        request = ArtifactUploadRequest(
+            trajectory_id=trajectory_id,
+            name=ref.name,
+            bucket=ref.bucket,
+            path=path,
+            sha256=ref.sha256,
+            timeout_s=timeout_s,
+        )
+        return await self._artifact_call("upload", request, ArtifactUploadReply, timeout_s)
+
+    async def fetch_artifact(
+        self, ref: ObjectRef, destination: Path | BinaryIO, *, timeout_s: float | None = None
+    ) -> StoredObject:
+        """Stream an artifact from the Object Store to a file, checking its SHA-256.
+
+        Much faster than nats-py's ``ObjectStore.get`` for large objects; a failed fetch
+        leaves no partial file at a ``Path`` destination.
+        """
+        return await fetch_object(
+            self._nc.jetstream(),
+            ref.bucket,
+            ref.name,
+            destination,
+            expected_sha256=ref.sha256,
+            timeout_s=timeout_s or DEFAULT_ARTIFACT_TIMEOUT_S,
+        )
+
+    async def _artifact_call(
+        self, operation: str, request: BaseModel, reply_model: type[R], timeout_s: float | None
+    ) -> R:
+        wait = (timeout_s or DEFAULT_ARTIFACT_TIMEOUT_S) + self._execute_margin_s
+        return await self._call(self._subjects.artifacts(operation), request, reply_model, wait)
 
     async def release(self, trajectory_id: str, *, reset_workspace: bool = False) -> ReleaseReply:
         request = ReleaseRequest(trajectory_id=trajectory_id, reset_workspace=reset_workspace)

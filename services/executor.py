@@ -1,8 +1,8 @@
 """The executor service: validates calls, keeps trajectory leases, batches calls to workers.
 
-It listens on ``tools.execute.*``, ``tools.release``, ``tools.status`` and ``tools.list`` in
-queue group ``toolbus`` (so executors share the load) and answers ``$SRV.*`` discovery. Each
-request is handled in its own task: a slow call never blocks another.
+It listens on ``tools.execute.*``, ``tools.artifacts.*``, ``tools.release``, ``tools.status``
+and ``tools.list`` in queue group ``toolbus`` (so executors share the load) and answers
+``$SRV.*`` discovery. Each request is handled in its own task: a slow call never blocks another.
 
 Lifecycle (``async with ExecutorService(...)``): enter binds the KV buckets, watches workers and
 subscribes; exit stops accepting (unsubscribe), waits for calls in flight up to
@@ -27,6 +27,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.nuid import NUID
 
+from schemas.artifacts import ARTIFACT_OPERATIONS
 from schemas.errors import ErrorKind
 from schemas.internal import (
     AcquireReply,
@@ -79,6 +80,7 @@ from .exceptions import (
 )
 from .settings import (
     DEFAULT_ACQUIRE_TIMEOUT_S,
+    DEFAULT_ARTIFACT_TIMEOUT_S,
     DEFAULT_BATCH_WINDOW_MS,
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_SIZE,
@@ -112,6 +114,7 @@ class ExecutorConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     default_timeout_s: float = DEFAULT_TIMEOUT_S
     max_timeout_s: float = MAX_TIMEOUT_S
+    artifact_timeout_s: float = DEFAULT_ARTIFACT_TIMEOUT_S
     result_grace_s: float = DEFAULT_RESULT_GRACE_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
 
@@ -132,6 +135,7 @@ class ExecutorConfig:
             max_request_bytes=settings.max_request_bytes,
             default_timeout_s=settings.default_timeout_s,
             max_timeout_s=settings.max_timeout_s,
+            artifact_timeout_s=settings.artifact_timeout_s,
         )
 
 
@@ -168,7 +172,7 @@ class ExecutorService:
         self._nuid = NUID()
         self.executor_id = self._nuid.next().decode()
         self._results_subject = self._subjects.executor_results(self.executor_id)
-        self._results: dict[str, asyncio.Future[ToolResult]] = {}
+        self._results: dict[str, asyncio.Future[ItemResult]] = {}
         self._links: dict[str, WorkerLink] = {}
         self._acquiring: dict[str, asyncio.Task[Lease]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -186,6 +190,7 @@ class ExecutorService:
         s = self._subjects
         self._endpoints = {
             "execute": EndpointStats("execute", s.execute_wildcard, QUEUE_GROUP),
+            "artifacts": EndpointStats("artifacts", s.artifacts_wildcard, QUEUE_GROUP),
             "release": EndpointStats("release", s.release, QUEUE_GROUP),
             "status": EndpointStats("status", s.status, QUEUE_GROUP),
             "list": EndpointStats("list", s.list_tools, QUEUE_GROUP),
@@ -215,6 +220,7 @@ class ExecutorService:
         s = self._subjects
         for subject, name, handler in (
             (s.execute_wildcard, "execute", self._execute),
+            (s.artifacts_wildcard, "artifacts", self._artifacts),
             (s.release, "release", self._release),
             (s.status, "status", self._status),
             (s.list_tools, "list", self._list_tools),
@@ -362,11 +368,14 @@ class ExecutorService:
         """Run one call of a built-in tool in the trajectory's slot."""
         self.calls_in_flight += 1
         try:
-            return await self._dispatch(
+            done = await self._dispatch(
                 trajectory_id, tool, arguments, timeout_s, uniq_id, allow_network
             )
         finally:
             self.calls_in_flight -= 1
+        if isinstance(done, ToolResult):
+            return done
+        return done.result or _infra_failure("The worker's result was empty", uniq_id=uniq_id)
 
     async def _dispatch(
         self,
@@ -375,12 +384,21 @@ class ExecutorService:
         arguments: dict[str, Any],
         timeout_s: float,
         uniq_id: str | None,
-        allow_network: bool,
-    ) -> ToolResult:
+        allow_network: bool = True,
+        *,
+        acquire: bool = True,
+    ) -> ItemResult | ToolResult:
+        """The worker's answer, or an infra failure result when there was none.
+
+        ``acquire=False``: a trajectory without a slot gets NotFound instead of a new slot.
+        """
         stale: Lease | None = None
         for _ in range(_MAX_DISPATCH_ATTEMPTS):
             try:
-                lease = await self._lease(trajectory_id, stale=stale)
+                if acquire:
+                    lease = await self._lease(trajectory_id, stale=stale)
+                else:
+                    lease = await self._existing_lease(trajectory_id, stale=stale)
             except _WorkspaceLost as lost:
                 return _workspace_lost(lost.lease, uniq_id)
             item = BatchItem(
@@ -392,7 +410,7 @@ class ExecutorService:
                 uniq_id=uniq_id,
                 allow_network=allow_network,
             )
-            result_future: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
+            result_future: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
             self._results[item.item_id] = result_future
             try:
                 try:
@@ -445,9 +463,52 @@ class ExecutorService:
             return
         future = self._results.get(item.item_id)
         if future is not None and not future.done():
-            future.set_result(item.result)
+            future.set_result(item)
+
+    # -- tools.artifacts.* --------------------------------------------------------------------
+    async def _artifacts(self, msg: Msg) -> bytes:
+        operation = msg.subject.rsplit(".", 1)[-1]
+        models = ARTIFACT_OPERATIONS.get(operation)
+        if models is None:
+            raise NotFound(
+                f"Unknown artifact operation: {operation} "
+                f"(one of {', '.join(ARTIFACT_OPERATIONS)})",
+                kind=ErrorKind.UNKNOWN_TOOL,
+            )
+        request_model, reply_model = models
+        request = parse_request(request_model, msg.data, max_bytes=self._config.max_request_bytes)
+        fields = request.model_dump()
+        trajectory_id: str = fields.pop("trajectory_id")
+        requested = fields.pop("timeout_s")
+        timeout_s = min(max(requested or self._config.artifact_timeout_s, MIN_TIMEOUT_S), 3600.0)
+        tool = f"artifacts.{operation}"
+        with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool=tool):
+            # Only an upload may give a trajectory its first slot; the others need its files.
+            done = await self._dispatch(
+                trajectory_id, tool, fields, timeout_s, None, acquire=operation == "upload"
+            )
+            if isinstance(done, ItemResult) and done.reply is not None:
+                body = done.reply
+            else:  # no answer from the worker: an infra failure, in this operation's shape
+                failure = done if isinstance(done, ToolResult) else done.result
+                error = failure.error if failure is not None else None
+                body = {"success": False, "error": error or "The worker's reply was empty"}
+            log.debug("artifact operation answered", success=body.get("success"))
+        return reply_model.model_validate(body).model_dump_json().encode()
 
     # -- leases -------------------------------------------------------------------------------
+    async def _existing_lease(self, trajectory_id: str, *, stale: Lease | None) -> Lease:
+        """The trajectory's lease, if it has a live one; NotFound otherwise."""
+        assert self._registry is not None and self._leases is not None
+        cached = self._leases.cached(trajectory_id)
+        if cached is not None and cached != stale and self._registry.is_alive(cached.worker_id):
+            return cached
+        stored = await self._leases.get(trajectory_id)
+        lease = stored[0] if stored is not None else None
+        if lease is not None and lease != stale and self._registry.is_alive(lease.worker_id):
+            return lease
+        raise NotFound(f"No active slot for trajectory {trajectory_id!r}")
+
     async def _lease(self, trajectory_id: str, *, stale: Lease | None = None) -> Lease:
         """The trajectory's lease: cached, stored, or newly acquired (one acquire at a time)."""
         assert self._registry is not None and self._leases is not None

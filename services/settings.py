@@ -30,6 +30,12 @@ DEFAULT_MAX_OUTPUT_CHARS = 50_000
 DEFAULT_MAX_FILE_CHARS = 100_000
 DEFAULT_MAX_ARTIFACT_BYTES = 5_000_000
 DEFAULT_MAX_ARTIFACT_ENTRIES = 5_000
+DEFAULT_ARTIFACTS_BUCKET = "toolbus-artifacts"
+DEFAULT_ARTIFACTS_TTL_S = 24 * 3600.0
+DEFAULT_ARTIFACT_INLINE_BYTES = 256 * 1024  # larger reads go to the Object Store
+DEFAULT_ARTIFACT_TIMEOUT_S = 300.0
+DEFAULT_MAX_UPLOAD_MB = 1024
+DEFAULT_MAX_UPLOAD_ENTRIES = 200_000
 DEFAULT_MAX_REQUEST_BYTES = 256 * 1024
 DEFAULT_MAX_PENDING_CALLS = 10_000
 DEFAULT_HEARTBEAT_S = 2.0
@@ -302,9 +308,42 @@ class Settings(BaseSettings):
         description="Most entries an artifact list or archive holds.",
     )
     artifacts_bucket: str = Field(
-        default="toolbus-artifacts",
+        default=DEFAULT_ARTIFACTS_BUCKET,
+        pattern=r"^[A-Za-z0-9_-]+$",
         validation_alias=_env("artifacts_bucket"),
-        description="JetStream Object Store bucket for artifacts.",
+        description="JetStream Object Store bucket for artifacts (created when missing).",
+    )
+    artifacts_ttl_s: float = Field(
+        default=DEFAULT_ARTIFACTS_TTL_S,
+        ge=0,
+        validation_alias=_env("artifacts_ttl_s"),
+        description="How long the bucket keeps an artifact, when toolbus creates it (0: forever).",
+    )
+    artifact_inline_bytes: int = Field(
+        default=DEFAULT_ARTIFACT_INLINE_BYTES,
+        ge=0,
+        le=512 * 1024,
+        validation_alias=_env("artifact_inline_bytes"),
+        description="Artifact reads up to this size come back in the reply; larger ones go to "
+        "the Object Store.",
+    )
+    artifact_timeout_s: float = Field(
+        default=DEFAULT_ARTIFACT_TIMEOUT_S,
+        gt=0,
+        validation_alias=_env("artifact_timeout_s"),
+        description="Longest an artifact read, list, archive or upload may take.",
+    )
+    max_upload_mb: int = Field(
+        default=DEFAULT_MAX_UPLOAD_MB,
+        ge=1,
+        validation_alias=_env("max_upload_mb"),
+        description="Largest upload: the archive and what it unpacks to, each, in MiB.",
+    )
+    max_upload_entries: int = Field(
+        default=DEFAULT_MAX_UPLOAD_ENTRIES,
+        ge=1,
+        validation_alias=_env("max_upload_entries"),
+        description="Most entries an uploaded archive may unpack.",
     )
     tool_server_url: str | None = Field(
         default=None,

@@ -45,12 +45,15 @@ from schemas.internal import (
 from schemas.messages import ErrorKindOfResult, ToolResult
 from schemas.subjects import WORKERS_BUCKET, Subjects
 
+from ._artifacts import ArtifactLimits, ArtifactRunner
 from ._cgroups import CgroupProbe, PidsCgroups
 from ._diskguard import DiskGuard
 from ._kv import open_bucket
 from ._sandbox import SandboxFactory, SandboxLimits
 from ._tools import SlotTools, ToolLimits, ToolRunner
 from .settings import (
+    DEFAULT_ARTIFACTS_BUCKET,
+    DEFAULT_ARTIFACTS_TTL_S,
     DEFAULT_HEARTBEAT_S,
     DEFAULT_MAX_FILE_CHARS,
     DEFAULT_MAX_OUTPUT_CHARS,
@@ -62,6 +65,7 @@ from .settings import (
 log = structlog.get_logger("toolbus.worker")
 
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
+_ARTIFACTS = "artifacts."  # batch items of artifact operations, e.g. "artifacts.read"
 
 
 def new_worker_id() -> str:
@@ -84,6 +88,9 @@ class WorkerConfig:
     sandbox_uid_base: int = DEFAULT_SANDBOX_UID_BASE
     min_free_disk_mb: int = DEFAULT_MIN_FREE_DISK_MB
     pids_cgroup: bool = True
+    artifacts_bucket: str = DEFAULT_ARTIFACTS_BUCKET
+    artifacts_ttl_s: float = DEFAULT_ARTIFACTS_TTL_S
+    artifact_limits: ArtifactLimits = ArtifactLimits()
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str) -> WorkerConfig:
@@ -107,6 +114,15 @@ class WorkerConfig:
             sandbox_uid_base=settings.sandbox_uid_base,
             min_free_disk_mb=settings.min_free_disk_mb,
             pids_cgroup=settings.pids_cgroup,
+            artifacts_bucket=settings.artifacts_bucket,
+            artifacts_ttl_s=settings.artifacts_ttl_s,
+            artifact_limits=ArtifactLimits(
+                max_bytes=settings.max_artifact_bytes,
+                max_entries=settings.max_artifact_entries,
+                inline_bytes=settings.artifact_inline_bytes,
+                max_upload_bytes=settings.max_upload_mb * 1024 * 1024,
+                max_upload_entries=settings.max_upload_entries,
+            ),
         )
 
 
@@ -144,6 +160,13 @@ class SandboxWorker:
             limits=config.limits,
             cgroups=self._cgroups,
             uid_base=config.sandbox_uid_base,
+        )
+        self._artifacts = ArtifactRunner(
+            nc.jetstream(),
+            scratch=config.workspace_root / ".scratch",
+            bucket=config.artifacts_bucket,
+            ttl_s=config.artifacts_ttl_s,
+            limits=config.artifact_limits,
         )
         self._slots: list[_Slot] = []
         self._by_trajectory: dict[str, _Slot] = {}
@@ -208,6 +231,7 @@ class SandboxWorker:
         self._registry = await open_bucket(
             self._nc.jetstream(), WORKERS_BUCKET, description="toolbus sandbox workers"
         )
+        await self._artifacts.start()
         wid = self.worker_id
         for subject, handler in (
             (self._subjects.worker_batch(wid), self._on_batch),
@@ -369,6 +393,10 @@ class SandboxWorker:
         ):
             try:
                 async with slot.lock:
+                    if item.tool.startswith(_ARTIFACTS):
+                        reply = await self._run_artifact_operation(slot, item)
+                        await self._publish(reply_to, ItemResult(item_id=item.item_id, reply=reply))
+                        return
                     result = await self._runner.run(
                         item.tool,
                         item.arguments,
@@ -393,14 +421,32 @@ class SandboxWorker:
                 )
             await self._publish_result(item, result, reply_to, slot)
 
+    async def _run_artifact_operation(self, slot: _Slot, item: BatchItem) -> dict[str, Any]:
+        operation = item.tool.removeprefix(_ARTIFACTS)
+        try:
+            async with asyncio.timeout(item.timeout_s):
+                reply = await self._artifacts.run(
+                    operation, item.arguments, slot.tools.sandbox, item.trajectory_id
+                )
+        except TimeoutError:
+            reply = {
+                "success": False,
+                "error": f"artifact {operation} timed out after {item.timeout_s:g}s",
+            }
+        log.debug("artifact operation done", success=reply.get("success"), slot=slot.index)
+        return reply
+
     async def _publish_result(
         self, item: BatchItem, result: ToolResult, reply_to: str, slot: _Slot
     ) -> None:
         result.uniq_id = item.uniq_id
         result.metadata.update(worker_id=self.worker_id, slot=slot.index)
-        self.calls_completed += 1
         log.debug("call done", success=result.success, slot=slot.index)
-        payload = ItemResult(item_id=item.item_id, result=result).model_dump_json().encode()
+        await self._publish(reply_to, ItemResult(item_id=item.item_id, result=result))
+
+    async def _publish(self, reply_to: str, item_result: ItemResult) -> None:
+        self.calls_completed += 1
+        payload = item_result.model_dump_json().encode()
         with contextlib.suppress(Exception):  # the executor may be gone; nothing to tell
             await self._nc.publish(reply_to, payload)
 

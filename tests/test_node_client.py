@@ -6,9 +6,11 @@ Node.js and npm are test prerequisites, like nats-server: the test fails, not sk
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from schemas.artifacts import ObjectRef
 from services.exceptions import NotFound
 from tests.conftest import StackFactory
 
@@ -128,7 +131,14 @@ async def test_node_client_speaks_the_wire_contract(
     assert summary["ok"] is True, output
     assert summary["trajectory_id"] == tid, output
     checks = summary["checks"]
-    assert set(checks) == {"terminal", "write_read", "unknown_tool", "release", "ping"}, output
+    assert set(checks) == {
+        "terminal",
+        "write_read",
+        "archive_fetch",
+        "unknown_tool",
+        "release",
+        "ping",
+    }, output
 
     terminal_lines = checks["terminal"]["output"].splitlines()
     assert terminal_lines[0] == "hello-from-node", output
@@ -140,6 +150,17 @@ async def test_node_client_speaks_the_wire_contract(
         "error": "unknown_tool",
         "header": "Unknown tool: no_such_tool",
     }, output
+    fetched = checks["archive_fetch"]
+    assert fetched["fetched_sha256"] == fetched["sha256"], output
+    # The same object, fetched by the Python client, holds what the Node client made.
+    archive = io.BytesIO()
+    await stack.client.fetch_artifact(ObjectRef.model_validate(fetched), archive)
+    with tarfile.open(fileobj=io.BytesIO(archive.getvalue())) as tar:
+        names = set(tar.getnames())
+        blob = tar.extractfile("deep/er/blob.bin")
+        assert blob is not None and len(blob.read()) == 300_000
+    assert {"deep", "deep/er", "deep/hi.txt", "empty"} <= names, output
+    assert fetched["entry_count"] == len(names), output
     assert checks["release"]["status"] == "ok", output
     assert checks["ping"]["name"] == "toolbus", output
     assert checks["ping"]["id"] in {executor.executor_id for executor in stack.executors}, output

@@ -178,6 +178,7 @@ async def test_service_discovery_reports_true_counts(
     assert info["type"] == "io.nats.micro.v1.info_response"
     assert [e["subject"] for e in info["endpoints"]] == [
         "tools.execute.*",
+        "tools.artifacts.*",
         "tools.release",
         "tools.status",
         "tools.list",

@@ -7,6 +7,7 @@
 // "FAIL: ..." to stderr and exits 1. Only the public contract is used (schemas/messages.py,
 // schemas/errors.py, schemas/subjects.py): no toolbus client library.
 
+import { createHash } from "node:crypto";
 import { connect, ErrorCode } from "nats";
 
 const url = process.argv[2] || process.env.NATS_URL;
@@ -126,6 +127,56 @@ async function checkWriteRead(nc) {
   return { path, bytes: encoder.encode(content).length };
 }
 
+// Archive part of the workspace through toolbus, then fetch the archive with nats.js's own
+// Object Store API and check its size and SHA-256 against the reference in the reply.
+async function checkArchiveFetch(nc) {
+  const made = await call(nc, "tools.execute.terminal", {
+    trajectory_id: trajectoryId,
+    tool: {
+      name: "terminal",
+      arguments: {
+        command:
+          "mkdir -p node/deep/er node/empty && head -c 300000 /dev/urandom > node/deep/er/blob.bin" +
+          " && echo hi > node/deep/hi.txt",
+      },
+    },
+  });
+  check(made.success === true, `archive setup: ${show(made)}`);
+  const listed = await call(nc, "tools.artifacts.list", {
+    trajectory_id: trajectoryId,
+    path: "node",
+    recursive: true,
+  });
+  check(listed.success === true, `artifacts.list: ${show(listed)}`);
+  const paths = listed.entries.map((entry) => entry.path);
+  check(paths.includes("node/deep/er/blob.bin"), `artifacts.list: no blob.bin in ${show(paths)}`);
+
+  const reply = await call(nc, "tools.artifacts.archive", {
+    trajectory_id: trajectoryId,
+    path: "node",
+    format: "tar.gz",
+  });
+  check(reply.success === true, `artifacts.archive: ${show(reply)}`);
+  const ref = reply.object;
+  check(ref && ref.bucket && ref.name, `artifacts.archive: no object reference: ${show(reply)}`);
+
+  const store = await nc.jetstream().views.os(ref.bucket);
+  const result = await store.get(ref.name);
+  check(result !== null, `object store: no object ${show(ref.name)} in ${show(ref.bucket)}`);
+  const hash = createHash("sha256");
+  let size = 0;
+  for await (const chunk of result.data) {
+    hash.update(chunk);
+    size += chunk.length;
+  }
+  const failure = await result.error;
+  check(!failure, `object store: reading ${show(ref.name)} failed: ${failure}`);
+  const sha256 = hash.digest("hex");
+  check(size === ref.size, `object store: ${size} bytes, the reply said ${ref.size}`);
+  check(sha256 === ref.sha256, `object store: sha256 ${sha256}, the reply said ${ref.sha256}`);
+  return { ...ref, fetched_sha256: sha256, entry_count: reply.entry_count, listed: paths.length };
+}
+
 async function checkUnknownTool(nc) {
   const subject = "tools.execute.no_such_tool";
   const msg = await request(nc, subject, {
@@ -184,6 +235,7 @@ async function main() {
     const summary = { ok: true, nats: "nats.js", trajectory_id: trajectoryId, checks: {} };
     summary.checks.terminal = await checkTerminal(nc);
     summary.checks.write_read = await checkWriteRead(nc);
+    summary.checks.archive_fetch = await checkArchiveFetch(nc);
     summary.checks.unknown_tool = await checkUnknownTool(nc);
     summary.checks.release = await checkRelease(nc);
     summary.checks.ping = await checkPing(nc);

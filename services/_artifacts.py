@@ -1,0 +1,384 @@
+"""Artifact operations of a sandbox worker: read, list, archive, upload.
+
+The worker never touches a workspace's files itself for these: a process the agent left running
+could swap a path for a symlink to a host file between a check and its use. Each operation runs
+``_artifact_helper.py`` inside the slot's sandbox, as the slot's user, so it can reach nothing the
+agent's own commands could not. The worker moves the bytes: small reads come back inline, large
+ones and every archive go to the Object Store, and an upload is fetched from it into a scratch
+file that the helper reads as its stdin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, ObjectDeletedError, ObjectNotFoundError
+
+from schemas.artifacts import (
+    ArtifactArchiveReply,
+    ArtifactArchiveRequest,
+    ArtifactListReply,
+    ArtifactListRequest,
+    ArtifactReadReply,
+    ArtifactReadRequest,
+    ArtifactUploadReply,
+    ArtifactUploadRequest,
+    ObjectRef,
+)
+
+from ._objects import (
+    ObjectCorrupt,
+    ObjectNotFound,
+    StoredObject,
+    fetch_object,
+    open_object_store,
+    put_object,
+)
+from ._sandbox import SANDBOX_WORKSPACE, Sandbox, SandboxError
+from .settings import (
+    DEFAULT_ARTIFACT_INLINE_BYTES,
+    DEFAULT_ARTIFACTS_BUCKET,
+    DEFAULT_ARTIFACTS_TTL_S,
+    DEFAULT_MAX_ARTIFACT_BYTES,
+    DEFAULT_MAX_ARTIFACT_ENTRIES,
+    DEFAULT_MAX_UPLOAD_ENTRIES,
+    DEFAULT_MAX_UPLOAD_MB,
+)
+
+log = structlog.get_logger("toolbus.artifacts")
+
+_HELPER_SOURCE = Path(__file__).with_name("_artifact_helper.py").read_text()
+_MAX_REPLY_BYTES = 900 * 1024  # a reply travels as one NATS message (default max_payload 1 MiB)
+_MAX_HELPER_STDERR = 64 * 1024
+_READ_CHUNK = 1 << 16
+# Bounds of what an archive may add to its file bytes: per entry a header, a PAX header for a
+# long or non-ASCII name (up to 4 KiB) and padding; at the end, tar's minimum size.
+_ARCHIVE_OVERHEAD_PER_ENTRY = 6 * 1024
+_ARCHIVE_OVERHEAD = 10 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArtifactLimits:
+    max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    max_entries: int = DEFAULT_MAX_ARTIFACT_ENTRIES
+    inline_bytes: int = DEFAULT_ARTIFACT_INLINE_BYTES
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
+    max_upload_entries: int = DEFAULT_MAX_UPLOAD_ENTRIES
+
+
+class ArtifactFailure(Exception):
+    """The operation ran and failed; the message is for the caller."""
+
+
+class ArtifactRunner:
+    """Runs artifact operations in slots' sandboxes; knows nothing of slots or leases."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        scratch: Path,
+        bucket: str = DEFAULT_ARTIFACTS_BUCKET,
+        ttl_s: float = DEFAULT_ARTIFACTS_TTL_S,
+        limits: ArtifactLimits = ArtifactLimits(),
+    ) -> None:
+        self._js = js
+        self._scratch = scratch
+        self._bucket = bucket
+        self._ttl_s = ttl_s
+        self._limits = limits
+
+    async def start(self) -> None:
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        self._scratch.chmod(0o700)
+        await open_object_store(
+            self._js, self._bucket, ttl_s=self._ttl_s or None, description="toolbus artifacts"
+        )
+
+    async def run(
+        self, operation: str, arguments: dict[str, Any], sandbox: Sandbox, trajectory_id: str
+    ) -> dict[str, Any]:
+        """The operation's public reply (``success: false`` and ``error`` when it failed).
+
+        The caller bounds the time: on cancellation the helper is killed.
+        """
+        try:
+            if operation == "read":
+                return await self._read(
+                    ArtifactReadRequest.model_validate(
+                        {"trajectory_id": trajectory_id, **arguments}
+                    ),
+                    sandbox,
+                )
+            if operation == "list":
+                return await self._list(
+                    ArtifactListRequest.model_validate(
+                        {"trajectory_id": trajectory_id, **arguments}
+                    ),
+                    sandbox,
+                )
+            if operation == "archive":
+                return await self._archive(
+                    ArtifactArchiveRequest.model_validate(
+                        {"trajectory_id": trajectory_id, **arguments}
+                    ),
+                    sandbox,
+                )
+            if operation == "upload":
+                return await self._upload(
+                    ArtifactUploadRequest.model_validate(
+                        {"trajectory_id": trajectory_id, **arguments}
+                    ),
+                    sandbox,
+                )
+            raise ArtifactFailure(f"Unknown artifact operation: {operation}")
+        except (ArtifactFailure, ObjectNotFound, ObjectCorrupt) as exc:
+            return {"success": False, "error": str(exc)}
+        except SandboxError as exc:
+            return {"success": False, "error": f"Sandbox failure: {exc}"}
+
+    # -- operations ---------------------------------------------------------------------------
+    async def _read(self, request: ArtifactReadRequest, sandbox: Sandbox) -> dict[str, Any]:
+        max_bytes = min(request.max_bytes or self._limits.max_bytes, self._limits.max_bytes)
+        digest = hashlib.sha256()
+        with tempfile.SpooledTemporaryFile(
+            max_size=self._limits.inline_bytes, mode="w+b", dir=str(self._scratch)
+        ) as spool:
+
+            def keep(chunk: bytes) -> None:
+                spool.write(chunk)
+                digest.update(chunk)
+
+            summary = await self._helper(
+                sandbox,
+                "read",
+                {"path": _inside(request.path), "max_bytes": max_bytes},
+                sink=keep,
+                max_output=max_bytes,
+            )
+            size = int(summary["bytes"])
+            reply = ArtifactReadReply(
+                success=True,
+                encoding=request.encoding,
+                truncated=bool(summary["truncated"]),
+                bytes=size,
+                file_size=int(summary["file_size"]),
+                path=str(summary["path"]),
+                mime=summary.get("mime"),
+                sha256=digest.hexdigest() if request.include_sha256 else None,
+            )
+            spool.seek(0)
+            if size <= self._limits.inline_bytes:
+                data = spool.read()
+                reply.content = (
+                    data.decode("utf-8", errors="replace")
+                    if request.encoding == "text"
+                    else base64.b64encode(data).decode()
+                )
+            else:
+                name = _object_name(request.trajectory_id, "read", Path(reply.path or "").name)
+                reply.object = _ref(await put_object(self._js, self._bucket, name, spool))
+                reply.sha256 = reply.object.sha256
+        return reply.model_dump(mode="json")
+
+    async def _list(self, request: ArtifactListRequest, sandbox: Sandbox) -> dict[str, Any]:
+        max_entries = min(request.max_entries or self._limits.max_entries, self._limits.max_entries)
+        listing = bytearray()
+        summary = await self._helper(
+            sandbox,
+            "list",
+            {
+                "path": _inside(request.path),
+                "recursive": request.recursive,
+                "max_entries": max_entries,
+            },
+            sink=listing.extend,
+            max_output=max_entries * 8192 + 1024,
+        )
+        reply = ArtifactListReply(
+            success=True,
+            entries=json.loads(listing)["entries"],
+            truncated=bool(summary["truncated"]),
+        )
+        # One NATS message holds the reply: long paths can make even max_entries too many.
+        while len(reply.model_dump_json()) > _MAX_REPLY_BYTES:
+            del reply.entries[len(reply.entries) * 3 // 4 :]
+            reply.truncated = True
+        return reply.model_dump(mode="json")
+
+    async def _archive(self, request: ArtifactArchiveRequest, sandbox: Sandbox) -> dict[str, Any]:
+        max_bytes = min(request.max_bytes or self._limits.max_bytes, self._limits.max_bytes)
+        max_entries = min(request.max_entries or self._limits.max_entries, self._limits.max_entries)
+        with self._scratch_file() as archive:
+            summary = await self._helper(
+                sandbox,
+                "archive",
+                {
+                    "path": _inside(request.path),
+                    "format": request.format,
+                    "max_bytes": max_bytes,
+                    "max_entries": max_entries,
+                },
+                sink=archive.write,
+                max_output=max_bytes
+                + (max_entries + 2) * _ARCHIVE_OVERHEAD_PER_ENTRY
+                + _ARCHIVE_OVERHEAD,
+            )
+            archive.seek(0)
+            suffix = "tar" if request.format == "tar" else "tar.gz"
+            name = _object_name(request.trajectory_id, "archive", f"archive.{suffix}")
+            stored = await put_object(self._js, self._bucket, name, archive)
+        return ArtifactArchiveReply(
+            success=True,
+            format=request.format,
+            bytes=stored.size,
+            entry_count=int(summary["entry_count"]),
+            truncated=bool(summary["truncated"]),
+            truncated_reason=summary.get("truncated_reason"),
+            skipped=int(summary.get("skipped", 0)),
+            object=_ref(stored),
+        ).model_dump(mode="json")
+
+    async def _upload(self, request: ArtifactUploadRequest, sandbox: Sandbox) -> dict[str, Any]:
+        bucket = request.bucket or self._bucket
+        limit = self._limits.max_upload_bytes
+        size = await self._object_size(bucket, request.name)
+        if size > limit:
+            raise ArtifactFailure(
+                f"Upload {request.name!r} is {size} bytes; the limit is {limit} bytes"
+            )
+        with self._scratch_file() as archive:
+            await fetch_object(
+                self._js, bucket, request.name, archive, expected_sha256=request.sha256
+            )
+            archive.flush()
+            archive.seek(0)
+            summary = await self._helper(
+                sandbox,
+                "extract",
+                {
+                    "path": _inside(request.path),
+                    "max_bytes": limit,
+                    "max_entries": self._limits.max_upload_entries,
+                },
+                stdin_fd=archive.fileno(),
+            )
+        return ArtifactUploadReply(
+            success=True,
+            path=str(summary["path"]),
+            entry_count=int(summary["entry_count"]),
+            bytes=int(summary["bytes"]),
+        ).model_dump(mode="json")
+
+    # -- plumbing -----------------------------------------------------------------------------
+    async def _object_size(self, bucket: str, name: str) -> int:
+        try:
+            store = await self._js.object_store(bucket)
+            info = await store.get_info(name)
+        except BucketNotFoundError:
+            raise ArtifactFailure(f"No Object Store bucket {bucket!r}") from None
+        except (ObjectNotFoundError, ObjectDeletedError):
+            raise ArtifactFailure(f"No object {name!r} in bucket {bucket!r}") from None
+        return int(info.size or 0)
+
+    @contextlib.contextmanager
+    def _scratch_file(self) -> Iterator[IO[bytes]]:
+        with tempfile.TemporaryFile(dir=self._scratch) as file:
+            yield file
+
+    async def _helper(
+        self,
+        sandbox: Sandbox,
+        operation: str,
+        arguments: dict[str, Any],
+        *,
+        sink: Callable[[bytes], object] | None = None,
+        max_output: int = 0,
+        stdin_fd: int | None = None,
+    ) -> dict[str, Any]:
+        """Run the helper in the sandbox; its stdout goes to ``sink``; its summary returned."""
+        argv = [
+            sandbox.python,
+            "-I",
+            "-S",
+            "-B",
+            "-c",
+            _HELPER_SOURCE,
+            operation,
+            json.dumps({"root": sandbox.inner_workspace, **arguments}),
+        ]
+        command = await sandbox.spawn(argv, stdin_fd=stdin_fd)
+
+        async def pump_stdout() -> None:
+            received = 0
+            while chunk := await command.stdout.read(_READ_CHUNK):
+                received += len(chunk)
+                if received > max_output:
+                    raise ArtifactFailure(f"artifact {operation}: more output than expected")
+                if sink is not None:
+                    sink(chunk)
+
+        try:
+            _, errors = await asyncio.gather(
+                pump_stdout(), _read_capped(command.stderr, _MAX_HELPER_STDERR)
+            )
+            code = await command.wait()
+        finally:
+            command.close()
+        summary = _summary(errors)
+        if summary is None:
+            tail = errors.decode(errors="replace").strip()[-500:]
+            raise ArtifactFailure(
+                f"artifact {operation} failed in the sandbox (exit code {code})"
+                + (f": {tail}" if tail else "")
+            )
+        if not summary.get("ok"):
+            raise ArtifactFailure(str(summary.get("error") or f"artifact {operation} failed"))
+        return summary
+
+
+async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes:
+    """Everything until EOF, keeping the last ``limit`` bytes (the summary is the last line)."""
+    kept = b""
+    while chunk := await stream.read(_READ_CHUNK):
+        kept = (kept + chunk)[-limit:]
+    return kept
+
+
+def _summary(stderr: bytes) -> dict[str, Any] | None:
+    """The helper's last stderr line, when it is its JSON summary."""
+    lines = stderr.strip().splitlines()
+    if not lines:
+        return None
+    try:
+        summary = json.loads(lines[-1])
+    except ValueError:
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _inside(path: str) -> str:
+    """``/workspace/...`` (how commands see it) as a path relative to the workspace."""
+    if path == SANDBOX_WORKSPACE or path.startswith(SANDBOX_WORKSPACE + "/"):
+        return path[len(SANDBOX_WORKSPACE) :].lstrip("/") or "."
+    return path
+
+
+def _object_name(trajectory_id: str, operation: str, filename: str) -> str:
+    return f"{trajectory_id}/{operation}-{uuid.uuid4().hex[:12]}/{filename or 'artifact'}"
+
+
+def _ref(stored: StoredObject) -> ObjectRef:
+    return ObjectRef(bucket=stored.bucket, name=stored.name, size=stored.size, sha256=stored.sha256)
