@@ -66,6 +66,12 @@ class BatchItem(BaseModel):
     timeout_s: float
     uniq_id: str | None = None
     allow_network: bool = True  # False: this call runs without network
+    trace_context: dict[str, str] | None = Field(
+        default=None, description="W3C traceparent/tracestate of the executor's span."
+    )
+    created_at: float | None = Field(
+        default=None, description="Unix time the executor sent the call: queue wait starts."
+    )
 
 
 class BatchRequest(BaseModel):
@@ -90,3 +96,5 @@ class ItemResult(BaseModel):
     item_id: str
     result: ToolResult | None = None
     reply: dict[str, Any] | None = None
+    queue_wait_s: float | None = None  # from created_at until the tool started
+    execution_s: float | None = None  # the tool's own run time

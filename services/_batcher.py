@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind
 
+from observability import tracing
 from schemas.internal import BatchAck, BatchItem, RejectReason
 
 from ._requests import nats_request
@@ -35,6 +39,7 @@ class _Pending:
     item_id: str
     accepted: asyncio.Future[RejectReason | None]
     queued_at: float
+    span_context: SpanContext  # the executor span of the call, linked from the batch span
 
 
 class WorkerLink:
@@ -72,7 +77,11 @@ class WorkerLink:
         """Queue a call; the future says whether the worker accepted it (None) or why not."""
         loop = asyncio.get_running_loop()
         pending = _Pending(
-            item.model_dump_json().encode(), item.item_id, loop.create_future(), time.monotonic()
+            item.model_dump_json().encode(),
+            item.item_id,
+            loop.create_future(),
+            time.monotonic(),
+            trace.get_current_span().get_span_context(),
         )
         self._pending.append(pending)
         self._pending_bytes += len(pending.payload) + 1
@@ -120,15 +129,41 @@ class WorkerLink:
 
     async def _send(self, batch: list[_Pending]) -> None:
         body = self._prefix + b",".join(p.payload for p in batch) + b"]}"
+        # A batch serves many traces: its span starts a trace of its own and links to each call.
+        with tracing.tracer().start_as_current_span(
+            f"send {self._subject}",
+            context=Context(),
+            kind=SpanKind.PRODUCER,
+            links=[Link(p.span_context) for p in batch if p.span_context.is_valid],
+            attributes=tracing.nats_attributes(
+                self._subject,
+                "send",
+                **{
+                    tracing.MESSAGING_BATCH_COUNT: len(batch),
+                    tracing.MESSAGING_BODY_SIZE: len(body),
+                },
+            ),
+        ) as span:
+            await self._send_in_span(batch, body, span)
+
+    async def _send_in_span(self, batch: list[_Pending], body: bytes, span: Span) -> None:
         try:
-            reply = await nats_request(self._nc, self._subject, body, timeout=self._ack_timeout_s)
+            reply = await nats_request(
+                self._nc,
+                self._subject,
+                body,
+                timeout=self._ack_timeout_s,
+                headers=tracing.current_trace_headers(),
+            )
             ack = BatchAck.model_validate_json(reply.data)
         except (NoRespondersError, NatsTimeoutError) as exc:
+            tracing.mark_error(span, type(exc).__name__)
             error = WorkerUnavailable(type(exc).__name__)
             for pending in batch:
                 if not pending.accepted.done():
                     pending.accepted.set_exception(error)
         except Exception as exc:
+            tracing.mark_error(span, type(exc).__qualname__)
             for pending in batch:
                 if not pending.accepted.done():
                     pending.accepted.set_exception(exc)

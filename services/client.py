@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -24,8 +24,10 @@ import nats
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 
+from observability import tracing
 from schemas.artifacts import (
     ArchiveFormat,
     ArtifactArchiveReply,
@@ -71,6 +73,7 @@ DEFAULT_REQUEST_TIMEOUT_S = 30.0
 DEFAULT_EXECUTE_MARGIN_S = DEFAULT_ACQUIRE_TIMEOUT_S + 15.0
 
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
 
 
 class ToolbusClient:
@@ -259,13 +262,48 @@ class ToolbusClient:
         self, subject: str, body: bytes, *, timeout_s: float | None = None
     ) -> bytes:
         """Send a raw body; return the reply body or raise the error it carried."""
+        return await self._traced(subject, body, timeout_s, lambda data: data)
+
+    async def _traced(
+        self,
+        subject: str,
+        body: bytes,
+        timeout_s: float | None,
+        parse: Callable[[bytes], T],
+    ) -> T:
+        """The request as a CLIENT span whose context travels in the ``traceparent`` header,
+        so the service's spans join the caller's trace; a failed call marks it as an error."""
+        with tracing.tracer().start_as_current_span(
+            f"send {subject}",
+            kind=SpanKind.CLIENT,
+            attributes=tracing.nats_attributes(
+                subject, "send", **{tracing.MESSAGING_BODY_SIZE: len(body)}
+            ),
+            record_exception=False,
+        ) as span:
+            try:
+                reply = parse(await self._request(subject, body, timeout_s))
+            except ServiceError as error:
+                tracing.mark_error(span, error.kind, error.message)
+                raise
+            except RequestTimeout as error:
+                tracing.mark_error(span, "timeout", str(error))
+                raise
+            if isinstance(reply, ToolResult) and not reply.success:
+                kind = str(reply.metadata.get("error_kind") or "tool")
+                tracing.mark_error(span, kind, reply.error)
+            elif getattr(reply, "success", True) is False:
+                tracing.mark_error(span, "artifact", getattr(reply, "error", None))
+            return reply
+
+    async def _request(self, subject: str, body: bytes, timeout_s: float | None) -> bytes:
         try:
             msg = await nats_request(
                 self._nc,
                 subject,
                 body,
                 timeout=timeout_s or self._request_timeout_s,
-                headers=self._headers,
+                headers=tracing.inject_context(self._headers) or None,
             )
         except NoRespondersError:
             raise NoCapacity(
@@ -293,5 +331,4 @@ class ToolbusClient:
         timeout_s: float | None = None,
     ) -> R:
         body = request.model_dump_json(exclude_none=True).encode() if request else b""
-        data = await self.request_raw(subject, body, timeout_s=timeout_s)
-        return reply_model.model_validate_json(data)
+        return await self._traced(subject, body, timeout_s, reply_model.model_validate_json)

@@ -26,7 +26,10 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.nuid import NUID
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
+from observability import tracing
 from schemas.artifacts import ARTIFACT_OPERATIONS
 from schemas.errors import ErrorKind
 from schemas.internal import (
@@ -272,6 +275,28 @@ class ExecutorService:
         return on_request
 
     async def _serve(self, msg: Msg, handler: Handler, stats: EndpointStats) -> None:
+        # The request's span continues the caller's trace when it sent a traceparent header.
+        with tracing.tracer().start_as_current_span(
+            f"process {stats.subject}",
+            context=tracing.extract_context(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes=tracing.nats_attributes(
+                msg.subject,
+                "process",
+                **{
+                    tracing.MESSAGING_DESTINATION_TEMPLATE: stats.subject,
+                    tracing.MESSAGING_CONSUMER_GROUP: stats.queue_group,
+                    tracing.MESSAGING_BODY_SIZE: len(msg.data),
+                },
+            ),
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            await self._serve_in_span(msg, handler, stats, span)
+
+    async def _serve_in_span(
+        self, msg: Msg, handler: Handler, stats: EndpointStats, span: Span
+    ) -> None:
         started = time.perf_counter_ns()
         self.total_requests += 1
         self._pending_calls += 1
@@ -283,8 +308,10 @@ class ExecutorService:
             self._check_auth(msg)
             body = await handler(msg)
         except ServiceError as error:
+            tracing.mark_error(span, error.kind, error.message)
             await self._fail(msg, stats, started, error)
         except asyncio.CancelledError:
+            tracing.mark_error(span, "cancelled")
             await self._fail(
                 msg,
                 stats,
@@ -292,7 +319,8 @@ class ExecutorService:
                 NoCapacity("the executor is shutting down; retry", kind=ErrorKind.NO_CAPACITY),
             )
             raise
-        except Exception:
+        except Exception as exc:
+            tracing.mark_error(span, type(exc).__qualname__)
             log.exception("request failed", subject=msg.subject)
             await self._fail(
                 msg, stats, started, InternalError("internal error in the executor (logged)")
@@ -338,6 +366,9 @@ class ExecutorService:
         tool = canonical_tool_name(request.tool.name)
         if tool is None:
             raise NotFound(f"Unknown tool: {request.tool.name}", kind=ErrorKind.UNKNOWN_TOOL)
+        trace.get_current_span().set_attributes(
+            {"toolbus.trajectory_id": request.trajectory_id, "toolbus.tool": tool}
+        )
         requested = request.timeout_s
         if requested is None:
             requested = _number(request.tool.arguments.get("timeout"))
@@ -353,6 +384,9 @@ class ExecutorService:
                 allow_network=request.allow_network is not False,
             )
             log.debug("call answered", success=result.success)
+        if not result.success:
+            kind = str(result.metadata.get("error_kind") or "tool")
+            tracing.mark_error(trace.get_current_span(), kind, result.error)
         return result.model_dump_json().encode()
 
     async def execute(
@@ -409,6 +443,8 @@ class ExecutorService:
                 timeout_s=timeout_s,
                 uniq_id=uniq_id,
                 allow_network=allow_network,
+                trace_context=tracing.current_trace_headers(),
+                created_at=time.time(),
             )
             result_future: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
             self._results[item.item_id] = result_future
@@ -482,6 +518,9 @@ class ExecutorService:
         requested = fields.pop("timeout_s")
         timeout_s = min(max(requested or self._config.artifact_timeout_s, MIN_TIMEOUT_S), 3600.0)
         tool = f"artifacts.{operation}"
+        trace.get_current_span().set_attributes(
+            {"toolbus.trajectory_id": trajectory_id, "toolbus.tool": tool}
+        )
         with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool=tool):
             # Only an upload may give a trajectory its first slot; the others need its files.
             done = await self._dispatch(
@@ -494,6 +533,8 @@ class ExecutorService:
                 error = failure.error if failure is not None else None
                 body = {"success": False, "error": error or "The worker's reply was empty"}
             log.debug("artifact operation answered", success=body.get("success"))
+            if not body.get("success"):
+                tracing.mark_error(trace.get_current_span(), "artifact", body.get("error"))
         return reply_model.model_validate(body).model_dump_json().encode()
 
     # -- leases -------------------------------------------------------------------------------
@@ -546,6 +587,12 @@ class ExecutorService:
         return await self._acquire(trajectory_id)
 
     async def _acquire(self, trajectory_id: str) -> Lease:
+        with tracing.tracer().start_as_current_span("acquire slot") as span:
+            lease = await self._acquire_in_span(trajectory_id)
+            span.set_attributes({"toolbus.worker_id": lease.worker_id, "toolbus.slot": lease.slot})
+            return lease
+
+    async def _acquire_in_span(self, trajectory_id: str) -> Lease:
         assert self._registry is not None and self._leases is not None
         deadline = time.monotonic() + self._config.acquire_timeout_s
         request = AcquireRequest(trajectory_id=trajectory_id).model_dump_json().encode()

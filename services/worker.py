@@ -29,7 +29,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanKind
 
+from observability import tracing
 from schemas.internal import (
     AcquireReply,
     AcquireRequest,
@@ -374,6 +377,7 @@ class SandboxWorker:
     # -- calls --------------------------------------------------------------------------------
     async def _on_batch(self, msg: Msg) -> None:
         batch = BatchRequest.model_validate_json(msg.data)
+        batch_link = tracing.link_to(msg.headers)
         ack = BatchAck()
         for item in batch.items:
             slot = self._by_trajectory.get(item.trajectory_id)
@@ -382,44 +386,91 @@ class SandboxWorker:
             elif slot is None:
                 ack.rejected[item.item_id] = RejectReason.NO_SLOT
             else:
-                task = asyncio.create_task(self._run_item(slot, item, batch.reply_to))
+                task = asyncio.create_task(
+                    self._run_item(slot, item, batch.reply_to, batch_link, msg.subject)
+                )
                 slot.tasks.add(task)
                 task.add_done_callback(slot.tasks.discard)
         await msg.respond(ack.model_dump_json().encode())
 
-    async def _run_item(self, slot: _Slot, item: BatchItem, reply_to: str) -> None:
-        with structlog.contextvars.bound_contextvars(
-            trajectory_id=item.trajectory_id, tool=item.tool, uniq_id=item.uniq_id
+    async def _run_item(
+        self, slot: _Slot, item: BatchItem, reply_to: str, batch_link: list[Link], subject: str
+    ) -> None:
+        """Run one call in its slot (after the calls before it) and publish its result.
+
+        Its span continues the executor's trace (the item carries its context) and links to the
+        batch it came in; the tool's own span inside it is the execution time, what comes
+        before it the queue wait.
+        """
+        span = tracing.tracer().start_span(
+            f"process {subject}",
+            context=tracing.extract_context(item.trace_context),
+            kind=SpanKind.CONSUMER,
+            links=batch_link,
+            attributes=tracing.nats_attributes(
+                subject,
+                "process",
+                **{"toolbus.trajectory_id": item.trajectory_id, "toolbus.slot": slot.index},
+            ),
+        )
+        outcome = ItemResult(item_id=item.item_id)
+        with (
+            trace.use_span(span, end_on_exit=True),
+            structlog.contextvars.bound_contextvars(
+                trajectory_id=item.trajectory_id, tool=item.tool, uniq_id=item.uniq_id
+            ),
         ):
             try:
                 async with slot.lock:
-                    if item.tool.startswith(_ARTIFACTS):
-                        reply = await self._run_artifact_operation(slot, item)
-                        await self._publish(reply_to, ItemResult(item_id=item.item_id, reply=reply))
-                        return
-                    result = await self._runner.run(
-                        item.tool,
-                        item.arguments,
-                        slot.tools,
-                        timeout_s=item.timeout_s,
-                        allow_network=item.allow_network,
-                    )
+                    started = time.time()
+                    if item.created_at is not None:
+                        outcome.queue_wait_s = max(started - item.created_at, 0.0)
+                        span.set_attribute("toolbus.queue_wait_s", outcome.queue_wait_s)
+                    await self._run_tool(slot, item, outcome)
+                    outcome.execution_s = time.time() - started
             except asyncio.CancelledError:
-                result = ToolResult(
+                outcome.result = ToolResult(
                     success=False,
                     error="Call cancelled: the trajectory was released or the worker stopped",
                     metadata={"error_kind": str(ErrorKindOfResult.INFRA), "cancelled": True},
                 )
-                await self._publish_result(item, result, reply_to, slot)
+                tracing.mark_error(span, "cancelled")
+                await self._publish_outcome(item, outcome, reply_to, slot)
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("tool crashed")
-                result = ToolResult(
+                outcome.result = ToolResult(
                     success=False,
                     error="Internal error in the sandbox worker",
                     metadata={"error_kind": str(ErrorKindOfResult.INFRA)},
                 )
-            await self._publish_result(item, result, reply_to, slot)
+                tracing.mark_error(span, type(exc).__qualname__)
+            else:
+                if not _succeeded(outcome):
+                    tracing.mark_error(span, _error_type(outcome))
+            await self._publish_outcome(item, outcome, reply_to, slot)
+
+    async def _run_tool(self, slot: _Slot, item: BatchItem, outcome: ItemResult) -> None:
+        with tracing.tracer().start_as_current_span(
+            f"execute_tool {item.tool}",
+            attributes={"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": item.tool},
+        ) as span:
+            if item.tool.startswith(_ARTIFACTS):
+                outcome.reply = await self._run_artifact_operation(slot, item)
+            else:
+                outcome.result = await self._runner.run(
+                    item.tool,
+                    item.arguments,
+                    slot.tools,
+                    timeout_s=item.timeout_s,
+                    allow_network=item.allow_network,
+                )
+                _describe_result(span, outcome.result)
+            if not _succeeded(outcome):
+                error = (
+                    outcome.result.error if outcome.result else (outcome.reply or {}).get("error")
+                )
+                tracing.mark_error(span, _error_type(outcome), error)
 
     async def _run_artifact_operation(self, slot: _Slot, item: BatchItem) -> dict[str, Any]:
         operation = item.tool.removeprefix(_ARTIFACTS)
@@ -436,19 +487,54 @@ class SandboxWorker:
         log.debug("artifact operation done", success=reply.get("success"), slot=slot.index)
         return reply
 
-    async def _publish_result(
-        self, item: BatchItem, result: ToolResult, reply_to: str, slot: _Slot
+    async def _publish_outcome(
+        self, item: BatchItem, outcome: ItemResult, reply_to: str, slot: _Slot
     ) -> None:
-        result.uniq_id = item.uniq_id
-        result.metadata.update(worker_id=self.worker_id, slot=slot.index)
-        log.debug("call done", success=result.success, slot=slot.index)
-        await self._publish(reply_to, ItemResult(item_id=item.item_id, result=result))
+        if outcome.result is not None:
+            outcome.result.uniq_id = item.uniq_id
+            outcome.result.metadata.update(worker_id=self.worker_id, slot=slot.index)
+        log.debug("call done", success=_succeeded(outcome), slot=slot.index)
+        await self._publish(reply_to, outcome)
 
     async def _publish(self, reply_to: str, item_result: ItemResult) -> None:
         self.calls_completed += 1
         payload = item_result.model_dump_json().encode()
         with contextlib.suppress(Exception):  # the executor may be gone; nothing to tell
             await self._nc.publish(reply_to, payload)
+
+
+def _succeeded(outcome: ItemResult) -> bool:
+    if outcome.result is not None:
+        return outcome.result.success
+    return bool((outcome.reply or {}).get("success"))
+
+
+def _error_type(outcome: ItemResult) -> str:
+    """``error.type`` of a failed call: the result's error kind (exit, timeout, ...)."""
+    if outcome.result is not None:
+        return str(outcome.result.metadata.get("error_kind") or "tool")
+    return "artifact"
+
+
+def _error_message(outcome: ItemResult) -> str | None:
+    if outcome.result is not None:
+        return outcome.result.error
+    error = (outcome.reply or {}).get("error")
+    return str(error) if error is not None else None
+
+
+def _describe_result(span: Span, result: ToolResult) -> None:
+    metadata = result.metadata
+    attributes = {
+        "toolbus.status": metadata.get("status"),
+        "process.exit.code": metadata.get("exit_code"),
+        "toolbus.sandboxed": metadata.get("sandboxed"),
+        "toolbus.truncated": metadata.get("truncated"),
+        "toolbus.output_bytes": (metadata.get("stdout_bytes") or 0)
+        + (metadata.get("stderr_bytes") or 0),
+        "toolbus.success": result.success,
+    }
+    span.set_attributes({key: value for key, value in attributes.items() if value is not None})
 
 
 def _wipe_directory(directory: Path) -> None:

@@ -20,6 +20,9 @@ from services.executor import ExecutorConfig, ExecutorService
 from services.worker import SandboxWorker, WorkerConfig
 
 from ._nats_server import nats_server
+from ._node import node_client
+
+__all__ = ["node_client"]  # a fixture: Node.js with the nats.js test client's dependencies
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -34,7 +34,7 @@ from services._objects import (
     stream_name,
 )
 from services.exceptions import ToolbusError
-from tests.test_node_client import NODE_DIR, node_client  # noqa: F401 - the fixture
+from tests._node import NODE_DIR
 
 # nats.js (tests/node) reads what put_object stored and stores what fetch_object reads.
 NATS_JS_INTEROP = """
