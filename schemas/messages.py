@@ -134,6 +134,20 @@ class PoolStatus(BaseModel):
     started: bool
 
 
+class CallRates(BaseModel):
+    """Calls per second lately, as the answering executor counted them (totals show no trend)."""
+
+    model_config = _REPLY
+
+    calls_per_s_10s: float = Field(default=0.0, description="Calls per second, last 10 seconds.")
+    calls_per_s_60s: float = Field(default=0.0, description="Calls per second, last 60 seconds.")
+    errors_per_s_60s: float = Field(
+        default=0.0,
+        description="Calls that did not succeed (tool failures included) per second, last 60 "
+        "seconds.",
+    )
+
+
 class StatusReply(BaseModel):
     """Reply of ``tools.status``; counters are those of the executor that answered."""
 
@@ -145,6 +159,10 @@ class StatusReply(BaseModel):
     total_errors: int
     pool: PoolStatus
     workers: list[WorkerStatus]
+    rates: CallRates = Field(
+        default_factory=CallRates,
+        description="Recent call rates; zeros from an executor older than this field.",
+    )
 
 
 class FunctionSpec(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client
@@ -53,8 +54,10 @@ class WorkerLink:
         max_items: int,
         max_bytes: int,
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+        on_batch: Callable[..., None] | None = None,
     ) -> None:
         self._nc = nc
+        self._on_batch = on_batch  # called with size=<calls> for every batch the worker took
         self._subject = subject
         self._prefix = b'{"reply_to":"' + reply_to.encode() + b'","items":['
         self._window_s = window_s
@@ -170,6 +173,8 @@ class WorkerLink:
         else:
             self.batches_sent += 1
             self.items_sent += len(batch)
+            if self._on_batch is not None:
+                self._on_batch(size=len(batch))
             for pending in batch:
                 if not pending.accepted.done():
                     pending.accepted.set_result(ack.rejected.get(pending.item_id))

@@ -4,7 +4,7 @@ toolbus serve                      embedded NATS + executor + local workers
 toolbus executor | worker          one part alone, joining --nats-url
 toolbus call TOOL --trajectory ID --arg command='ls -la'
 toolbus release --trajectory ID [--reset]
-toolbus status [--json] | toolbus tools
+toolbus status [--json] [--watch [--interval SECONDS] [--count N]] | toolbus tools
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from contextlib import AsyncExitStack
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, TypeVar, get_args, get_origin
 
 import nats
 import nats.errors
@@ -28,8 +30,11 @@ from pydantic import ValidationError
 
 from backends.local import LocalWorkers
 from observability.logging import configure_logging
+from observability.metrics import configure_metrics
+from observability.tracing import configure_tracing
 
 from ._embedded import EmbeddedNatsServer
+from ._status_view import render_status
 from ._validation import describe_validation_error
 from .client import ToolbusClient
 from .exceptions import ToolbusError
@@ -41,7 +46,13 @@ log = structlog.get_logger("toolbus.cli")
 
 _CLIENT_FIELDS = ("nats_url", "host", "port", "prefix", "token", "log_level", "log_format")
 _ARTIFACT_CLIENT_FIELDS = (*_CLIENT_FIELDS, "artifacts_bucket")
+_SERVICE_NAMES = {"serve": "toolbus", "executor": "toolbus-executor", "worker": "toolbus-worker"}
+# What local workers inherit besides the settings: OpenTelemetry's variables, and the basics.
+_INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ")
 _CONNECT_DEADLINE_S = 15.0
+DEFAULT_STATUS_INTERVAL_S = 2.0
+_T = TypeVar("_T")
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase the screen
 
 
 # -- settings <-> flags -------------------------------------------------------------------------
@@ -86,8 +97,13 @@ def load_settings(args: argparse.Namespace) -> Settings:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as TOOLBUS_* variables, for child processes."""
-    env: dict[str, str] = {}
+    """The settings as TOOLBUS_* variables, for child processes, with the OTEL_* variables and
+    the few basics (PATH, HOME, ...) this process has."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith("OTEL_") or name in _INHERITED_ENV
+    }
     for name, value in settings.model_dump(mode="json").items():
         if value is not None:
             env[f"TOOLBUS_{name.upper()}"] = (
@@ -289,30 +305,91 @@ async def run_release(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run_status(settings: Settings, args: argparse.Namespace) -> int:
-    async def action(client: ToolbusClient) -> int:
+    if not args.watch and (args.interval is not None or args.count is not None):
+        raise ToolbusError("--interval and --count go with --watch")
+
+    async def once(client: ToolbusClient) -> int:
         status = await client.status()
-        if args.json:
-            print(status.model_dump_json(indent=2))
-            return 0
-        pool = status.pool
-        print(
-            f"executor {status.executor_id}: {status.total_requests} requests, "
-            f"{status.total_errors} errors, {status.queue_size} calls in flight"
-        )
-        print(
-            f"pool: {pool.containers} workers, {pool.total_slots} slots "
-            f"({pool.acquired_slots} acquired, {pool.available_slots} free)"
-        )
-        if status.workers:
-            print(f"{'WORKER':<28} {'HOST':<20} {'SLOTS':>6} {'FREE':>6} {'SEEN':>7}")
-            for worker in status.workers:
-                print(
-                    f"{worker.worker_id:<28} {worker.host[:20]:<20} {worker.slots_total:>6} "
-                    f"{worker.slots_free:>6} {worker.age_s:>6.1f}s"
-                )
+        print(status.model_dump_json(indent=2) if args.json else render_status(status))
         return 0
 
-    return await _with_client(settings, action)
+    async def watch(client: ToolbusClient) -> int:
+        interval = DEFAULT_STATUS_INTERVAL_S if args.interval is None else args.interval
+        return await _watch_status(client, interval=interval, count=args.count, as_json=args.json)
+
+    return await _with_client(settings, watch if args.watch else once)
+
+
+async def _watch_status(
+    client: ToolbusClient, *, interval: float, count: int | None, as_json: bool
+) -> int:
+    """Refresh the status every ``interval`` seconds until Ctrl-C (exit 0) or ``count`` views.
+
+    On a terminal each view replaces the last; into a file or pipe views follow each other
+    under a separator line, and ``--json`` writes one JSON object per line. A failed request is
+    shown and retried at the next refresh: an executor restarting should not end the watch.
+    """
+    on_tty = sys.stdout.isatty() and not as_json
+    stop = asyncio.Event()
+    shown = 0
+    with _stop_on_signals(stop):
+        while not stop.is_set():
+            out = sys.stdout
+            try:
+                status = await _unless_stopped(client.status(), stop)
+            except ToolbusError as exc:
+                text = f"toolbus: {exc}"
+                out = sys.stderr if as_json else sys.stdout  # keep stdout valid JSON Lines
+            except nats.errors.Error as exc:  # the connection is gone: watching is over
+                raise ToolbusError(f"lost the NATS connection: {exc}") from None
+            else:
+                if status is None:
+                    break
+                text = status.model_dump_json() if as_json else render_status(status)
+            clock = time.strftime("%H:%M:%S")
+            if on_tty:
+                text = f"{_CLEAR_SCREEN}every {interval:g}s, Ctrl-C stops    {clock}\n\n{text}"
+            elif shown and not as_json:
+                text = f"-- {clock} {'-' * 60}\n{text}"
+            print(text, file=out, flush=True)
+            shown += 1
+            if count is not None and shown >= count:
+                break
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+    return 0
+
+
+async def _unless_stopped(work: Awaitable[_T], stop: asyncio.Event) -> _T | None:
+    """``work``'s result, or None as soon as ``stop`` is set (Ctrl-C need not wait a reply)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task in done else None
+
+
+@contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Ctrl-C and SIGTERM set ``stop`` instead of interrupting, so a watch ends cleanly (exit
+    0). Off the main thread (a test calling ``main``) signals cannot be caught: nothing to do."""
+    loop = asyncio.get_running_loop()
+    caught: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (ValueError, RuntimeError, NotImplementedError):
+            break
+        caught.append(sig)
+    try:
+        yield
+    finally:
+        for sig in caught:
+            loop.remove_signal_handler(sig)
 
 
 async def run_upload(settings: Settings, args: argparse.Namespace) -> int:
@@ -350,6 +427,26 @@ async def run_tools(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_client(settings, action)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+    return value
+
+
 # -- entry point --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolbus", description=__doc__.split("\n\n")[0])
@@ -383,8 +480,27 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--reset", action="store_true", help="wipe the workspace")
     _add_settings_flags(release, _CLIENT_FIELDS)
 
-    status = commands.add_parser("status", help="show workers and slots")
-    status.add_argument("--json", action="store_true")
+    status = commands.add_parser(
+        "status", help="show the executor's queue and call rates, the slots and the workers"
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status reply as JSON (with --watch: one object per line)",
+    )
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument(
+        "--interval",
+        type=_positive_float,
+        metavar="SECONDS",
+        help=f"seconds between refreshes with --watch [default: {DEFAULT_STATUS_INTERVAL_S}]",
+    )
+    status.add_argument(
+        "--count",
+        type=_positive_int,
+        metavar="N",
+        help="with --watch: stop after N refreshes (for scripts)",
+    )
     _add_settings_flags(status, _CLIENT_FIELDS)
 
     upload = commands.add_parser(
@@ -417,6 +533,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"toolbus: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    service_name = _SERVICE_NAMES.get(args.command, "toolbus-cli")
+    try:
+        # Off (and free) unless the OTEL_* variables ask for an exporter.
+        tracer_provider = configure_tracing(service_name=service_name)
+        meter_provider = configure_metrics(service_name=service_name)
+    except ValueError as exc:
+        print(f"toolbus: invalid OpenTelemetry settings: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, settings)
+    finally:
+        for provider in (tracer_provider, meter_provider):
+            if provider is not None:
+                provider.shutdown()  # flushes what is still buffered
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     runners: dict[str, Callable[[], Coroutine[Any, Any, int | None]]] = {
         "serve": lambda: run_serve(settings),
         "executor": lambda: run_executor(settings),

@@ -12,6 +12,7 @@ subscribes; exit stops accepting (unsubscribe), waits for calls in flight up to
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from observability import tracing
+from observability.metrics import ToolbusMetrics
 from schemas.artifacts import ARTIFACT_OPERATIONS
 from schemas.errors import ErrorKind
 from schemas.internal import (
@@ -43,6 +45,7 @@ from schemas.internal import (
     WorkerReleaseRequest,
 )
 from schemas.messages import (
+    CallRates,
     ErrorKindOfResult,
     ExecuteRequest,
     PoolStatus,
@@ -68,6 +71,7 @@ from ._batcher import WorkerLink, WorkerUnavailable
 from ._discovery import EndpointStats, ServiceDiscovery
 from ._kv import open_bucket
 from ._leases import LeaseTable
+from ._rates import RateWindow
 from ._registry import WorkerRegistry
 from ._replies import parse_request, reply_error, reply_json
 from ._requests import nats_request
@@ -101,6 +105,7 @@ DEFAULT_RESULT_GRACE_S = 10.0  # beyond a call's own timeout, for spawn, transfe
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
 _WORKER_REQUEST_TIMEOUT_S = 5.0
 _MAX_DISPATCH_ATTEMPTS = 3
+_CALL_ENDPOINTS = ("execute", "artifacts")  # what the call rates count (not status, list, ...)
 
 Handler = Callable[[Msg], Awaitable[bytes]]
 
@@ -168,9 +173,20 @@ class _WorkspaceLost(Exception):
 
 
 class ExecutorService:
-    def __init__(self, nc: Client, config: ExecutorConfig | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        config: ExecutorConfig | None = None,
+        *,
+        metrics: ToolbusMetrics | None = None,
+    ) -> None:
         self._nc = nc
         self._config = config or ExecutorConfig()
+        # The global meter provider's instruments: no-ops unless metrics are configured.
+        self._metrics = metrics or ToolbusMetrics()
+        self._unobserve: list[Callable[[], None]] = []
+        self._call_rate = RateWindow()
+        self._error_rate = RateWindow()
         self._subjects = self._config.subjects
         self._nuid = NUID()
         self.executor_id = self._nuid.next().decode()
@@ -233,6 +249,10 @@ class ExecutorService:
                 await self._nc.subscribe(subject, queue=QUEUE_GROUP, cb=callback)
             )
         await self._discovery.start()
+        self._unobserve = [
+            self._metrics.observe_slots(self._slots_in_use_and_free),
+            self._metrics.observe_queue_depth(lambda: self.calls_in_flight),
+        ]
         await self._nc.flush()
         log.info("executor started", executor_id=self.executor_id, prefix=s.prefix)
         return self
@@ -260,6 +280,8 @@ class ExecutorService:
             await _quietly(self._results_sub.unsubscribe())
         if self._registry is not None:
             await self._registry.stop()
+        for unobserve in self._unobserve:
+            unobserve()
         log.info("executor stopped", executor_id=self.executor_id)
 
     # -- request plumbing ---------------------------------------------------------------------
@@ -335,6 +357,15 @@ class ExecutorService:
         self, msg: Msg, stats: EndpointStats, started: int, error: ServiceError
     ) -> None:
         self.total_errors += 1
+        if stats.name in _CALL_ENDPOINTS:  # a refused call still counts in the call rates
+            self._call_rate.add()
+            self._error_rate.add()
+        self._metrics.call_finished(
+            tool=stats.name,
+            status="refused",
+            total_s=(time.perf_counter_ns() - started) / 1e9,
+            error_type=error.kind,
+        )
         stats.record(started, str(error))
         log.info("request refused", subject=msg.subject, code=int(error.code), reason=error.message)
         await _quietly(reply_error(self._nc, msg, error))
@@ -400,6 +431,7 @@ class ExecutorService:
         allow_network: bool = True,
     ) -> ToolResult:
         """Run one call of a built-in tool in the trajectory's slot."""
+        started = time.perf_counter()
         self.calls_in_flight += 1
         try:
             done = await self._dispatch(
@@ -408,8 +440,21 @@ class ExecutorService:
         finally:
             self.calls_in_flight -= 1
         if isinstance(done, ToolResult):
-            return done
-        return done.result or _infra_failure("The worker's result was empty", uniq_id=uniq_id)
+            result = done
+        else:
+            result = done.result or _infra_failure("The worker's result was empty", uniq_id=uniq_id)
+        self._call_rate.add()
+        if not result.success:
+            self._error_rate.add()
+        self._metrics.call_finished(
+            tool=tool,
+            status=str(result.metadata.get("status") or ("ok" if result.success else "error")),
+            total_s=time.perf_counter() - started,
+            queue_wait_s=done.queue_wait_s if isinstance(done, ItemResult) else None,
+            execution_s=done.execution_s if isinstance(done, ItemResult) else None,
+            error_type=None if result.success else str(result.metadata.get("error_kind") or "tool"),
+        )
+        return result
 
     async def _dispatch(
         self,
@@ -483,6 +528,7 @@ class ExecutorService:
         if link is None:
             link = self._links[worker_id] = WorkerLink(
                 self._nc,
+                on_batch=functools.partial(self._metrics.batch_sent, worker_id=worker_id),
                 subject=self._subjects.worker_batch(worker_id),
                 reply_to=self._results_subject,
                 window_s=self._config.batch_window_ms / 1000,
@@ -521,11 +567,16 @@ class ExecutorService:
         trace.get_current_span().set_attributes(
             {"toolbus.trajectory_id": trajectory_id, "toolbus.tool": tool}
         )
+        started = time.perf_counter()
         with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool=tool):
             # Only an upload may give a trajectory its first slot; the others need its files.
-            done = await self._dispatch(
-                trajectory_id, tool, fields, timeout_s, None, acquire=operation == "upload"
-            )
+            self.calls_in_flight += 1
+            try:
+                done = await self._dispatch(
+                    trajectory_id, tool, fields, timeout_s, None, acquire=operation == "upload"
+                )
+            finally:
+                self.calls_in_flight -= 1
             if isinstance(done, ItemResult) and done.reply is not None:
                 body = done.reply
             else:  # no answer from the worker: an infra failure, in this operation's shape
@@ -533,8 +584,19 @@ class ExecutorService:
                 error = failure.error if failure is not None else None
                 body = {"success": False, "error": error or "The worker's reply was empty"}
             log.debug("artifact operation answered", success=body.get("success"))
-            if not body.get("success"):
+            succeeded = bool(body.get("success"))
+            self._call_rate.add()
+            if not succeeded:
+                self._error_rate.add()
                 tracing.mark_error(trace.get_current_span(), "artifact", body.get("error"))
+            self._metrics.call_finished(
+                tool=tool,
+                status="ok" if succeeded else "error",
+                total_s=time.perf_counter() - started,
+                queue_wait_s=done.queue_wait_s if isinstance(done, ItemResult) else None,
+                execution_s=done.execution_s if isinstance(done, ItemResult) else None,
+                error_type=None if succeeded else "artifact",
+            )
         return reply_model.model_validate(body).model_dump_json().encode()
 
     # -- leases -------------------------------------------------------------------------------
@@ -684,6 +746,13 @@ class ExecutorService:
         return ReleaseReply(worker_id=lease.worker_id, slot=lease.slot).model_dump_json().encode()
 
     # -- tools.status / tools.list ------------------------------------------------------------
+    def _slots_in_use_and_free(self) -> tuple[int, int]:
+        if self._registry is None:
+            return 0, 0
+        alive = self._registry.alive()
+        free = sum(info.slots_free for info, _ in alive)
+        return sum(info.slots_total for info, _ in alive) - free, free
+
     def status(self) -> StatusReply:
         assert self._registry is not None
         alive = self._registry.alive()
@@ -694,6 +763,11 @@ class ExecutorService:
             queue_size=self.calls_in_flight,
             total_requests=self.total_requests,
             total_errors=self.total_errors,
+            rates=CallRates(
+                calls_per_s_10s=round(self._call_rate.per_second(10), 3),
+                calls_per_s_60s=round(self._call_rate.per_second(60), 3),
+                errors_per_s_60s=round(self._error_rate.per_second(60), 3),
+            ),
             pool=PoolStatus(
                 total_slots=total,
                 available_slots=free,

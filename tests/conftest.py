@@ -83,6 +83,7 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
             executor_config: ExecutorConfig | None = None,
             worker_options: dict[str, Any] | None = None,
             client_options: dict[str, Any] | None = None,
+            executor_options: dict[str, Any] | None = None,
         ) -> Stack:
             stack = Stack(client=ToolbusClient(await connect("client"), **(client_options or {})))
             for _ in range(workers):
@@ -100,7 +101,9 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
                 stack.workers.append(await exit_stack.enter_async_context(worker))
             for index in range(executors):
                 connection = await connect(f"executor-{index}")
-                executor = ExecutorService(connection, executor_config or ExecutorConfig())
+                executor = ExecutorService(
+                    connection, executor_config or ExecutorConfig(), **(executor_options or {})
+                )
                 stack.executors.append(await exit_stack.enter_async_context(executor))
             return stack
 

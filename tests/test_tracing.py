@@ -227,3 +227,43 @@ async def test_a_nodejs_request_with_a_traceparent_lands_in_that_trace(
     assert executor.parent is not None and executor.parent.is_remote
     assert format(executor.parent.span_id, "016x") == parent_id
     assert {format(_trace_id(span), "032x") for span in found.values()} == {trace_id}
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        {"OTEL_TRACES_EXPORTER": "none"},
+        {"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"},
+    ],
+)
+def test_tracing_is_off_unless_asked_for(environ: dict[str, str]) -> None:
+    assert tracing.build_tracer_provider(service_name="toolbus", environ=environ) is None
+
+
+def test_exporters_come_from_the_otel_variables() -> None:
+    console = tracing.build_tracer_provider(
+        service_name="toolbus-worker", environ={"OTEL_TRACES_EXPORTER": "console"}
+    )
+    assert console is not None
+    assert console.resource.attributes["service.name"] == "toolbus-worker"
+    console.shutdown()
+    # An OTLP endpoint alone turns OTLP on (the exporter sends nothing until spans end).
+    otlp = tracing.build_tracer_provider(
+        service_name="toolbus",
+        environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_SERVICE_NAME": "rl"},
+    )
+    assert otlp is not None and otlp.resource.attributes["service.name"] == "rl"
+    otlp.shutdown()
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER='zipkin': unknown exporter"):
+        tracing.build_tracer_provider(
+            service_name="toolbus", environ={"OTEL_TRACES_EXPORTER": "zipkin"}
+        )
+
+
+def test_trace_headers_are_read_whatever_their_case() -> None:
+    carrier = {"TRACEPARENT": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    context = trace.get_current_span(tracing.extract_context(carrier)).get_span_context()
+    assert context.is_valid and context.is_remote
+    assert format(context.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert tracing.extract_context({"traceparent": "garbage"}) == tracing.extract_context(None)
