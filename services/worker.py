@@ -467,10 +467,7 @@ class SandboxWorker:
                 )
                 _describe_result(span, outcome.result)
             if not _succeeded(outcome):
-                error = (
-                    outcome.result.error if outcome.result else (outcome.reply or {}).get("error")
-                )
-                tracing.mark_error(span, _error_type(outcome), error)
+                tracing.mark_error(span, _error_type(outcome), _error_message(outcome))
 
     async def _run_artifact_operation(self, slot: _Slot, item: BatchItem) -> dict[str, Any]:
         operation = item.tool.removeprefix(_ARTIFACTS)
