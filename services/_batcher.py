@@ -19,7 +19,6 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind
 
 from observability import tracing
@@ -133,12 +132,12 @@ class WorkerLink:
     async def _send(self, batch: list[_Pending]) -> None:
         body = self._prefix + b",".join(p.payload for p in batch) + b"]}"
         # A batch serves many traces: its span starts a trace of its own and links to each call.
-        with tracing.tracer().start_as_current_span(
+        with tracing.span(
             f"send {self._subject}",
-            context=Context(),
             kind=SpanKind.PRODUCER,
-            links=[Link(p.span_context) for p in batch if p.span_context.is_valid],
-            attributes=tracing.nats_attributes(
+            new_trace=True,
+            links=lambda: [Link(p.span_context) for p in batch if p.span_context.is_valid],
+            attributes=lambda: tracing.nats_attributes(
                 self._subject,
                 "send",
                 **{

@@ -273,13 +273,12 @@ class ToolbusClient:
     ) -> T:
         """The request as a CLIENT span whose context travels in the ``traceparent`` header,
         so the service's spans join the caller's trace; a failed call marks it as an error."""
-        with tracing.tracer().start_as_current_span(
+        with tracing.span(
             f"send {subject}",
             kind=SpanKind.CLIENT,
-            attributes=tracing.nats_attributes(
+            attributes=lambda: tracing.nats_attributes(
                 subject, "send", **{tracing.MESSAGING_BODY_SIZE: len(body)}
             ),
-            record_exception=False,
         ) as span:
             try:
                 reply = parse(await self._request(subject, body, timeout_s))

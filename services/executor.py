@@ -298,11 +298,11 @@ class ExecutorService:
 
     async def _serve(self, msg: Msg, handler: Handler, stats: EndpointStats) -> None:
         # The request's span continues the caller's trace when it sent a traceparent header.
-        with tracing.tracer().start_as_current_span(
+        with tracing.span(
             f"process {stats.subject}",
-            context=tracing.extract_context(msg.headers),
             kind=SpanKind.CONSUMER,
-            attributes=tracing.nats_attributes(
+            parent=msg.headers or {},
+            attributes=lambda: tracing.nats_attributes(
                 msg.subject,
                 "process",
                 **{
@@ -311,8 +311,6 @@ class ExecutorService:
                     tracing.MESSAGING_BODY_SIZE: len(msg.data),
                 },
             ),
-            record_exception=False,
-            set_status_on_exception=False,
         ) as span:
             await self._serve_in_span(msg, handler, stats, span)
 
@@ -649,7 +647,7 @@ class ExecutorService:
         return await self._acquire(trajectory_id)
 
     async def _acquire(self, trajectory_id: str) -> Lease:
-        with tracing.tracer().start_as_current_span("acquire slot") as span:
+        with tracing.span("acquire slot") as span:
             lease = await self._acquire_in_span(trajectory_id)
             span.set_attributes({"toolbus.worker_id": lease.worker_id, "toolbus.slot": lease.slot})
             return lease

@@ -29,8 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
-from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace import Span, SpanKind
 
 from observability import tracing
 from schemas.internal import (
@@ -377,7 +376,7 @@ class SandboxWorker:
     # -- calls --------------------------------------------------------------------------------
     async def _on_batch(self, msg: Msg) -> None:
         batch = BatchRequest.model_validate_json(msg.data)
-        batch_link = tracing.link_to(msg.headers)
+        batch_headers = msg.headers
         ack = BatchAck()
         for item in batch.items:
             slot = self._by_trajectory.get(item.trajectory_id)
@@ -387,14 +386,19 @@ class SandboxWorker:
                 ack.rejected[item.item_id] = RejectReason.NO_SLOT
             else:
                 task = asyncio.create_task(
-                    self._run_item(slot, item, batch.reply_to, batch_link, msg.subject)
+                    self._run_item(slot, item, batch.reply_to, batch_headers, msg.subject)
                 )
                 slot.tasks.add(task)
                 task.add_done_callback(slot.tasks.discard)
         await msg.respond(ack.model_dump_json().encode())
 
     async def _run_item(
-        self, slot: _Slot, item: BatchItem, reply_to: str, batch_link: list[Link], subject: str
+        self,
+        slot: _Slot,
+        item: BatchItem,
+        reply_to: str,
+        batch_headers: dict[str, str] | None,
+        subject: str,
     ) -> None:
         """Run one call in its slot (after the calls before it) and publish its result.
 
@@ -402,20 +406,19 @@ class SandboxWorker:
         batch it came in; the tool's own span inside it is the execution time, what comes
         before it the queue wait.
         """
-        span = tracing.tracer().start_span(
-            f"process {subject}",
-            context=tracing.extract_context(item.trace_context),
-            kind=SpanKind.CONSUMER,
-            links=batch_link,
-            attributes=tracing.nats_attributes(
-                subject,
-                "process",
-                **{"toolbus.trajectory_id": item.trajectory_id, "toolbus.slot": slot.index},
-            ),
-        )
         outcome = ItemResult(item_id=item.item_id)
         with (
-            trace.use_span(span, end_on_exit=True),
+            tracing.span(
+                f"process {subject}",
+                kind=SpanKind.CONSUMER,
+                parent=item.trace_context or {},
+                links=lambda: tracing.link_to(batch_headers),
+                attributes=lambda: tracing.nats_attributes(
+                    subject,
+                    "process",
+                    **{"toolbus.trajectory_id": item.trajectory_id, "toolbus.slot": slot.index},
+                ),
+            ) as span,
             structlog.contextvars.bound_contextvars(
                 trajectory_id=item.trajectory_id, tool=item.tool, uniq_id=item.uniq_id
             ),
@@ -451,9 +454,12 @@ class SandboxWorker:
             await self._publish_outcome(item, outcome, reply_to, slot)
 
     async def _run_tool(self, slot: _Slot, item: BatchItem, outcome: ItemResult) -> None:
-        with tracing.tracer().start_as_current_span(
+        with tracing.span(
             f"execute_tool {item.tool}",
-            attributes={"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": item.tool},
+            attributes=lambda: {
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": item.tool,
+            },
         ) as span:
             if item.tool.startswith(_ARTIFACTS):
                 outcome.reply = await self._run_artifact_operation(slot, item)
@@ -521,6 +527,8 @@ def _error_message(outcome: ItemResult) -> str | None:
 
 
 def _describe_result(span: Span, result: ToolResult) -> None:
+    if not span.is_recording():
+        return
     metadata = result.metadata
     attributes = {
         "toolbus.status": metadata.get("status"),

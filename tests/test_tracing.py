@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -267,3 +269,20 @@ def test_trace_headers_are_read_whatever_their_case() -> None:
     assert context.is_valid and context.is_remote
     assert format(context.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert tracing.extract_context({"traceparent": "garbage"}) == tracing.extract_context(None)
+
+
+def test_with_tracing_off_spans_cost_no_attributes(spans: InMemorySpanExporter) -> None:
+    """Run where no provider is installed (this test process has one): nothing is built."""
+    program = (
+        "from observability import tracing\n"
+        "built = []\n"
+        "with tracing.span('x', attributes=lambda: built.append(1) or {}) as span:\n"
+        "    pass\n"
+        "assert not tracing.enabled() and not built and not span.is_recording()\n"
+        "print('off')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.stdout == "off\n", done.stderr
+    assert tracing.enabled()  # here the session's in-memory provider is installed
