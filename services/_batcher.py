@@ -75,6 +75,11 @@ class WorkerLink:
     def queued(self) -> int:
         return len(self._pending)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch in flight: the link can be dropped without loss."""
+        return not self._pending and self._in_flight == 0
+
     def submit(self, item: BatchItem) -> asyncio.Future[RejectReason | None]:
         """Queue a call; the future says whether the worker accepted it (None) or why not."""
         loop = asyncio.get_running_loop()

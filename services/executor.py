@@ -524,6 +524,7 @@ class ExecutorService:
     def _link(self, worker_id: str) -> WorkerLink:
         link = self._links.get(worker_id)
         if link is None:
+            self._drop_idle_links_of_gone_workers()
             link = self._links[worker_id] = WorkerLink(
                 self._nc,
                 on_batch=functools.partial(self._metrics.batch_sent, worker_id=worker_id),
@@ -534,6 +535,14 @@ class ExecutorService:
                 max_bytes=self._config.max_batch_bytes,
             )
         return link
+
+    def _drop_idle_links_of_gone_workers(self) -> None:
+        """Forget links to workers no longer registered (workers come and go over a long run),
+        once nothing is queued or in flight on them. Runs when a new worker's link is made."""
+        assert self._registry is not None
+        for worker_id, link in list(self._links.items()):
+            if link.idle and not self._registry.is_alive(worker_id):
+                del self._links[worker_id]
 
     async def _on_result(self, msg: Msg) -> None:
         try:

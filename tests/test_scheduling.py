@@ -281,3 +281,6 @@ async def test_a_lost_worker_is_an_infra_failure_and_the_next_call_gets_a_new_sl
     again = await stack.client.execute(tid, "terminal", {"command": "echo fresh"})
     assert again.success
     assert again.metadata["worker_id"] == stack.workers[0].worker_id
+    # The executor does not keep a link to the gone worker once it links to another one.
+    links = stack.executors[0]._links
+    assert set(links) == {stack.workers[0].worker_id}
