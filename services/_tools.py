@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +19,10 @@ from schemas.tools import (
     WriteFileArgs,
 )
 
+from . import _files as files
 from ._diskguard import DiskGuard
 from ._process import CommandOutcome, run_command
-from ._sandbox import SANDBOX_WORKSPACE, Sandbox, SandboxError
+from ._sandbox import Sandbox, SandboxError
 from ._stateful import StatefulShell
 from ._tmux import TmuxError, TmuxState, run_tmux
 from ._validation import describe_validation_error
@@ -94,24 +94,6 @@ class SlotTools:
 class ToolLimits:
     max_output_chars: int
     max_file_chars: int
-
-
-def resolve_in_workspace(workspace: Path, raw: str) -> Path:
-    """Map a tool's path argument into the workspace; refuse anything that leaves it.
-
-    Relative paths and ``/workspace/...`` are accepted; ``..`` and symlinks are resolved first,
-    so neither can point outside. ``workspace`` must itself be resolved (the worker does it once).
-    """
-    if raw == SANDBOX_WORKSPACE or raw.startswith(SANDBOX_WORKSPACE + "/"):
-        raw = raw[len(SANDBOX_WORKSPACE) :].lstrip("/") or "."
-    elif os.path.isabs(raw):
-        raise ToolFailure(f"Path {raw!r} is outside the workspace (use a relative path)")
-    if "\x00" in raw:
-        raise ToolFailure("Path contains a NUL byte")
-    resolved = (workspace / raw).resolve()
-    if resolved != workspace and not resolved.is_relative_to(workspace):
-        raise ToolFailure(f"Path {raw!r} is outside the workspace")
-    return resolved
 
 
 class ToolRunner:
@@ -272,13 +254,11 @@ class ToolRunner:
         return ToolResult(success=False, output=output, error=error, metadata=metadata)
 
     def _read_file(self, args: ReadFileArgs, workspace: Path) -> ToolResult:
-        path = resolve_in_workspace(workspace, args.path)
-        if path.is_dir():
-            raise ToolFailure(f"{args.path} is a directory")
         limit = self._limits.max_file_chars
-        with path.open("rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            head = handle.read(limit * 4 + 1)
+        try:
+            size, head = files.read_head(workspace, args.path, limit * 4 + 1)
+        except files.PathRefused as refused:
+            raise ToolFailure(str(refused)) from None
         text = head.decode("utf-8", errors="replace")
         truncated = len(text) > limit or size > len(head)
         return ToolResult(
@@ -296,14 +276,11 @@ class ToolRunner:
                 f"{self._limits.max_file_chars}",
                 ErrorKindOfResult.INVALID_ARGUMENTS,
             )
-        path = resolve_in_workspace(workspace, args.path)
-        missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = args.content.encode("utf-8")
-        path.write_bytes(data)
-        if owner is not None:  # the sandbox's user must be able to change what it was given
-            for created in (path, *missing):
-                os.chown(created, *owner)
+        try:
+            files.write(workspace, args.path, data, owner)
+        except files.PathRefused as refused:
+            raise ToolFailure(str(refused)) from None
         return ToolResult(
             success=True,
             output=f"Wrote {len(data)} bytes to {args.path}",
