@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager, suppress
 from pathlib import Path
@@ -124,9 +125,38 @@ def _nats_url(settings: Settings) -> str:
     return settings.nats_url or f"nats://{settings.host}:{settings.port}"
 
 
+def nats_servers_and_auth(url: str) -> tuple[list[str], dict[str, str]]:
+    """The server URLs without credentials, and the credentials as connect options.
+
+    ``url`` may list several servers, comma-separated. nats-py uses credentials written in a
+    URL for that server only, not for the cluster's other servers it learns of or fails over
+    to; as connect options they go to every server. Percent-escapes in them are decoded, so a
+    password may hold any character (``%40`` for ``@``).
+    """
+    servers: list[str] = []
+    auth: dict[str, str] = {}
+    for given in (part.strip() for part in url.split(",")):
+        if not given:
+            continue
+        parts = urllib.parse.urlsplit(given if "://" in given else f"nats://{given}")
+        if parts.username is not None and not auth:
+            username = urllib.parse.unquote(parts.username)
+            if parts.password is None:
+                auth = {"token": username}
+            else:
+                auth = {"user": username, "password": urllib.parse.unquote(parts.password)}
+        host = parts.hostname or "127.0.0.1"
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        servers.append(urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")))
+    return servers, auth
+
+
 async def _connect(settings: Settings, name: str, *, service: bool = True) -> Client:
     """Connect to NATS; a service keeps reconnecting later, a one-shot command does not."""
-    url = _nats_url(settings)
+    servers, auth = nats_servers_and_auth(_nats_url(settings))
+    url = ",".join(servers)  # for messages: never the credentials
 
     async def on_error(exc: Exception) -> None:
         if service:  # one line, no traceback: the reconnect loop will try again
@@ -135,8 +165,9 @@ async def _connect(settings: Settings, name: str, *, service: bool = True) -> Cl
     try:
         return await asyncio.wait_for(
             nats.connect(
-                url,
+                servers,
                 name=name,
+                **auth,
                 connect_timeout=2,
                 error_cb=on_error,
                 allow_reconnect=service,

@@ -24,8 +24,10 @@ import pytest
 from nats.aio.client import Client
 
 from services._embedded import find_nats_server, free_port
+from services.cli import _connect, nats_servers_and_auth
 from services.client import ToolbusClient
 from services.executor import ExecutorService
+from services.settings import Settings
 from services.worker import SandboxWorker, WorkerConfig
 
 DEPLOY_NATS = Path(__file__).parents[1] / "deploy" / "nats"
@@ -117,3 +119,28 @@ async def test_each_user_of_the_accounts_file_can_do_its_part(
         assert status.pool.total_slots == 2
         await client.release("deploy-t1", reset_workspace=True)
     assert violations == []
+
+
+def test_credentials_in_the_url_become_connect_options_for_every_server() -> None:
+    servers, auth = nats_servers_and_auth(
+        "nats://executor:p%40ss%3Aw0rd@nats-1:4222, nats://nats-2:4222,tls://[::1]:4443"
+    )
+    assert servers == ["nats://nats-1:4222", "nats://nats-2:4222", "tls://[::1]:4443"]
+    assert auth == {"user": "executor", "password": "p@ss:w0rd"}
+    assert nats_servers_and_auth("nats://s3cr3t@host") == (["nats://host"], {"token": "s3cr3t"})
+    assert nats_servers_and_auth("127.0.0.1:4222") == (["nats://127.0.0.1:4222"], {})
+
+
+async def test_a_process_fails_over_to_a_server_its_url_gave_no_credentials_for(
+    secured_server: int,
+) -> None:
+    """Credentials written once in TOOLBUS_NATS_URL reach every server (here the first one in
+    the list is down, the second has no credentials of its own in the URL)."""
+    down = free_port()
+    url = f"nats://executor:pwexecutor@127.0.0.1:{down},nats://127.0.0.1:{secured_server}"
+    nc = await _connect(Settings(nats_url=url), "failover-test", service=False)
+    try:
+        assert nc.connected_url is not None and nc.connected_url.port == secured_server
+        await nc.flush()
+    finally:
+        await nc.close()
