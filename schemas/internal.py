@@ -84,6 +84,7 @@ class BatchRequest(BaseModel):
 class RejectReason(StrEnum):
     NO_SLOT = "no_slot"  # the worker holds no slot for the trajectory (released, or stale lease)
     STOPPING = "stopping"
+    EXPIRED = "expired"  # the worker released the trajectory's slot after slot_idle_timeout_s
 
 
 class BatchAck(BaseModel):

@@ -156,7 +156,16 @@ def _infra_failure(message: str, *, uniq_id: str | None = None, **metadata: Any)
     )
 
 
-def _workspace_lost(lease: Lease, uniq_id: str | None) -> ToolResult:
+def _workspace_lost(lease: Lease, uniq_id: str | None, *, expired: bool = False) -> ToolResult:
+    if expired:
+        return _infra_failure(
+            "This trajectory's slot was released after slot_idle_timeout_s without a call, and "
+            "its workspace wiped; the next call starts in a new one",
+            uniq_id=uniq_id,
+            worker_id=lease.worker_id,
+            workspace_lost=True,
+            expired=True,
+        )
     return _infra_failure(
         f"The sandbox worker {lease.worker_id} holding this trajectory's workspace is gone; "
         "the workspace is lost and the next call starts in a new one",
@@ -499,6 +508,9 @@ class ExecutorService:
                 if rejected is RejectReason.NO_SLOT:
                     stale = lease  # released meanwhile, or a stale lease: look again
                     continue
+                if rejected is RejectReason.EXPIRED:
+                    await self._forget_lease(trajectory_id, lease)
+                    return _workspace_lost(lease, uniq_id, expired=True)
                 if rejected is not None:
                     await self._drop_lost_worker(trajectory_id, lease)
                     return _workspace_lost(lease, uniq_id)
@@ -707,8 +719,13 @@ class ExecutorService:
             await self._registry.wait_for_capacity(min(remaining, 0.5))
 
     async def _drop_lost_worker(self, trajectory_id: str, lease: Lease) -> None:
-        assert self._registry is not None and self._leases is not None
+        assert self._registry is not None
         self._registry.note_gone(lease.worker_id)
+        await self._forget_lease(trajectory_id, lease)
+
+    async def _forget_lease(self, trajectory_id: str, lease: Lease) -> None:
+        """Delete the trajectory's stored lease if it is still this one."""
+        assert self._leases is not None
         stored = await self._leases.get(trajectory_id)
         if stored is not None and stored[0] == lease:
             await self._leases.delete(trajectory_id, revision=stored[1])

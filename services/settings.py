@@ -46,6 +46,7 @@ DEFAULT_MAX_FILE_MB = 1024
 DEFAULT_MAX_TMP_MB = 512
 DEFAULT_SANDBOX_UID_BASE = 2_000_000_000
 DEFAULT_MIN_FREE_DISK_MB = 1024
+DEFAULT_SLOT_IDLE_TIMEOUT_S = 3600.0
 
 
 def default_data_dir() -> Path:
@@ -282,6 +283,13 @@ class Settings(BaseSettings):
         validation_alias=_env("sandbox_uid_base"),
         description="When the worker runs as root, slot i's sandbox runs as host uid/gid "
         "base+i (0: as root, not advised).",
+    )
+    slot_idle_timeout_s: float = Field(
+        default=DEFAULT_SLOT_IDLE_TIMEOUT_S,
+        ge=0,
+        validation_alias=_env("slot_idle_timeout_s"),
+        description="A slot without a call for this long is released and wiped, as if its "
+        "trajectory were released (0: never); the trajectory's next call says so.",
     )
     max_output_chars: int = Field(
         default=DEFAULT_MAX_OUTPUT_CHARS,

@@ -12,6 +12,7 @@ registers; exit stops accepting (unsubscribe, deregister), waits for running cal
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -61,12 +62,14 @@ from .settings import (
     DEFAULT_MAX_OUTPUT_CHARS,
     DEFAULT_MIN_FREE_DISK_MB,
     DEFAULT_SANDBOX_UID_BASE,
+    DEFAULT_SLOT_IDLE_TIMEOUT_S,
     Settings,
 )
 
 log = structlog.get_logger("toolbus.worker")
 
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
+_MAX_EXPIRED_REMEMBERED = 10_000
 _ARTIFACTS = "artifacts."  # batch items of artifact operations, e.g. "artifacts.read"
 
 
@@ -90,6 +93,7 @@ class WorkerConfig:
     sandbox_uid_base: int = DEFAULT_SANDBOX_UID_BASE
     min_free_disk_mb: int = DEFAULT_MIN_FREE_DISK_MB
     pids_cgroup: bool = True
+    slot_idle_timeout_s: float = DEFAULT_SLOT_IDLE_TIMEOUT_S
     artifacts_bucket: str = DEFAULT_ARTIFACTS_BUCKET
     artifacts_ttl_s: float = DEFAULT_ARTIFACTS_TTL_S
     artifact_limits: ArtifactLimits = ArtifactLimits()
@@ -116,6 +120,7 @@ class WorkerConfig:
             sandbox_uid_base=settings.sandbox_uid_base,
             min_free_disk_mb=settings.min_free_disk_mb,
             pids_cgroup=settings.pids_cgroup,
+            slot_idle_timeout_s=settings.slot_idle_timeout_s,
             artifacts_bucket=settings.artifacts_bucket,
             artifacts_ttl_s=settings.artifacts_ttl_s,
             artifact_limits=ArtifactLimits(
@@ -134,6 +139,7 @@ class _Slot:
     workspace: Path
     tools: SlotTools
     trajectory_id: str | None = None
+    last_used: float = 0.0  # monotonic time of its last call's start or end
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -172,6 +178,8 @@ class SandboxWorker:
         )
         self._slots: list[_Slot] = []
         self._by_trajectory: dict[str, _Slot] = {}
+        # Trajectories whose slots expired, so their next call hears why (bounded, oldest out).
+        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._subscriptions: list[Subscription] = []
         self._registry: KeyValue | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -324,6 +332,7 @@ class SandboxWorker:
         while True:
             await asyncio.sleep(self._config.heartbeat_s)
             try:
+                await self._expire_idle_slots()
                 await self._announce()
             except Exception as exc:  # a missed heartbeat is logged, the next one retries
                 log.warning("heartbeat failed", worker_id=self.worker_id, error=str(exc))
@@ -343,7 +352,9 @@ class SandboxWorker:
             return AcquireReply(slot=slot.index)
         for slot in self._slots:
             if slot.trajectory_id is None:
+                self._expired.pop(trajectory_id, None)
                 slot.trajectory_id = trajectory_id
+                slot.last_used = time.monotonic()
                 self._by_trajectory[trajectory_id] = slot
                 self._announce_change()
                 log.info("slot acquired", trajectory_id=trajectory_id, slot=slot.index)
@@ -373,6 +384,23 @@ class SandboxWorker:
         )
         return WorkerReleaseReply(released=True, slot=slot.index)
 
+    async def _expire_idle_slots(self) -> None:
+        """Release, and wipe, slots whose trajectory has made no call for slot_idle_timeout_s:
+        a trainer that crashed or forgot to release must not hold them for ever."""
+        timeout = self._config.slot_idle_timeout_s
+        if timeout <= 0:
+            return
+        now = time.monotonic()
+        for slot in self._slots:
+            trajectory_id = slot.trajectory_id
+            if trajectory_id is None or slot.tasks or now - slot.last_used < timeout:
+                continue
+            log.info("slot expired", trajectory_id=trajectory_id, slot=slot.index, idle_s=timeout)
+            self._expired[trajectory_id] = None
+            while len(self._expired) > _MAX_EXPIRED_REMEMBERED:
+                self._expired.popitem(last=False)
+            await self.release(trajectory_id, reset_workspace=True)
+
     # -- calls --------------------------------------------------------------------------------
     async def _on_batch(self, msg: Msg) -> None:
         batch = BatchRequest.model_validate_json(msg.data)
@@ -382,9 +410,12 @@ class SandboxWorker:
             slot = self._by_trajectory.get(item.trajectory_id)
             if not self._accepting:
                 ack.rejected[item.item_id] = RejectReason.STOPPING
+            elif slot is None and item.trajectory_id in self._expired:
+                ack.rejected[item.item_id] = RejectReason.EXPIRED
             elif slot is None:
                 ack.rejected[item.item_id] = RejectReason.NO_SLOT
             else:
+                slot.last_used = time.monotonic()
                 task = asyncio.create_task(
                     self._run_item(slot, item, batch.reply_to, batch_headers, msg.subject)
                 )
@@ -493,6 +524,7 @@ class SandboxWorker:
     async def _publish_outcome(
         self, item: BatchItem, outcome: ItemResult, reply_to: str, slot: _Slot
     ) -> None:
+        slot.last_used = time.monotonic()
         if outcome.result is not None:
             outcome.result.uniq_id = item.uniq_id
             outcome.result.metadata.update(worker_id=self.worker_id, slot=slot.index)

@@ -284,3 +284,26 @@ async def test_a_lost_worker_is_an_infra_failure_and_the_next_call_gets_a_new_sl
     # The executor does not keep a link to the gone worker once it links to another one.
     links = stack.executors[0]._links
     assert set(links) == {stack.workers[0].worker_id}
+
+
+async def test_an_idle_slot_expires_and_the_next_call_says_so(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack(slots=2, worker_options={"slot_idle_timeout_s": 1.0})
+    worker = stack.workers[0]
+    idle, busy = trajectory(), trajectory()
+    assert (await stack.client.execute(idle, "write_file", {"path": "f", "content": "x"})).success
+    # A call that runs longer than the timeout keeps its slot: idle means between calls.
+    long_call = await stack.client.execute(busy, "terminal", {"command": "sleep 2.5; echo done"})
+    assert long_call.success and long_call.output == "done\n"
+    assert worker.slots_free == 1  # the idle trajectory's slot expired meanwhile
+
+    expired = await stack.client.execute(idle, "read_file", {"path": "f"}, uniq_id="u")
+    assert not expired.success and expired.uniq_id == "u"
+    assert expired.metadata["error_kind"] == "infra"
+    assert expired.metadata["expired"] is True and expired.metadata["workspace_lost"] is True
+    assert "slot_idle_timeout_s" in (expired.error or "")
+    fresh = await stack.client.execute(idle, "terminal", {"command": "ls -A | wc -l"})
+    assert fresh.success and fresh.output.strip() == "0"  # a new, empty workspace
+    after_busy = await stack.client.execute(busy, "terminal", {"command": "echo still"})
+    assert after_busy.success
