@@ -51,6 +51,11 @@ class Subjects:
         return f"{self.prefix}.artifacts.*"
 
     @property
+    def external_prefix(self) -> str:
+        """Services that provide external tools answer on ``<this>.<tool name>``."""
+        return f"{self.prefix}.external"
+
+    @property
     def release(self) -> str:
         return f"{self.prefix}.release"
 

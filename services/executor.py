@@ -69,6 +69,7 @@ from schemas.tools import BUILTIN_TOOLS, TOOL_ALIASES, canonical_tool_name
 from . import __version__
 from ._batcher import WorkerLink, WorkerUnavailable
 from ._discovery import EndpointStats, ServiceDiscovery
+from ._external import ExternalTools
 from ._kv import open_bucket
 from ._leases import LeaseTable
 from ._rates import RateWindow
@@ -123,6 +124,8 @@ class ExecutorConfig:
     default_timeout_s: float = DEFAULT_TIMEOUT_S
     max_timeout_s: float = MAX_TIMEOUT_S
     artifact_timeout_s: float = DEFAULT_ARTIFACT_TIMEOUT_S
+    tool_server_url: str | None = None
+    tool_server_token: str | None = None
     result_grace_s: float = DEFAULT_RESULT_GRACE_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
 
@@ -144,6 +147,8 @@ class ExecutorConfig:
             default_timeout_s=settings.default_timeout_s,
             max_timeout_s=settings.max_timeout_s,
             artifact_timeout_s=settings.artifact_timeout_s,
+            tool_server_url=settings.tool_server_url,
+            tool_server_token=settings.tool_server_token,
         )
 
 
@@ -195,6 +200,12 @@ class ExecutorService:
         self._metrics = metrics or ToolbusMetrics()
         self._unobserve: list[Callable[[], None]] = []
         self._call_rate = RateWindow()
+        self._external = ExternalTools(
+            nc,
+            subject_prefix=self._config.subjects.external_prefix,
+            server_url=self._config.tool_server_url,
+            server_token=self._config.tool_server_token,
+        )
         self._error_rate = RateWindow()
         self._subjects = self._config.subjects
         self._nuid = NUID()
@@ -403,7 +414,7 @@ class ExecutorService:
             )
         tool = canonical_tool_name(request.tool.name)
         if tool is None:
-            raise NotFound(f"Unknown tool: {request.tool.name}", kind=ErrorKind.UNKNOWN_TOOL)
+            return await self._execute_external(request)
         trace.get_current_span().set_attributes(
             {"toolbus.trajectory_id": request.trajectory_id, "toolbus.tool": tool}
         )
@@ -425,6 +436,43 @@ class ExecutorService:
         if not result.success:
             kind = str(result.metadata.get("error_kind") or "tool")
             tracing.mark_error(trace.get_current_span(), kind, result.error)
+        return result.model_dump_json().encode()
+
+    async def _execute_external(self, request: ExecuteRequest) -> bytes:
+        """A tool toolbus does not have: whoever provides it (see _external.py), else 404."""
+        name = request.tool.name
+        trace.get_current_span().set_attributes(
+            {"toolbus.trajectory_id": request.trajectory_id, "toolbus.tool": name}
+        )
+        requested = request.timeout_s or _number(request.tool.arguments.get("timeout"))
+        assert self._leases is not None
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(
+            trajectory_id=request.trajectory_id, tool=name, uniq_id=request.tool.uniq_id
+        ):
+            self.calls_in_flight += 1
+            try:
+                result = await self._external.call(
+                    request,
+                    timeout_s=self._config.clamp_timeout(requested),
+                    lease=self._leases.cached(request.trajectory_id),
+                )
+            finally:
+                self.calls_in_flight -= 1
+            if result is None:
+                raise NotFound(f"Unknown tool: {name}", kind=ErrorKind.UNKNOWN_TOOL)
+            log.debug("external call answered", success=result.success)
+        self._call_rate.add()
+        error_kind = None if result.success else str(result.metadata.get("error_kind") or "tool")
+        if error_kind is not None:
+            self._error_rate.add()
+            tracing.mark_error(trace.get_current_span(), error_kind, result.error)
+        self._metrics.call_finished(
+            tool="external",  # not the name: callers choose it, and metric series must be few
+            status="ok" if result.success else "error",
+            total_s=time.perf_counter() - started,
+            error_type=error_kind,
+        )
         return result.model_dump_json().encode()
 
     async def execute(

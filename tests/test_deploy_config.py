@@ -26,6 +26,7 @@ from nats.aio.client import Client
 from services._embedded import find_nats_server, free_port
 from services.cli import _connect, nats_servers_and_auth
 from services.client import ToolbusClient
+from services.exceptions import NotFound
 from services.executor import ExecutorService
 from services.settings import Settings
 from services.worker import SandboxWorker, WorkerConfig
@@ -117,6 +118,8 @@ async def test_each_user_of_the_accounts_file_can_do_its_part(
         await client.fetch_artifact(packed.object, tmp_path / "task.tar.gz")
         status = await client.status()
         assert status.pool.total_slots == 2
+        with pytest.raises(NotFound, match="Unknown tool"):  # asked of tools.external.* first
+            await client.execute("deploy-t1", "web_search", {"query": "x"})
         await client.release("deploy-t1", reset_workspace=True)
     assert violations == []
 
