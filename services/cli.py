@@ -30,6 +30,7 @@ from nats.aio.client import Client
 from pydantic import ValidationError
 
 from backends.local import LocalWorkers
+from backends.nomad import NomadConfig, NomadWorkers
 from observability.logging import configure_logging
 from observability.metrics import configure_metrics
 from observability.tracing import configure_tracing
@@ -192,16 +193,18 @@ async def _until_signalled() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
+    try:
+        await stop.wait()
+    finally:  # also when cancelled: the loop must not keep handlers for a stopped service
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
-    if settings.backend == "nomad":
+    if settings.backend == "nomad" and settings.nats_url is None:
         raise ToolbusError(
-            "backend 'nomad' is not available yet: use --backend local, or --backend external "
-            "and start workers with `toolbus worker` (deploy/nomad has job files for that)"
+            "--backend nomad needs --nats-url: Nomad runs the workers on other hosts, which "
+            "cannot reach an embedded NATS server"
         )
     # Exit order is the reverse: executor stops accepting, then workers, then NATS.
     async with AsyncExitStack() as stack:
@@ -215,7 +218,7 @@ async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None =
         url = _nats_url(settings)
         nc = await _connect(settings, "toolbus-executor")
         stack.push_async_callback(nc.drain)
-        workers = None
+        workers: LocalWorkers | NomadWorkers | None = None
         if settings.backend == "local" and settings.workers > 0:
             workers = await stack.enter_async_context(
                 LocalWorkers(
@@ -224,6 +227,14 @@ async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None =
                     env_for=lambda k: _worker_uid_range(settings, k),
                 )
             )
+        elif settings.backend == "nomad":
+            config = NomadConfig.from_settings(
+                settings,
+                settings_env(settings),
+                token=settings.nomad_token,
+                nats_address=settings.nomad_nats_address,
+            )
+            workers = await stack.enter_async_context(NomadWorkers(config))
         executor = await stack.enter_async_context(
             ExecutorService(nc, ExecutorConfig.from_settings(settings))
         )

@@ -147,6 +147,18 @@ class Settings(BaseSettings):
         validation_alias=_env("nomad_address", "TOOL_EXECUTOR_NOMAD_ADDRESS"),
         description="Nomad HTTP API address (backend=nomad).",
     )
+    nomad_token: str | None = Field(
+        default=None,
+        validation_alias=_env("nomad_token"),
+        description="Nomad ACL token (backend=nomad); not passed to workers.",
+    )
+    nomad_nats_address: str | None = Field(
+        default=None,
+        validation_alias=_env("nomad_nats_address"),
+        description="host:port of NATS for Nomad workers, which then log in as user 'worker' "
+        "with the password in Nomad Variable nomad/jobs/<job_id> (item nats_password); unset: "
+        "they get this service's nats_url (backend=nomad).",
+    )
     job_id: str = Field(
         default="toolbus-sandbox-workers",
         validation_alias=_env("job_id", "TOOL_EXECUTOR_JOB_ID"),
