@@ -38,6 +38,7 @@ from schemas.artifacts import (
     ObjectRef,
 )
 
+from ._files import from_sandbox_path
 from ._objects import (
     ObjectCorrupt,
     ObjectNotFound,
@@ -46,7 +47,7 @@ from ._objects import (
     open_object_store,
     put_object,
 )
-from ._sandbox import SANDBOX_WORKSPACE, Sandbox, SandboxError
+from ._sandbox import Sandbox, SandboxError
 from .settings import (
     DEFAULT_ARTIFACT_INLINE_BYTES,
     DEFAULT_ARTIFACTS_BUCKET,
@@ -164,7 +165,7 @@ class ArtifactRunner:
             summary = await self._helper(
                 sandbox,
                 "read",
-                {"path": _inside(request.path), "max_bytes": max_bytes},
+                {"path": from_sandbox_path(request.path), "max_bytes": max_bytes},
                 sink=keep,
                 max_output=max_bytes,
             )
@@ -200,7 +201,7 @@ class ArtifactRunner:
             sandbox,
             "list",
             {
-                "path": _inside(request.path),
+                "path": from_sandbox_path(request.path),
                 "recursive": request.recursive,
                 "max_entries": max_entries,
             },
@@ -226,7 +227,7 @@ class ArtifactRunner:
                 sandbox,
                 "archive",
                 {
-                    "path": _inside(request.path),
+                    "path": from_sandbox_path(request.path),
                     "format": request.format,
                     "max_bytes": max_bytes,
                     "max_entries": max_entries,
@@ -269,7 +270,7 @@ class ArtifactRunner:
                 sandbox,
                 "extract",
                 {
-                    "path": _inside(request.path),
+                    "path": from_sandbox_path(request.path),
                     "max_bytes": limit,
                     "max_entries": self._limits.max_upload_entries,
                 },
@@ -367,13 +368,6 @@ def _summary(stderr: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return summary if isinstance(summary, dict) else None
-
-
-def _inside(path: str) -> str:
-    """``/workspace/...`` (how commands see it) as a path relative to the workspace."""
-    if path == SANDBOX_WORKSPACE or path.startswith(SANDBOX_WORKSPACE + "/"):
-        return path[len(SANDBOX_WORKSPACE) :].lstrip("/") or "."
-    return path
 
 
 def _object_name(trajectory_id: str, operation: str, filename: str) -> str:

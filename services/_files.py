@@ -42,12 +42,20 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _has_openat2: bool | None = None  # found out on first use
 
 
+def from_sandbox_path(raw: str) -> str:
+    """``/workspace/...``, as commands see the workspace, relative to it; others unchanged."""
+    if raw == SANDBOX_WORKSPACE or raw.startswith(SANDBOX_WORKSPACE + "/"):
+        return raw[len(SANDBOX_WORKSPACE) :].lstrip("/") or "."
+    return raw
+
+
 def relative_path(raw: str) -> str:
     """The tool's path argument relative to the workspace; ``/workspace/...`` is accepted."""
     if "\x00" in raw:
         raise PathRefused("Path contains a NUL byte")
-    if raw == SANDBOX_WORKSPACE or raw.startswith(SANDBOX_WORKSPACE + "/"):
-        return raw[len(SANDBOX_WORKSPACE) :].lstrip("/") or "."
+    relative = from_sandbox_path(raw)
+    if relative != raw:
+        return relative
     if os.path.isabs(raw):
         raise PathRefused(f"Path {raw!r} is outside the workspace (use a relative path)")
     # Said at once when the words alone leave (the kernel would first miss a name on the way).

@@ -415,9 +415,7 @@ class ExecutorService:
         tool = canonical_tool_name(request.tool.name)
         if tool is None:
             return await self._execute_external(request)
-        trace.get_current_span().set_attributes(
-            {"toolbus.trajectory_id": request.trajectory_id, "toolbus.tool": tool}
-        )
+        _annotate_span(request.trajectory_id, tool)
         requested = request.timeout_s
         if requested is None:
             requested = _number(request.tool.arguments.get("timeout"))
@@ -441,9 +439,7 @@ class ExecutorService:
     async def _execute_external(self, request: ExecuteRequest) -> bytes:
         """A tool toolbus does not have: whoever provides it (see _external.py), else 404."""
         name = request.tool.name
-        trace.get_current_span().set_attributes(
-            {"toolbus.trajectory_id": request.trajectory_id, "toolbus.tool": name}
-        )
+        _annotate_span(request.trajectory_id, name)
         requested = request.timeout_s or _number(request.tool.arguments.get("timeout"))
         assert self._leases is not None
         started = time.perf_counter()
@@ -631,9 +627,7 @@ class ExecutorService:
         requested = fields.pop("timeout_s")
         timeout_s = min(max(requested or self._config.artifact_timeout_s, MIN_TIMEOUT_S), 3600.0)
         tool = f"artifacts.{operation}"
-        trace.get_current_span().set_attributes(
-            {"toolbus.trajectory_id": trajectory_id, "toolbus.tool": tool}
-        )
+        _annotate_span(trajectory_id, tool)
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool=tool):
             # Only an upload may give a trajectory its first slot; the others need its files.
@@ -865,6 +859,13 @@ class ExecutorService:
 
     async def _list_tools(self, msg: Msg) -> bytes:
         return self._tool_list
+
+
+def _annotate_span(trajectory_id: str, tool: str) -> None:
+    """Name the call on the request's span (nothing to build when it does not record)."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({"toolbus.trajectory_id": trajectory_id, "toolbus.tool": tool})
 
 
 def _number(value: Any) -> float | None:
