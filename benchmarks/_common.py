@@ -218,6 +218,23 @@ async def release_all(
 
 
 # -- entry point --------------------------------------------------------------------------------
+def positive_ints(example: str) -> Callable[[str], list[int]]:
+    """An argparse type: a comma-separated list of whole numbers of at least 1."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected e.g. {example}, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected whole numbers of at least 1, e.g. {example}"
+            )
+        return values
+
+    return parse
+
+
 def add_timing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--duration", type=float, default=5.0, help="timed seconds per row [default: 5]"

@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from _common import BenchError, Report, machine_info, print_report, progress, run_in_temp_dir
+from _common import (
+    BenchError,
+    Report,
+    machine_info,
+    positive_ints,
+    print_report,
+    progress,
+    run_in_temp_dir,
+)
 from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
 
@@ -129,7 +137,7 @@ async def run(args: argparse.Namespace, data_dir: Path) -> Report:
             js = nc.jetstream()
             store = await open_object_store(js, BUCKET, description="toolbus benchmark")
             server_version = str(nc._server_info.get("version", "?"))
-            for size_mib in args.sizes:
+            for size_mib in sorted(set(args.sizes)):
                 source = data_dir / f"source-{size_mib}.bin"
                 with source.open("wb") as file:
                     for _ in range(size_mib):
@@ -247,22 +255,15 @@ def table(report: Report) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. 1,10,100, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError("sizes are whole MiB, at least 1")
-    return sorted(set(sizes))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Object Store MiB/s: nats-py put/get next to toolbus put_object/fetch_object."
     )
     parser.add_argument(
-        "--sizes", type=_sizes, default=[1, 10, 100], help="object sizes in MiB [default: 1,10,100]"
+        "--sizes",
+        type=positive_ints("1,10,100"),
+        default=[1, 10, 100],
+        help="object sizes in MiB [default: 1,10,100]",
     )
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs per size; the median counts [default: 3]"

@@ -46,6 +46,7 @@ from _common import (
     make_run_id,
     measure,
     ms,
+    positive_ints,
     print_report,
     progress,
     release_all,
@@ -260,16 +261,6 @@ def render_table(rows: Sequence[Row], header: str) -> str:
 
 
 # -- entry point --------------------------------------------------------------------------------
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. 1,100,1000, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("concurrency levels must be at least 1")
-    return levels
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Calls/s and latency of raw NATS request/reply and of toolbus read_file."
@@ -277,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_timing_options(parser)
     parser.add_argument(
         "--concurrency",
-        type=_levels,
+        type=positive_ints("1,100,1000"),
         default=[1, 100, 1000],
         help="concurrent requesters/trajectories per row [default: 1,100,1000]",
     )
