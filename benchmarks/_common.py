@@ -270,15 +270,20 @@ async def _stop_on_sigterm(run: Awaitable[Report]) -> Report:
     return await run
 
 
-def run_in_temp_dir(
-    run: Callable[[Path], Coroutine[Any, Any, Report]], *, prefix: str
-) -> Report | int:
-    """Run ``run(data_dir)`` in a temporary directory removed at the end; SIGTERM stops it like
-    Ctrl-C. Returns the report, or the exit code after saying on stderr what went wrong."""
+def run_and_report(
+    run: Callable[[Path], Coroutine[Any, Any, Report]],
+    *,
+    prefix: str,
+    as_json: bool,
+    table: Callable[[Report], str],
+) -> int:
+    """Run ``run(data_dir)`` in a temporary directory removed at the end (SIGTERM stops it like
+    Ctrl-C), print its report as a table or JSON, and return the exit code; on failure say on
+    stderr what went wrong."""
     configure_logging(level="warning", fmt="json")
     data_dir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        return asyncio.run(_stop_on_sigterm(run(data_dir)))
+        report = asyncio.run(_stop_on_sigterm(run(data_dir)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; child processes stopped", file=sys.stderr)
         return 130
@@ -287,7 +292,5 @@ def run_in_temp_dir(
         return 1
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def print_report(report: Report, *, as_json: bool, table: Callable[[Report], str]) -> None:
     print(json.dumps(report, indent=2) if as_json else table(report))
+    return 0

@@ -37,9 +37,8 @@ from _common import (
     Report,
     machine_info,
     positive_ints,
-    print_report,
     progress,
-    run_in_temp_dir,
+    run_and_report,
 )
 from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
@@ -277,11 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeat < 1:
         print("bench: --repeat must be >= 1", file=sys.stderr)
         return 2
-    report = run_in_temp_dir(lambda data_dir: run(args, data_dir), prefix="toolbus-bench-")
-    if isinstance(report, int):
-        return report
-    print_report(report, as_json=args.json, table=table)
-    return 0
+    return run_and_report(
+        lambda data_dir: run(args, data_dir),
+        prefix="toolbus-bench-",
+        as_json=args.json,
+        table=table,
+    )
 
 
 if __name__ == "__main__":

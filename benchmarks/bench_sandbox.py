@@ -54,10 +54,9 @@ from _common import (
     make_run_id,
     measure,
     ms,
-    print_report,
     progress,
     release_all,
-    run_in_temp_dir,
+    run_and_report,
     toolbus_client,
 )
 
@@ -558,11 +557,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not check_slots(math.ceil(args.concurrency / args.workers)):
         return 2
-    report = run_in_temp_dir(lambda data_dir: run(args, data_dir), prefix="toolbus-bench-sandbox-")
-    if isinstance(report, int):
-        return report
-    print_report(report, as_json=args.json, table=table)
-    return 0
+    return run_and_report(
+        lambda data_dir: run(args, data_dir),
+        prefix="toolbus-bench-sandbox-",
+        as_json=args.json,
+        table=table,
+    )
 
 
 if __name__ == "__main__":

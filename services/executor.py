@@ -12,10 +12,11 @@ subscribes; exit stops accepting (unsubscribe), waits for calls in flight up to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -431,9 +432,6 @@ class ExecutorService:
                 allow_network=request.allow_network is not False,
             )
             log.debug("call answered", success=result.success)
-        if not result.success:
-            kind = str(result.metadata.get("error_kind") or "tool")
-            tracing.mark_error(trace.get_current_span(), kind, result.error)
         return result.model_dump_json().encode()
 
     async def _execute_external(self, request: ExecuteRequest) -> bytes:
@@ -446,29 +444,17 @@ class ExecutorService:
         with structlog.contextvars.bound_contextvars(
             trajectory_id=request.trajectory_id, tool=name, uniq_id=request.tool.uniq_id
         ):
-            self.calls_in_flight += 1
-            try:
+            with self._in_flight():
                 result = await self._external.call(
                     request,
                     timeout_s=self._config.clamp_timeout(requested),
                     lease=self._leases.cached(request.trajectory_id),
                 )
-            finally:
-                self.calls_in_flight -= 1
             if result is None:
                 raise NotFound(f"Unknown tool: {name}", kind=ErrorKind.UNKNOWN_TOOL)
             log.debug("external call answered", success=result.success)
-        self._call_rate.add()
-        error_kind = None if result.success else str(result.metadata.get("error_kind") or "tool")
-        if error_kind is not None:
-            self._error_rate.add()
-            tracing.mark_error(trace.get_current_span(), error_kind, result.error)
-        self._metrics.call_finished(
-            tool="external",  # not the name: callers choose it, and metric series must be few
-            status="ok" if result.success else "error",
-            total_s=time.perf_counter() - started,
-            error_type=error_kind,
-        )
+        # The metric's tool is not the name: callers choose it, and metric series must be few.
+        self._call_finished("external", started, result.success, result.error, _error_kind(result))
         return result.model_dump_json().encode()
 
     async def execute(
@@ -483,29 +469,58 @@ class ExecutorService:
     ) -> ToolResult:
         """Run one call of a built-in tool in the trajectory's slot."""
         started = time.perf_counter()
-        self.calls_in_flight += 1
-        try:
+        with self._in_flight():
             done = await self._dispatch(
                 trajectory_id, tool, arguments, timeout_s, uniq_id, allow_network
             )
-        finally:
-            self.calls_in_flight -= 1
         if isinstance(done, ToolResult):
             result = done
         else:
             result = done.result or _infra_failure("The worker's result was empty", uniq_id=uniq_id)
-        self._call_rate.add()
-        if not result.success:
-            self._error_rate.add()
-        self._metrics.call_finished(
-            tool=tool,
-            status=str(result.metadata.get("status") or ("ok" if result.success else "error")),
-            total_s=time.perf_counter() - started,
-            queue_wait_s=done.queue_wait_s if isinstance(done, ItemResult) else None,
-            execution_s=done.execution_s if isinstance(done, ItemResult) else None,
-            error_type=None if result.success else str(result.metadata.get("error_kind") or "tool"),
+        self._call_finished(
+            tool,
+            started,
+            result.success,
+            result.error,
+            _error_kind(result),
+            status=result.metadata.get("status"),
+            done=done,
         )
         return result
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        self.calls_in_flight += 1
+        try:
+            yield
+        finally:
+            self.calls_in_flight -= 1
+
+    def _call_finished(
+        self,
+        tool: str,
+        started: float,
+        succeeded: bool,
+        error: str | None,
+        error_kind: str,
+        *,
+        status: str | None = None,
+        done: ItemResult | ToolResult | None = None,
+    ) -> None:
+        """Count a finished call (rates, metrics) and mark the request's span when it failed."""
+        self._call_rate.add()
+        if not succeeded:
+            self._error_rate.add()
+            tracing.mark_error(trace.get_current_span(), error_kind, error)
+        timing = done if isinstance(done, ItemResult) else None
+        self._metrics.call_finished(
+            tool=tool,
+            status=status or ("ok" if succeeded else "error"),
+            total_s=time.perf_counter() - started,
+            queue_wait_s=timing.queue_wait_s if timing else None,
+            execution_s=timing.execution_s if timing else None,
+            error_type=None if succeeded else error_kind,
+        )
 
     async def _dispatch(
         self,
@@ -631,13 +646,10 @@ class ExecutorService:
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool=tool):
             # Only an upload may give a trajectory its first slot; the others need its files.
-            self.calls_in_flight += 1
-            try:
+            with self._in_flight():
                 done = await self._dispatch(
                     trajectory_id, tool, fields, timeout_s, None, acquire=operation == "upload"
                 )
-            finally:
-                self.calls_in_flight -= 1
             if isinstance(done, ItemResult) and done.reply is not None:
                 body = done.reply
             else:  # no answer from the worker: an infra failure, in this operation's shape
@@ -645,18 +657,14 @@ class ExecutorService:
                 error = failure.error if failure is not None else None
                 body = {"success": False, "error": error or "The worker's reply was empty"}
             log.debug("artifact operation answered", success=body.get("success"))
-            succeeded = bool(body.get("success"))
-            self._call_rate.add()
-            if not succeeded:
-                self._error_rate.add()
-                tracing.mark_error(trace.get_current_span(), "artifact", body.get("error"))
-            self._metrics.call_finished(
-                tool=tool,
-                status="ok" if succeeded else "error",
-                total_s=time.perf_counter() - started,
-                queue_wait_s=done.queue_wait_s if isinstance(done, ItemResult) else None,
-                execution_s=done.execution_s if isinstance(done, ItemResult) else None,
-                error_type=None if succeeded else "artifact",
+            error = body.get("error")
+            self._call_finished(
+                tool,
+                started,
+                bool(body.get("success")),
+                str(error) if error is not None else None,
+                "artifact",
+                done=done,
             )
         return reply_model.model_validate(body).model_dump_json().encode()
 
@@ -866,6 +874,10 @@ def _annotate_span(trajectory_id: str, tool: str) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attributes({"toolbus.trajectory_id": trajectory_id, "toolbus.tool": tool})
+
+
+def _error_kind(result: ToolResult) -> str:
+    return str(result.metadata.get("error_kind") or "tool")
 
 
 def _number(value: Any) -> float | None:
