@@ -1,6 +1,18 @@
-"""Messages between executors and sandbox workers (``toolbus.worker.<id>.*``).
+"""Messages between executors and sandbox workers (``toolbus.worker.<id>.*``), and what they keep
+in the KV buckets.
 
 Not a public contract, but versioned with the rest so executors and workers of one release agree.
+
+Who decides what (see README, "Slots: one lifecycle, one truth"):
+
+- A worker's **registration** (``WorkerInfo`` in the workers bucket) lives while the worker
+  refreshes it: it is written with a per-message TTL (``ttl_s``), so a worker that stops
+  heartbeating is removed by the server, not by one executor's clock. ``incarnation`` changes
+  each time the worker (re-)registers; leases name the incarnation they were made in.
+- A trajectory's **lease** (``Lease`` in the leases bucket) is written only by the worker that
+  holds the slot: created (compare-and-set) when it assigns the slot, deleted when it releases
+  it, replaced by a tombstone (``lost`` set) when it expires the slot. An executor deletes a
+  lease only when the lease's worker incarnation is no longer registered.
 """
 
 from __future__ import annotations
@@ -24,40 +36,77 @@ class WorkerInfo(BaseModel):
     started_at: float
     updated_at: float
     heartbeat_s: float
+    incarnation: str = Field(description="Changes at each (re-)registration of the worker.")
+    ttl_s: int = Field(default=0, description="The registration expires this long after a beat.")
+    slots_out_of_service: int = Field(default=0, description="Slots whose wipe failed.")
+
+
+class LostReason(StrEnum):
+    """Why a lease is a tombstone: its workspace is gone."""
+
+    EXPIRED = "expired"  # the worker released the slot after slot_idle_timeout_s without a call
+    WORKER_STOPPED = "worker_stopped"  # the worker shut down
+    WORKER_EXPIRED = "worker_expired"  # the worker missed its registration's TTL and reset
+    WORKER_GONE = "worker_gone"  # the worker's registration is gone (found by an executor)
+    UNREADABLE = "unreadable"  # the stored lease could not be read (another release's format)
 
 
 class Lease(BaseModel):
     """Value of a trajectory's key in the leases KV bucket."""
 
     worker_id: str
+    incarnation: str
     slot: int
+    epoch: int = Field(description="Which assignment of the slot: a new one per trajectory.")
     acquired_at: float
+    lost: LostReason | None = Field(
+        default=None, description="Set on a tombstone: the workspace is gone, and why."
+    )
+
+    def same_assignment(self, other: Lease) -> bool:
+        return (self.worker_id, self.incarnation, self.epoch) == (
+            other.worker_id,
+            other.incarnation,
+            other.epoch,
+        )
 
 
 class AcquireRequest(BaseModel):
     trajectory_id: str
 
 
-class AcquireReply(BaseModel):
-    """``slot`` is None when the worker has no free slot."""
+class AcquireOutcome(StrEnum):
+    LEASED = "leased"  # ``lease`` is the trajectory's lease on this worker (new or existing)
+    FULL = "full"  # no free slot
+    CONFLICT = "conflict"  # the trajectory already has a lease elsewhere: read it
+    STOPPING = "stopping"
+    FAILED = "failed"  # the lease could not be written (KV unavailable): try again
 
-    slot: int | None = None
-    created: bool = False
+
+class AcquireReply(BaseModel):
+    outcome: AcquireOutcome
+    lease: Lease | None = None
+    revision: int | None = None
 
 
 class WorkerReleaseRequest(BaseModel):
     trajectory_id: str
+    epoch: int | None = Field(default=None, description="Release only this assignment.")
     reset_workspace: bool = False
 
 
 class WorkerReleaseReply(BaseModel):
     released: bool
     slot: int | None = None
+    settled: bool = Field(
+        default=True, description="False: the slot's clean-up was still running at the reply."
+    )
 
 
 class BatchItem(BaseModel):
     item_id: str
     trajectory_id: str
+    epoch: int = Field(description="The lease's epoch: the item runs only in that assignment.")
     tool: str = Field(
         description="Canonical tool name (aliases resolved by the executor), or "
         "'artifacts.<operation>'."
@@ -74,28 +123,56 @@ class BatchItem(BaseModel):
     )
 
 
-class BatchRequest(BaseModel):
-    """Results come back one message per item on ``reply_to``; the request reply is an ack."""
+class BatchHeader(BaseModel):
+    """First line of a batch message; each further line is one ``BatchItem`` (JSON lines), so
+    that a worker reads every item on its own and one it cannot read never spoils the others.
+
+    Results come back one message per item on ``reply_to``; the request's reply is a BatchAck.
+    """
 
     reply_to: str
-    items: list[BatchItem]
 
 
 class RejectReason(StrEnum):
-    NO_SLOT = "no_slot"  # the worker holds no slot for the trajectory (released, or stale lease)
-    STOPPING = "stopping"
-    EXPIRED = "expired"  # the worker released the trajectory's slot after slot_idle_timeout_s
+    NO_SLOT = "no_slot"  # no slot of this worker holds the item's assignment: read the lease
+    STOPPING = "stopping"  # the worker is shutting down: read the lease (a tombstone follows)
+    CANCELLED = "cancelled"  # an executor cancelled the item before it arrived
+    UNREADABLE = "unreadable"  # the worker could not parse the item
 
 
 class BatchAck(BaseModel):
     rejected: dict[str, RejectReason] = Field(default_factory=dict)
+    unreadable: list[int] = Field(
+        default_factory=list, description="Positions (from 0) of items the worker could not read."
+    )
+    queued: list[str] = Field(
+        default_factory=list,
+        description="Accepted items that wait behind earlier calls of their trajectory: their "
+        "run starts later, and a 'started' notice says when.",
+    )
+
+
+class CancelRequest(BaseModel):
+    item_ids: list[str]
+
+
+class CancelOutcome(StrEnum):
+    CANCELLED = "cancelled"  # it was queued or running: stopped, its (cancelled) result follows
+    FINISHED = "finished"  # it had finished: its result was published
+    NOT_FOUND = "not_found"  # never arrived: remembered, so that it never runs
+
+
+class CancelReply(BaseModel):
+    outcomes: dict[str, CancelOutcome] = Field(default_factory=dict)
 
 
 class ItemResult(BaseModel):
-    """A tool call's ``result``, or an artifact operation's ``reply`` (its public shape)."""
+    """A tool call's ``result``, or an artifact operation's ``reply`` (its public shape); or,
+    with ``started`` and neither, the notice that a queued call began to run."""
 
     item_id: str
     result: ToolResult | None = None
     reply: dict[str, Any] | None = None
+    started: bool = False
     queue_wait_s: float | None = None  # from created_at until the tool started
     execution_s: float | None = None  # the tool's own run time

@@ -77,5 +77,8 @@ class Subjects:
     def worker_release(self, worker_id: str) -> str:
         return f"{self.internal}.worker.{worker_id}.release"
 
+    def worker_cancel(self, worker_id: str) -> str:
+        return f"{self.internal}.worker.{worker_id}.cancel"
+
     def executor_results(self, executor_id: str) -> str:
         return f"{self.internal}.executor.{executor_id}.results"

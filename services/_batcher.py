@@ -5,6 +5,11 @@ that arrive together still share a message). While a batch is in flight, new cal
 sent together when it is acknowledged, or when the oldest has waited ``window_s``, or when the
 batch is full (``max_items`` calls or ``max_bytes``). Several batches may be in flight at once:
 the acknowledgement comes as soon as the worker has queued the calls, not when they finish.
+
+A batch is JSON lines: a ``BatchHeader``, then one ``BatchItem`` per line, so the worker reads
+each item on its own. Each call learns from the acknowledgement whether it runs now, waits
+behind earlier calls of its trajectory, or was refused and why; when the batch was not taken,
+whether the worker certainly did not get it (no responders) or may have (no answer in time).
 """
 
 from __future__ import annotations
@@ -14,30 +19,42 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind
 
 from observability import tracing
-from schemas.internal import BatchAck, BatchItem, RejectReason
+from schemas.internal import BatchAck, BatchHeader, BatchItem, RejectReason
 
 from ._requests import nats_request
 
 DEFAULT_ACK_TIMEOUT_S = 10.0
 
 
-class WorkerUnavailable(Exception):
-    """The worker did not take the batch (gone, or not answering)."""
+class BatchNotDelivered(Exception):
+    """Nobody took the batch (no responders, or the link closed first): no call of it runs."""
+
+
+class BatchUnconfirmed(Exception):
+    """The worker did not acknowledge in time: it may have the calls, or not."""
+
+
+class Accepted(Enum):
+    RUNNING = "running"  # its run starts now
+    QUEUED = "queued"  # it waits behind earlier calls of its trajectory: a notice will say
+
+
+Acceptance = Accepted | RejectReason
 
 
 @dataclass(slots=True)
 class _Pending:
     payload: bytes
     item_id: str
-    accepted: asyncio.Future[RejectReason | None]
+    accepted: asyncio.Future[Acceptance]
     queued_at: float
     span_context: SpanContext  # the executor span of the call, linked from the batch span
 
@@ -58,10 +75,10 @@ class WorkerLink:
         self._nc = nc
         self._on_batch = on_batch  # called with size=<calls> for every batch the worker took
         self._subject = subject
-        self._prefix = b'{"reply_to":"' + reply_to.encode() + b'","items":['
+        self._prefix = BatchHeader(reply_to=reply_to).model_dump_json().encode() + b"\n"
         self._window_s = window_s
         self._max_items = max_items
-        self._max_bytes = max_bytes - len(self._prefix) - 2
+        self._max_bytes = max_bytes - len(self._prefix)
         self._ack_timeout_s = ack_timeout_s
         self._pending: deque[_Pending] = deque()
         self._pending_bytes = 0
@@ -80,8 +97,9 @@ class WorkerLink:
         """Nothing queued and no batch in flight: the link can be dropped without loss."""
         return not self._pending and self._in_flight == 0
 
-    def submit(self, item: BatchItem) -> asyncio.Future[RejectReason | None]:
-        """Queue a call; the future says whether the worker accepted it (None) or why not."""
+    def submit(self, item: BatchItem) -> asyncio.Future[Acceptance]:
+        """Queue a call; the future says whether the worker accepted it, or why not; or raises
+        BatchNotDelivered or BatchUnconfirmed."""
         loop = asyncio.get_running_loop()
         pending = _Pending(
             item.model_dump_json().encode(),
@@ -135,7 +153,7 @@ class WorkerLink:
             self._schedule(max(self._window_s - (time.monotonic() - oldest), 0.0))
 
     async def _send(self, batch: list[_Pending]) -> None:
-        body = self._prefix + b",".join(p.payload for p in batch) + b"]}"
+        body = self._prefix + b"\n".join(p.payload for p in batch)
         # A batch serves many traces: its span starts a trace of its own and links to each call.
         with tracing.span(
             f"send {self._subject}",
@@ -163,36 +181,48 @@ class WorkerLink:
                 headers=tracing.current_trace_headers(),
             )
             ack = BatchAck.model_validate_json(reply.data)
-        except (NoRespondersError, NatsTimeoutError) as exc:
+        except NoRespondersError as exc:
             tracing.mark_error(span, type(exc).__name__)
-            error = WorkerUnavailable(type(exc).__name__)
-            for pending in batch:
-                if not pending.accepted.done():
-                    pending.accepted.set_exception(error)
-        except Exception as exc:
+            self._fail(batch, BatchNotDelivered("no worker listens"))
+        except asyncio.CancelledError:  # the link closes with the batch in flight
+            self._fail(batch, BatchUnconfirmed("the executor stopped waiting"))
+            raise
+        except Exception as exc:  # a timeout, or an unreadable ack: the worker may have it
             tracing.mark_error(span, type(exc).__qualname__)
-            for pending in batch:
-                if not pending.accepted.done():
-                    pending.accepted.set_exception(exc)
+            self._fail(batch, BatchUnconfirmed(type(exc).__name__))
         else:
             self.batches_sent += 1
             self.items_sent += len(batch)
             if self._on_batch is not None:
                 self._on_batch(size=len(batch))
+            unreadable = {batch[index].item_id for index in ack.unreadable if index < len(batch)}
+            queued = set(ack.queued)
             for pending in batch:
-                if not pending.accepted.done():
-                    pending.accepted.set_result(ack.rejected.get(pending.item_id))
+                if pending.accepted.done():
+                    continue
+                if pending.item_id in unreadable:
+                    pending.accepted.set_result(RejectReason.UNREADABLE)
+                elif (reason := ack.rejected.get(pending.item_id)) is not None:
+                    pending.accepted.set_result(reason)
+                elif pending.item_id in queued:
+                    pending.accepted.set_result(Accepted.QUEUED)
+                else:
+                    pending.accepted.set_result(Accepted.RUNNING)
         finally:
             self._in_flight -= 1
             if self._pending and self._in_flight == 0:
                 self._schedule(0.0)
 
+    @staticmethod
+    def _fail(batch: list[_Pending], error: Exception) -> None:
+        for pending in batch:
+            if not pending.accepted.done():
+                pending.accepted.set_exception(error)
+
     async def close(self) -> None:
         if self._flush_handle:
             self._flush_handle.cancel()
-        for pending in self._pending:
-            if not pending.accepted.done():
-                pending.accepted.set_exception(WorkerUnavailable("executor stopping"))
+        self._fail(list(self._pending), BatchNotDelivered("executor stopping"))
         self._pending.clear()
         for task in list(self._tasks):
             task.cancel()

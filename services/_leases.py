@@ -1,57 +1,103 @@
-"""Trajectory -> worker leases in JetStream KV, with a local cache.
+"""Trajectory leases in the leases KV bucket: trajectory → (worker, incarnation, slot, epoch).
 
-Creating a lease is a compare-and-set (``KeyValue.create``), so when two executors race to give a
-new trajectory a slot, exactly one lease wins and both serve the trajectory from it.
+The worker that holds a slot is the only writer of its lease: it creates it (compare-and-set,
+so a trajectory has one lease however many executors and workers race), refreshes its TTL,
+replaces it with a tombstone (``lost`` set) when it expires the slot, and removes it when the
+slot is released. An executor reads leases and removes one only when its worker incarnation is
+gone from the workers bucket. An executor's cache of leases is only a shortcut: whenever a
+worker does not have what a cached lease says, the stored lease decides.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+import structlog
+from pydantic import ValidationError
 
-from schemas.internal import Lease
+from schemas.internal import Lease, LostReason
 
-from ._kv import encode_key
+from ._kv import KvBucket, RevisionMismatch, encode_key
+
+log = structlog.get_logger("toolbus.leases")
+
+DEFAULT_CACHE_ENTRIES = 100_000
+TOMBSTONE_TTL_S = 24 * 3600  # a lost workspace is announced to a trajectory that comes back
 
 
-class LeaseTable:
-    def __init__(self, bucket: KeyValue) -> None:
+class LeaseExists(Exception):
+    """The trajectory already has a lease (maybe a tombstone)."""
+
+
+class LeaseStore:
+    def __init__(self, bucket: KvBucket) -> None:
         self._bucket = bucket
-        self._cache: dict[str, Lease] = {}
-
-    def cached(self, trajectory_id: str) -> Lease | None:
-        return self._cache.get(trajectory_id)
-
-    def forget(self, trajectory_id: str) -> None:
-        self._cache.pop(trajectory_id, None)
 
     async def get(self, trajectory_id: str) -> tuple[Lease, int] | None:
-        """The stored lease and its revision, bypassing the cache."""
+        """The stored lease (or tombstone) and its revision; None when there is none."""
+        entry = await self._bucket.get(encode_key(trajectory_id))
+        if entry is None or entry.value is None:
+            return None
         try:
-            entry = await self._bucket.get(encode_key(trajectory_id))
-        except KeyNotFoundError:
-            self._cache.pop(trajectory_id, None)
-            return None
-        if not entry.value:
-            return None
-        lease = Lease.model_validate_json(entry.value)
-        self._cache[trajectory_id] = lease
-        return lease, entry.revision or 0
+            return Lease.model_validate_json(entry.value), entry.revision
+        except ValidationError:
+            # Written by another release of toolbus: its workspace cannot be found any more.
+            log.warning("unreadable lease", trajectory_id=trajectory_id, revision=entry.revision)
+            unreadable = Lease(
+                worker_id="", incarnation="", slot=-1, epoch=0, acquired_at=0.0,
+                lost=LostReason.UNREADABLE,
+            )  # fmt: skip
+            return unreadable, entry.revision
 
-    async def create(self, trajectory_id: str, lease: Lease) -> bool:
-        """Store the lease unless one exists; True when this call created it."""
+    async def create(self, trajectory_id: str, lease: Lease, *, ttl_s: float | None) -> int:
+        """Store a new lease; LeaseExists when the trajectory has one (or a tombstone)."""
         try:
-            await self._bucket.create(encode_key(trajectory_id), lease.model_dump_json().encode())
-        except KeyWrongLastSequenceError:
+            return await self._bucket.create(
+                encode_key(trajectory_id), lease.model_dump_json().encode(), ttl_s=ttl_s
+            )
+        except RevisionMismatch:
+            raise LeaseExists(trajectory_id) from None
+
+    async def replace(
+        self, trajectory_id: str, lease: Lease, *, expect: int, ttl_s: float | None
+    ) -> int:
+        """Overwrite the lease at revision ``expect`` (RevisionMismatch if it changed)."""
+        return await self._bucket.write(
+            encode_key(trajectory_id), lease.model_dump_json().encode(), expect=expect, ttl_s=ttl_s
+        )
+
+    async def remove(self, trajectory_id: str, *, expect: int) -> bool:
+        """Remove the lease at revision ``expect``; False when it changed meanwhile."""
+        try:
+            await self._bucket.remove(encode_key(trajectory_id), expect=expect)
+        except RevisionMismatch:
             return False
-        self._cache[trajectory_id] = lease
         return True
 
-    async def delete(self, trajectory_id: str, *, revision: int | None = None) -> None:
-        """Remove the lease; with ``revision``, only if nobody replaced it meanwhile."""
-        self._cache.pop(trajectory_id, None)
-        # A revision mismatch means another executor already replaced or removed it.
-        with contextlib.suppress(APIError, KeyNotFoundError):
-            await self._bucket.delete(encode_key(trajectory_id), last=revision)
+
+class LeaseCache:
+    """An executor's recently used leases, bounded (least recently used out)."""
+
+    def __init__(self, max_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+        self._entries: collections.OrderedDict[str, Lease] = collections.OrderedDict()
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, trajectory_id: str) -> Lease | None:
+        lease = self._entries.get(trajectory_id)
+        if lease is not None:
+            self._entries.move_to_end(trajectory_id)
+        return lease
+
+    def put(self, trajectory_id: str, lease: Lease) -> None:
+        self._entries[trajectory_id] = lease
+        self._entries.move_to_end(trajectory_id)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def forget(self, trajectory_id: str, lease: Lease | None = None) -> None:
+        """Drop the entry (only if it is still ``lease``, when given)."""
+        if lease is None or self._entries.get(trajectory_id) == lease:
+            self._entries.pop(trajectory_id, None)

@@ -1,8 +1,14 @@
-"""The executor's live view of sandbox workers, fed by a watch on the workers KV bucket.
+"""The executor's view of the sandbox workers, fed by a watch on the workers KV bucket.
 
-A worker counts as alive while its last registration arrived within three heartbeats (measured
-on this executor's clock, so hosts need not agree on the time). Free-slot counts are hints: the
-worker's own answer to an acquire request is what decides.
+A worker is there while its registration is: the worker writes it with a TTL and refreshes it
+every heartbeat, and the server removes it (leaving a marker the watch sees) when the worker
+stops refreshing. So whether a worker is gone is decided by the server for every executor at
+once, not by one executor's clock or one request that timed out. A worker that registers again
+does so as a new incarnation; the old incarnation is gone, with the workspaces leased in it.
+
+The view is a cache: before an executor acts on "gone" (a workspace is lost) it reads the
+registration itself (:meth:`confirm_gone`). Free-slot counts are hints: the worker's answer to
+an acquire request is what decides.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -18,25 +25,33 @@ from pydantic import ValidationError
 
 from schemas.internal import WorkerInfo
 
+from ._kv import KvBucket
+
 log = structlog.get_logger("toolbus.registry")
 
-_MISSED_HEARTBEATS = 3
+GoneCallback = Callable[[str, str], None]  # (worker id, incarnation)
 
 
 @dataclass(slots=True)
 class _Entry:
     info: WorkerInfo
-    seen_at: float  # monotonic
+    seen_at: float  # monotonic, for the status only
     free_hint: int
 
 
 class WorkerRegistry:
-    def __init__(self, bucket: KeyValue) -> None:
+    def __init__(self, watched: KeyValue, bucket: KvBucket) -> None:
+        self._watched = watched
         self._bucket = bucket
         self._workers: dict[str, _Entry] = {}
         self._capacity = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._on_gone: list[GoneCallback] = []
+
+    def on_gone(self, callback: GoneCallback) -> None:
+        """Call ``callback(worker_id, incarnation)`` when that incarnation is gone."""
+        self._on_gone.append(callback)
 
     async def start(self) -> None:
         self._watch_task = asyncio.create_task(self._watch(), name="worker-registry-watch")
@@ -48,54 +63,77 @@ class WorkerRegistry:
             await asyncio.gather(self._watch_task, return_exceptions=True)
 
     async def _watch(self) -> None:
-        watcher = await self._bucket.watchall()
+        watcher = await self._watched.watchall()
         try:
             async for entry in watcher:
                 if entry is None:  # end of the initial values
                     self._ready.set()
                     continue
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._workers.pop(entry.key, None)
+                    self._remove(entry.key)
                     continue
                 try:
                     info = WorkerInfo.model_validate_json(entry.value)
                 except ValidationError:
                     log.warning("ignoring malformed worker registration", key=entry.key)
                     continue
-                self._workers[entry.key] = _Entry(info, time.monotonic(), info.slots_free)
-                if info.slots_free > 0:
-                    self._capacity.set()
+                self._update(info)
         finally:
             self._ready.set()
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
-    def _is_alive(self, entry: _Entry, now: float) -> bool:
-        return now - entry.seen_at <= entry.info.heartbeat_s * _MISSED_HEARTBEATS
+    def _update(self, info: WorkerInfo) -> None:
+        previous = self._workers.get(info.worker_id)
+        self._workers[info.worker_id] = _Entry(info, time.monotonic(), info.slots_free)
+        if previous is not None and previous.info.incarnation != info.incarnation:
+            self._gone(info.worker_id, previous.info.incarnation)
+        if info.slots_free > 0:
+            self._capacity.set()
 
-    def is_alive(self, worker_id: str) -> bool:
+    def _remove(self, worker_id: str) -> None:
+        entry = self._workers.pop(worker_id, None)
+        if entry is not None:
+            self._gone(worker_id, entry.info.incarnation)
+
+    def _gone(self, worker_id: str, incarnation: str) -> None:
+        log.info("worker gone", worker_id=worker_id, incarnation=incarnation)
+        for callback in self._on_gone:
+            callback(worker_id, incarnation)
+
+    # -- reading ------------------------------------------------------------------------------
+    def is_registered(self, worker_id: str, incarnation: str) -> bool:
         entry = self._workers.get(worker_id)
-        return entry is not None and self._is_alive(entry, time.monotonic())
+        return entry is not None and entry.info.incarnation == incarnation
+
+    async def confirm_gone(self, worker_id: str, incarnation: str) -> bool:
+        """Read the registration itself: True when that incarnation is not registered."""
+        stored = await self._bucket.get(worker_id)
+        info = None
+        if stored is not None and stored.value is not None:
+            with contextlib.suppress(ValidationError):
+                info = WorkerInfo.model_validate_json(stored.value)
+        if info is None:
+            self._remove(worker_id)
+            return True
+        if worker_id not in self._workers or self._workers[worker_id].info != info:
+            self._update(info)
+        return info.incarnation != incarnation
 
     def alive(self) -> list[tuple[WorkerInfo, float]]:
-        """Live workers (free slots as this executor last knew them) and seconds since heard."""
+        """Registered workers (free slots as this executor last knew them), seconds since heard."""
         now = time.monotonic()
         return [
             (entry.info.model_copy(update={"slots_free": entry.free_hint}), now - entry.seen_at)
             for entry in self._workers.values()
-            if self._is_alive(entry, now)
         ]
 
     def candidates(self) -> list[str]:
-        """Live workers that may have a free slot, most free first."""
-        now = time.monotonic()
-        ranked = sorted(
-            (entry for entry in self._workers.values() if self._is_alive(entry, now)),
-            key=lambda entry: entry.free_hint,
-            reverse=True,
-        )
+        """Workers that may have a free slot, most free first."""
+        ranked = sorted(self._workers.values(), key=lambda entry: entry.free_hint, reverse=True)
         return [entry.info.worker_id for entry in ranked if entry.free_hint > 0]
 
+    # -- hints --------------------------------------------------------------------------------
     def note_acquired(self, worker_id: str) -> None:
         if entry := self._workers.get(worker_id):
             entry.free_hint = max(entry.free_hint - 1, 0)
@@ -103,9 +141,6 @@ class WorkerRegistry:
     def note_full(self, worker_id: str) -> None:
         if entry := self._workers.get(worker_id):
             entry.free_hint = 0
-
-    def note_gone(self, worker_id: str) -> None:
-        self._workers.pop(worker_id, None)
 
     def note_released(self, worker_id: str) -> None:
         if entry := self._workers.get(worker_id):

@@ -25,8 +25,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.errors import MaxPayloadError
 from nats.nuid import NUID
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
@@ -35,16 +34,7 @@ from observability import tracing
 from observability.metrics import ToolbusMetrics
 from schemas.artifacts import ARTIFACT_OPERATIONS
 from schemas.errors import ErrorKind
-from schemas.internal import (
-    AcquireReply,
-    AcquireRequest,
-    BatchItem,
-    ItemResult,
-    Lease,
-    RejectReason,
-    WorkerReleaseReply,
-    WorkerReleaseRequest,
-)
+from schemas.internal import BatchItem, ItemResult, Lease, LostReason, RejectReason
 from schemas.messages import (
     CallRates,
     ErrorKindOfResult,
@@ -68,15 +58,18 @@ from schemas.subjects import (
 from schemas.tools import BUILTIN_TOOLS, TOOL_ALIASES, canonical_tool_name
 
 from . import __version__
-from ._batcher import WorkerLink, WorkerUnavailable
+from ._batcher import WorkerLink
 from ._discovery import EndpointStats, ServiceDiscovery
+from ._dispatch import DEFAULT_RESULT_GRACE_S, CallRejected, Dispatcher, WorkerGone
 from ._external import ExternalTools
-from ._kv import open_bucket
-from ._leases import LeaseTable
+from ._kv import KvBucket, open_bucket
+from ._leases import LeaseStore
+from ._placement import Placement, WorkspaceLost
 from ._rates import RateWindow
+from ._registration import WORKER_MARKER_TTL_S
 from ._registry import WorkerRegistry
 from ._replies import parse_request, reply_error, reply_json
-from ._requests import nats_request
+from ._worker_config import DEFAULT_RELEASE_WAIT_S
 from .exceptions import (
     BadRequest,
     Forbidden,
@@ -103,10 +96,9 @@ from .settings import (
 
 log = structlog.get_logger("toolbus.executor")
 
-DEFAULT_RESULT_GRACE_S = 10.0  # beyond a call's own timeout, for spawn, transfer and clean-up
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
-_WORKER_REQUEST_TIMEOUT_S = 5.0
-_MAX_DISPATCH_ATTEMPTS = 3
+_MAX_DISPATCH_ATTEMPTS = 4
+_UNDELIVERED_RETRY_S = (0.05, 0.2, 0.5)  # a batch that reached no worker: wait, then try again
 _CALL_ENDPOINTS = ("execute", "artifacts")  # what the call rates count (not status, list, ...)
 
 Handler = Callable[[Msg], Awaitable[bytes]]
@@ -129,6 +121,7 @@ class ExecutorConfig:
     tool_server_token: str | None = None
     result_grace_s: float = DEFAULT_RESULT_GRACE_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    worker_release_wait_s: float = DEFAULT_RELEASE_WAIT_S
 
     def clamp_timeout(self, requested: float | None) -> float:
         value = self.default_timeout_s if requested is None else requested
@@ -162,29 +155,28 @@ def _infra_failure(message: str, *, uniq_id: str | None = None, **metadata: Any)
     )
 
 
-def _workspace_lost(lease: Lease, uniq_id: str | None, *, expired: bool = False) -> ToolResult:
-    if expired:
-        return _infra_failure(
-            "This trajectory's slot was released after slot_idle_timeout_s without a call, and "
-            "its workspace wiped; the next call starts in a new one",
-            uniq_id=uniq_id,
-            worker_id=lease.worker_id,
-            workspace_lost=True,
-            expired=True,
-        )
+_LOST_BECAUSE = {
+    LostReason.EXPIRED: "was released after slot_idle_timeout_s without a call, and its "
+    "workspace wiped",
+    LostReason.WORKER_STOPPED: "is on a sandbox worker that stopped",
+    LostReason.WORKER_EXPIRED: "was given up by a sandbox worker that lost its registration",
+    LostReason.WORKER_GONE: "is on a sandbox worker that is gone",
+    LostReason.UNREADABLE: "cannot be found (its lease is unreadable)",
+}
+
+
+def _workspace_lost(lease: Lease, uniq_id: str | None) -> ToolResult:
+    reason = lease.lost or LostReason.WORKER_GONE
+    metadata: dict[str, Any] = {"worker_id": lease.worker_id, "workspace_lost": True}
+    if reason is LostReason.EXPIRED:
+        metadata["expired"] = True
     return _infra_failure(
-        f"The sandbox worker {lease.worker_id} holding this trajectory's workspace is gone; "
-        "the workspace is lost and the next call starts in a new one",
+        f"This trajectory's slot {_LOST_BECAUSE[reason]}; the workspace is lost and the next "
+        "call starts in a new one",
         uniq_id=uniq_id,
-        worker_id=lease.worker_id,
-        workspace_lost=True,
+        lost_reason=str(reason),
+        **metadata,
     )
-
-
-class _WorkspaceLost(Exception):
-    def __init__(self, lease: Lease) -> None:
-        super().__init__(lease.worker_id)
-        self.lease = lease
 
 
 class ExecutorService:
@@ -212,14 +204,12 @@ class ExecutorService:
         self._nuid = NUID()
         self.executor_id = self._nuid.next().decode()
         self._results_subject = self._subjects.executor_results(self.executor_id)
-        self._results: dict[str, asyncio.Future[ItemResult]] = {}
-        self._links: dict[str, WorkerLink] = {}
-        self._acquiring: dict[str, asyncio.Task[Lease]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
         self._results_sub: Subscription | None = None
         self._registry: WorkerRegistry | None = None
-        self._leases: LeaseTable | None = None
+        self._placement: Placement | None = None
+        self._dispatcher: Dispatcher | None = None
         self._tool_list = (
             ToolListReply(
                 tools=[tool.spec() for tool in BUILTIN_TOOLS.values()], aliases=TOOL_ALIASES
@@ -251,12 +241,34 @@ class ExecutorService:
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> ExecutorService:
         js = self._nc.jetstream()
-        workers = await open_bucket(js, WORKERS_BUCKET, description="toolbus sandbox workers")
-        leases = await open_bucket(js, LEASES_BUCKET, description="toolbus trajectory leases")
-        self._registry = WorkerRegistry(workers)
+        workers = await open_bucket(
+            js,
+            WORKERS_BUCKET,
+            description="toolbus sandbox workers",
+            marker_ttl_s=WORKER_MARKER_TTL_S,
+        )
+        await open_bucket(js, LEASES_BUCKET, description="toolbus trajectory leases")
+        self._registry = WorkerRegistry(workers, KvBucket(js, WORKERS_BUCKET))
         await self._registry.start()
-        self._leases = LeaseTable(leases)
-        self._results_sub = await self._nc.subscribe(self._results_subject, cb=self._on_result)
+        self._placement = Placement(
+            self._nc,
+            self._registry,
+            LeaseStore(KvBucket(js, LEASES_BUCKET)),
+            subjects=self._subjects,
+            acquire_timeout_s=self._config.acquire_timeout_s,
+            release_wait_s=self._config.worker_release_wait_s,
+        )
+        self._dispatcher = Dispatcher(
+            self._nc,
+            self._registry,
+            subjects=self._subjects,
+            results_subject=self._results_subject,
+            make_link=self._make_link,
+            result_grace_s=self._config.result_grace_s,
+        )
+        self._results_sub = await self._nc.subscribe(
+            self._results_subject, cb=self._dispatcher.on_result
+        )
         s = self._subjects
         for subject, name, handler in (
             (s.execute_wildcard, "execute", self._execute),
@@ -295,8 +307,10 @@ class ExecutorService:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for link in self._links.values():
-            await link.close()
+        if self._placement is not None:
+            await self._placement.close()
+        if self._dispatcher is not None:
+            await self._dispatcher.close()
         if self._results_sub is not None:
             await _quietly(self._results_sub.unsubscribe())
         if self._registry is not None:
@@ -367,10 +381,22 @@ class ExecutorService:
                 msg, stats, started, InternalError("internal error in the executor (logged)")
             )
         else:
-            await _quietly(reply_json(self._nc, msg, body))
-            stats.record(started)
+            await self._reply(msg, stats, started, body)
         finally:
             self._pending_calls -= 1
+
+    async def _reply(self, msg: Msg, stats: EndpointStats, started: int, body: bytes) -> None:
+        try:
+            await reply_json(self._nc, msg, body)
+        except MaxPayloadError:
+            # Workers keep results under max_payload; a reply that is not is a bug: say so.
+            log.error("reply too large for one message", subject=msg.subject, size=len(body))
+            error = InternalError(f"the reply ({len(body)} bytes) is larger than max_payload")
+            await self._fail(msg, stats, started, error)
+        except Exception as exc:  # the client went away: nothing to tell
+            log.debug("reply not sent", error=str(exc))
+        else:
+            stats.record(started)
 
     async def _fail(
         self, msg: Msg, stats: EndpointStats, started: int, error: ServiceError
@@ -439,7 +465,7 @@ class ExecutorService:
         name = request.tool.name
         _annotate_span(request.trajectory_id, name)
         requested = request.timeout_s or _number(request.tool.arguments.get("timeout"))
-        assert self._leases is not None
+        assert self._placement is not None
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars(
             trajectory_id=request.trajectory_id, tool=name, uniq_id=request.tool.uniq_id
@@ -448,7 +474,7 @@ class ExecutorService:
                 result = await self._external.call(
                     request,
                     timeout_s=self._config.clamp_timeout(requested),
-                    lease=self._leases.cached(request.trajectory_id),
+                    lease=self._placement.cached(request.trajectory_id),
                 )
             if result is None:
                 raise NotFound(f"Unknown tool: {name}", kind=ErrorKind.UNKNOWN_TOOL)
@@ -537,18 +563,20 @@ class ExecutorService:
 
         ``acquire=False``: a trajectory without a slot gets NotFound instead of a new slot.
         """
-        stale: Lease | None = None
-        for _ in range(_MAX_DISPATCH_ATTEMPTS):
+        assert self._placement is not None and self._dispatcher is not None
+        rejected: tuple[Lease, RejectReason | None] | None = None
+        undelivered = iter(_UNDELIVERED_RETRY_S)
+        for _ in range(_MAX_DISPATCH_ATTEMPTS + len(_UNDELIVERED_RETRY_S)):
             try:
-                if acquire:
-                    lease = await self._lease(trajectory_id, stale=stale)
-                else:
-                    lease = await self._existing_lease(trajectory_id, stale=stale)
-            except _WorkspaceLost as lost:
+                lease = await self._placement.lease(
+                    trajectory_id, acquire=acquire, rejected=rejected
+                )
+            except WorkspaceLost as lost:
                 return _workspace_lost(lost.lease, uniq_id)
             item = BatchItem(
                 item_id=self._nuid.next().decode(),
                 trajectory_id=trajectory_id,
+                epoch=lease.epoch,
                 tool=tool,
                 arguments=arguments,
                 timeout_s=timeout_s,
@@ -557,73 +585,36 @@ class ExecutorService:
                 trace_context=tracing.current_trace_headers(),
                 created_at=time.time(),
             )
-            result_future: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
-            self._results[item.item_id] = result_future
             try:
-                try:
-                    rejected = await self._link(lease.worker_id).submit(item)
-                except WorkerUnavailable:
-                    rejected = RejectReason.STOPPING
-                if rejected is RejectReason.NO_SLOT:
-                    stale = lease  # released meanwhile, or a stale lease: look again
-                    continue
-                if rejected is RejectReason.EXPIRED:
-                    await self._forget_lease(trajectory_id, lease)
-                    return _workspace_lost(lease, uniq_id, expired=True)
-                if rejected is not None:
-                    await self._drop_lost_worker(trajectory_id, lease)
-                    return _workspace_lost(lease, uniq_id)
-                try:
-                    result = await asyncio.wait_for(
-                        result_future, timeout_s + self._config.result_grace_s
-                    )
-                except TimeoutError:
+                return await self._dispatcher.run(lease, item)
+            except CallRejected as rejection:
+                if rejection.reason is RejectReason.UNREADABLE:
                     return _infra_failure(
-                        f"No result from sandbox worker {lease.worker_id} within "
-                        f"{timeout_s + self._config.result_grace_s:g}s",
+                        "The sandbox worker could not read this call (logged); it did not run",
                         uniq_id=uniq_id,
-                        worker_id=lease.worker_id,
                     )
-                return result
-            finally:
-                self._results.pop(item.item_id, None)
+                if rejection.reason is None:  # reached no worker: it may be restarting
+                    await asyncio.sleep(next(undelivered, 1.0))
+                rejected = (lease, rejection.reason)
+            except WorkerGone:
+                await self._placement.forget_lost(trajectory_id, lease)
+                gone = lease.model_copy(update={"lost": LostReason.WORKER_GONE})
+                return _workspace_lost(gone, uniq_id)
         raise NoCapacity(
             f"could not place the call: the slot of trajectory {trajectory_id!r} kept moving",
             kind=ErrorKind.WORKER_UNAVAILABLE,
         )
 
-    def _link(self, worker_id: str) -> WorkerLink:
-        link = self._links.get(worker_id)
-        if link is None:
-            self._drop_idle_links_of_gone_workers()
-            link = self._links[worker_id] = WorkerLink(
-                self._nc,
-                on_batch=functools.partial(self._metrics.batch_sent, worker_id=worker_id),
-                subject=self._subjects.worker_batch(worker_id),
-                reply_to=self._results_subject,
-                window_s=self._config.batch_window_ms / 1000,
-                max_items=self._config.max_batch_size,
-                max_bytes=self._config.max_batch_bytes,
-            )
-        return link
-
-    def _drop_idle_links_of_gone_workers(self) -> None:
-        """Forget links to workers no longer registered (workers come and go over a long run),
-        once nothing is queued or in flight on them. Runs when a new worker's link is made."""
-        assert self._registry is not None
-        for worker_id, link in list(self._links.items()):
-            if link.idle and not self._registry.is_alive(worker_id):
-                del self._links[worker_id]
-
-    async def _on_result(self, msg: Msg) -> None:
-        try:
-            item = ItemResult.model_validate_json(msg.data)
-        except ValueError:
-            log.warning("ignoring malformed result message", size=len(msg.data))
-            return
-        future = self._results.get(item.item_id)
-        if future is not None and not future.done():
-            future.set_result(item)
+    def _make_link(self, worker_id: str) -> WorkerLink:
+        return WorkerLink(
+            self._nc,
+            on_batch=functools.partial(self._metrics.batch_sent, worker_id=worker_id),
+            subject=self._subjects.worker_batch(worker_id),
+            reply_to=self._results_subject,
+            window_s=self._config.batch_window_ms / 1000,
+            max_items=self._config.max_batch_size,
+            max_bytes=self._config.max_batch_bytes,
+        )
 
     # -- tools.artifacts.* --------------------------------------------------------------------
     async def _artifacts(self, msg: Msg) -> bytes:
@@ -668,153 +659,14 @@ class ExecutorService:
             )
         return reply_model.model_validate(body).model_dump_json().encode()
 
-    # -- leases -------------------------------------------------------------------------------
-    async def _existing_lease(self, trajectory_id: str, *, stale: Lease | None) -> Lease:
-        """The trajectory's lease, if it has a live one; NotFound otherwise."""
-        assert self._registry is not None and self._leases is not None
-        cached = self._leases.cached(trajectory_id)
-        if cached is not None and cached != stale and self._registry.is_alive(cached.worker_id):
-            return cached
-        stored = await self._leases.get(trajectory_id)
-        lease = stored[0] if stored is not None else None
-        if lease is not None and lease != stale and self._registry.is_alive(lease.worker_id):
-            return lease
-        raise NotFound(f"No active slot for trajectory {trajectory_id!r}")
-
-    async def _lease(self, trajectory_id: str, *, stale: Lease | None = None) -> Lease:
-        """The trajectory's lease: cached, stored, or newly acquired (one acquire at a time)."""
-        assert self._registry is not None and self._leases is not None
-        cached = self._leases.cached(trajectory_id)
-        if cached is not None and cached != stale and self._registry.is_alive(cached.worker_id):
-            return cached
-        acquiring = self._acquiring.get(trajectory_id)
-        if acquiring is None:
-            # A task of its own: concurrent calls of one trajectory share it, and a caller
-            # that gives up does not cancel the others' acquisition.
-            acquiring = asyncio.create_task(self._resolve_or_acquire(trajectory_id, stale))
-            self._acquiring[trajectory_id] = acquiring
-            acquiring.add_done_callback(lambda task: self._acquired(trajectory_id, task))
-        return await asyncio.shield(acquiring)
-
-    def _acquired(self, trajectory_id: str, task: asyncio.Task[Lease]) -> None:
-        if self._acquiring.get(trajectory_id) is task:
-            del self._acquiring[trajectory_id]
-        if not task.cancelled():
-            task.exception()  # retrieved here; the callers awaiting it re-raise it
-
-    async def _resolve_or_acquire(self, trajectory_id: str, stale: Lease | None) -> Lease:
-        assert self._registry is not None and self._leases is not None
-        stored = await self._leases.get(trajectory_id)
-        if stored is not None:
-            lease, revision = stored
-            if lease != stale and self._registry.is_alive(lease.worker_id):
-                return lease
-            log.warning("dropping stale lease", worker_id=lease.worker_id, slot=lease.slot)
-            await self._leases.delete(trajectory_id, revision=revision)
-            if lease != stale:
-                # Its worker is gone and the workspace with it: say so once, rather than
-                # carry on silently in an empty workspace.
-                raise _WorkspaceLost(lease)
-        return await self._acquire(trajectory_id)
-
-    async def _acquire(self, trajectory_id: str) -> Lease:
-        with tracing.span("acquire slot") as span:
-            lease = await self._acquire_in_span(trajectory_id)
-            span.set_attributes({"toolbus.worker_id": lease.worker_id, "toolbus.slot": lease.slot})
-            return lease
-
-    async def _acquire_in_span(self, trajectory_id: str) -> Lease:
-        assert self._registry is not None and self._leases is not None
-        deadline = time.monotonic() + self._config.acquire_timeout_s
-        request = AcquireRequest(trajectory_id=trajectory_id).model_dump_json().encode()
-        while True:
-            for worker_id in self._registry.candidates():
-                # Count the slot as taken before asking, so that concurrent new trajectories
-                # spread over the workers instead of all asking the one that looked emptiest.
-                self._registry.note_acquired(worker_id)
-                try:
-                    msg = await nats_request(
-                        self._nc,
-                        self._subjects.worker_acquire(worker_id),
-                        request,
-                        timeout=_WORKER_REQUEST_TIMEOUT_S,
-                    )
-                except (NoRespondersError, NatsTimeoutError):
-                    self._registry.note_gone(worker_id)
-                    continue
-                reply = AcquireReply.model_validate_json(msg.data)
-                if reply.slot is None:
-                    self._registry.note_full(worker_id)
-                    continue
-                lease = Lease(worker_id=worker_id, slot=reply.slot, acquired_at=time.time())
-                if await self._leases.create(trajectory_id, lease):
-                    log.info("slot leased", worker_id=worker_id, slot=reply.slot)
-                    return lease
-                # Another executor leased this trajectory first: use its lease, give ours back.
-                stored = await self._leases.get(trajectory_id)
-                if stored is None:
-                    continue
-                winner = stored[0]
-                if winner.worker_id != worker_id:
-                    await self._release_on_worker(worker_id, trajectory_id, reset_workspace=True)
-                return winner
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                alive = self._registry.alive()
-                raise NoCapacity(
-                    f"no free slot within {self._config.acquire_timeout_s:g}s "
-                    f"({len(alive)} workers, {sum(w.slots_total for w, _ in alive)} slots, "
-                    "all in use); release finished trajectories or add workers"
-                )
-            await self._registry.wait_for_capacity(min(remaining, 0.5))
-
-    async def _drop_lost_worker(self, trajectory_id: str, lease: Lease) -> None:
-        assert self._registry is not None
-        self._registry.note_gone(lease.worker_id)
-        await self._forget_lease(trajectory_id, lease)
-
-    async def _forget_lease(self, trajectory_id: str, lease: Lease) -> None:
-        """Delete the trajectory's stored lease if it is still this one."""
-        assert self._leases is not None
-        stored = await self._leases.get(trajectory_id)
-        if stored is not None and stored[0] == lease:
-            await self._leases.delete(trajectory_id, revision=stored[1])
-        self._leases.forget(trajectory_id)
-
-    async def _release_on_worker(
-        self, worker_id: str, trajectory_id: str, *, reset_workspace: bool
-    ) -> WorkerReleaseReply | None:
-        assert self._registry is not None
-        request = WorkerReleaseRequest(trajectory_id=trajectory_id, reset_workspace=reset_workspace)
-        try:
-            msg = await nats_request(
-                self._nc,
-                self._subjects.worker_release(worker_id),
-                request.model_dump_json().encode(),
-                timeout=_WORKER_REQUEST_TIMEOUT_S + 30,  # a wipe of a big workspace takes time
-            )
-        except (NoRespondersError, NatsTimeoutError):
-            log.warning("worker did not answer a release", worker_id=worker_id)
-            return None
-        reply = WorkerReleaseReply.model_validate_json(msg.data)
-        if reply.released:
-            self._registry.note_released(worker_id)
-        return reply
-
     # -- tools.release ------------------------------------------------------------------------
     async def _release(self, msg: Msg) -> bytes:
-        assert self._leases is not None
+        assert self._placement is not None
         request = parse_request(ReleaseRequest, msg.data, max_bytes=self._config.max_request_bytes)
         trajectory_id = request.trajectory_id
         with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool="release"):
-            stored = await self._leases.get(trajectory_id)
-            if stored is None:
-                raise NotFound(f"No active slot for trajectory {trajectory_id!r}")
-            lease, revision = stored
-            # Lease first: a call that races the release gets a fresh slot, not a dying one.
-            await self._leases.delete(trajectory_id, revision=revision)
-            await self._release_on_worker(
-                lease.worker_id, trajectory_id, reset_workspace=request.reset_workspace
+            lease = await self._placement.release(
+                trajectory_id, reset_workspace=request.reset_workspace
             )
             log.info("trajectory released", worker_id=lease.worker_id, slot=lease.slot)
         return ReleaseReply(worker_id=lease.worker_id, slot=lease.slot).model_dump_json().encode()

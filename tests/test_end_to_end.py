@@ -128,17 +128,24 @@ async def test_release_with_and_without_reset(
     make_stack: StackFactory, trajectory: Callable[[], str]
 ) -> None:
     stack = await make_stack(slots=1)
+    worker = stack.workers[0]
     first = trajectory()
     await stack.client.execute(first, "write_file", {"path": "keep.txt", "content": "1"})
     reply = await stack.client.release(first)
     assert reply.status == "ok"
     assert reply.slot == 0
+    # Without reset the files stay on disk until the slot is needed again ...
+    workspace = worker.workspace_of(0)
+    assert (workspace / "keep.txt").read_text() == "1"
+    assert worker.slot_states()["dirty"] == 1
 
-    # Without reset the single slot's workspace keeps its files for the next trajectory.
+    # ... and the next trajectory still starts in an empty workspace.
     second = trajectory()
     kept = await stack.client.execute(second, "read_file", {"path": "keep.txt"})
-    assert kept.success and kept.output == "1"
+    assert not kept.success and kept.error == "No such file: keep.txt"
+    assert kept.metadata["slot"] == 0
     await stack.client.release(second, reset_workspace=True)
+    assert worker.slot_states()["free"] == 1  # wiped at once
 
     third = trajectory()
     gone = await stack.client.execute(third, "terminal", {"command": "ls -A | wc -l"})

@@ -11,8 +11,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from schemas.internal import BatchAck, BatchItem, BatchRequest
-from services._batcher import WorkerLink
+from schemas.internal import BatchAck, BatchItem
+from services._batcher import Accepted, WorkerLink
 from services._requests import nats_request
 from services.exceptions import NoCapacity, Overloaded
 from services.executor import ExecutorConfig
@@ -44,6 +44,7 @@ async def test_fifty_trajectories_on_two_executors_and_two_workers_see_only_thei
     assert all(executor.total_requests > 0 for executor in stack.executors)
     assert all(worker.calls_completed > 0 for worker in stack.workers)
     await asyncio.gather(*(client.release(tid, reset_workspace=True) for tid in ids))
+    await asyncio.gather(*(worker.wait_settled() for worker in stack.workers))
     assert sum(worker.slots_free for worker in stack.workers) == 50
 
 
@@ -211,8 +212,8 @@ async def test_worker_link_sends_at_once_when_idle_and_coalesces_while_in_flight
     sizes: list[int] = []
 
     async def slow_worker(msg: Msg) -> None:
-        batch = BatchRequest.model_validate_json(msg.data)
-        sizes.append(len(batch.items))
+        _header, *items = msg.data.split(b"\n")  # JSON lines: the header, then one per item
+        sizes.append(len([BatchItem.model_validate_json(line) for line in items]))
         await asyncio.sleep(0.1)  # the batch stays in flight for a while
         await msg.respond(BatchAck().model_dump_json().encode())
 
@@ -223,12 +224,12 @@ async def test_worker_link_sends_at_once_when_idle_and_coalesces_while_in_flight
 
     def item(i: int) -> BatchItem:
         return BatchItem(
-            item_id=str(i), trajectory_id="t", tool="terminal", arguments={}, timeout_s=1
+            item_id=str(i), trajectory_id="t", epoch=1, tool="terminal", arguments={}, timeout_s=1
         )
 
     started = time.monotonic()
     first = link.submit(item(0))
-    assert await first is None
+    assert await first is Accepted.RUNNING
     assert time.monotonic() - started < 0.5  # idle link: sent at once, not after the window
     assert sizes == [1]
 
@@ -282,7 +283,7 @@ async def test_a_lost_worker_is_an_infra_failure_and_the_next_call_gets_a_new_sl
     assert again.success
     assert again.metadata["worker_id"] == stack.workers[0].worker_id
     # The executor does not keep a link to the gone worker once it links to another one.
-    links = stack.executors[0]._links
+    links = stack.executors[0]._dispatcher.links  # type: ignore[union-attr]
     assert set(links) == {stack.workers[0].worker_id}
 
 

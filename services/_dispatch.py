@@ -1,0 +1,261 @@
+"""Sending a call to the worker that holds its trajectory's slot, and waiting for its result.
+
+What this module promises:
+
+- A call's deadline is its run: ``timeout_s`` plus ``result_grace_s``, counted from when it
+  starts on the worker (at once, or when the worker's ``started`` notice comes for a call that
+  waited behind earlier calls of its trajectory), never from when it was sent.
+- A call is never reported failed while it may still run: one the executor gives up on (past its
+  deadline, or a batch the worker did not acknowledge) is cancelled on the worker first, and
+  the worker's answer decides what the caller hears. While the worker cannot be reached but is
+  still registered, the call waits.
+- Calls sent to a worker incarnation whose registration is gone end at once with
+  :class:`WorkerGone`: their workspace is lost with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from schemas.internal import (
+    BatchItem,
+    CancelOutcome,
+    CancelReply,
+    CancelRequest,
+    ItemResult,
+    Lease,
+    RejectReason,
+)
+from schemas.messages import ErrorKindOfResult, ToolResult
+from schemas.subjects import Subjects
+
+from ._batcher import Accepted, BatchNotDelivered, BatchUnconfirmed, WorkerLink
+from ._registry import WorkerRegistry
+from ._requests import nats_request
+
+log = structlog.get_logger("toolbus.executor")
+
+DEFAULT_RESULT_GRACE_S = 10.0  # beyond a call's own timeout, for spawn, transfer and clean-up
+_CANCEL_REQUEST_TIMEOUT_S = 5.0
+_CANCELLED_RESULT_WAIT_S = 5.0  # for the result of a call the worker said it cancelled
+_UNREACHABLE_RETRY_S = 1.0  # between attempts to reach a registered worker that does not answer
+
+
+class WorkerGone(Exception):
+    """The worker incarnation the call was sent to is no longer registered."""
+
+
+class CallRejected(Exception):
+    """The worker did not take the call, which did not and will not run there."""
+
+    def __init__(self, reason: RejectReason | None) -> None:
+        super().__init__(str(reason))
+        self.reason = reason  # None: the batch did not reach the worker
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    worker_id: str
+    incarnation: str
+    run_s: float  # timeout_s + grace: how long its run may take before it is given up on
+    result: asyncio.Future[ItemResult]
+    started: bool = False
+    scope: asyncio.Timeout | None = None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        nc: Client,
+        registry: WorkerRegistry,
+        *,
+        subjects: Subjects,
+        results_subject: str,
+        make_link: Callable[[str], WorkerLink],
+        result_grace_s: float = DEFAULT_RESULT_GRACE_S,
+    ) -> None:
+        self._nc = nc
+        self._registry = registry
+        self._subjects = subjects
+        self._results_subject = results_subject
+        self._make_link = make_link
+        self._grace_s = result_grace_s
+        self._links: dict[str, WorkerLink] = {}
+        self._pending: dict[str, _Pending] = {}
+        registry.on_gone(self._worker_gone)
+
+    @property
+    def links(self) -> dict[str, WorkerLink]:
+        return self._links
+
+    async def close(self) -> None:
+        for link in self._links.values():
+            await link.close()
+
+    # -- a call -------------------------------------------------------------------------------
+    async def run(self, lease: Lease, item: BatchItem) -> ItemResult:
+        """The worker's result for the call; CallRejected when it did not take it; WorkerGone
+        when its worker incarnation went away before the result came."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(
+            lease.worker_id, lease.incarnation, item.timeout_s + self._grace_s, loop.create_future()
+        )
+        self._pending[item.item_id] = pending
+        try:
+            if not self._registry.is_registered(lease.worker_id, lease.incarnation):
+                raise WorkerGone(lease.worker_id)
+            try:
+                accepted = await self._link(lease.worker_id).submit(item)
+            except BatchNotDelivered:
+                raise CallRejected(None) from None
+            except BatchUnconfirmed:
+                # It may be there: make sure it will not run before saying it did not.
+                return await self._give_up(item, pending, unacknowledged=True)
+            if isinstance(accepted, RejectReason):
+                raise CallRejected(accepted)
+            if accepted is Accepted.RUNNING:
+                pending.started = True
+            return await self._await_result(item, pending)
+        finally:
+            del self._pending[item.item_id]
+
+    async def _await_result(self, item: BatchItem, pending: _Pending) -> ItemResult:
+        loop = asyncio.get_running_loop()
+        while True:
+            # No deadline while it waits behind its trajectory's earlier calls; the worker's
+            # start notice sets one (see on_result).
+            when = loop.time() + pending.run_s if pending.started else None
+            try:
+                async with asyncio.timeout(when) as scope:
+                    pending.scope = scope
+                    return await asyncio.shield(pending.result)
+            except TimeoutError:
+                if pending.result.done():
+                    return pending.result.result()
+            return await self._give_up(item, pending, unacknowledged=False)
+
+    async def _give_up(
+        self, item: BatchItem, pending: _Pending, *, unacknowledged: bool
+    ) -> ItemResult:
+        """Past its deadline, or its batch unacknowledged: cancel it on the worker, then say
+        what happened. Waits as long as the worker is registered but cannot be reached."""
+        while True:
+            if pending.result.done():
+                return pending.result.result()
+            outcome = await self._cancel(pending.worker_id, item.item_id)
+            if outcome is CancelOutcome.NOT_FOUND and unacknowledged:
+                raise CallRejected(None)  # it never arrived, and now never runs
+            if outcome is not None:
+                return await self._after_cancel(item, pending, outcome)
+            if await self._registry.confirm_gone(pending.worker_id, pending.incarnation):
+                raise WorkerGone(pending.worker_id)
+            try:  # registered but not answering: it may yet deliver
+                return await asyncio.wait_for(asyncio.shield(pending.result), _UNREACHABLE_RETRY_S)
+            except TimeoutError:
+                continue
+
+    async def _after_cancel(
+        self, item: BatchItem, pending: _Pending, outcome: CancelOutcome
+    ) -> ItemResult:
+        if pending.started:
+            why = f"within {pending.run_s:g}s of its start (its timeout and {self._grace_s:g}s)"
+        else:
+            why = "in time: the worker did not acknowledge its batch"
+        if outcome is not CancelOutcome.NOT_FOUND:
+            # Cancelled: its (cancelled) result is on the way; finished: its result was sent.
+            try:
+                result = await asyncio.wait_for(
+                    asyncio.shield(pending.result), _CANCELLED_RESULT_WAIT_S
+                )
+            except TimeoutError:
+                result = None
+            cancelled = (
+                result is not None and result.result and result.result.metadata.get("cancelled")
+            )
+            if result is not None and not cancelled:
+                return result  # it finished after all
+        log.warning("call given up on", worker_id=pending.worker_id, outcome=str(outcome))
+        return ItemResult(
+            item_id=item.item_id,
+            result=ToolResult(
+                success=False,
+                error=f"No result from sandbox worker {pending.worker_id} {why}; "
+                f"the call was {_SAID[outcome]}",
+                metadata={
+                    "error_kind": str(ErrorKindOfResult.INFRA),
+                    "worker_id": pending.worker_id,
+                    "cancelled": outcome is CancelOutcome.CANCELLED,
+                },
+                uniq_id=item.uniq_id,
+            ),
+        )
+
+    async def _cancel(self, worker_id: str, item_id: str) -> CancelOutcome | None:
+        """The worker's word on the cancelled call, or None when it did not answer."""
+        request = CancelRequest(item_ids=[item_id]).model_dump_json().encode()
+        try:
+            msg = await nats_request(
+                self._nc,
+                self._subjects.worker_cancel(worker_id),
+                request,
+                timeout=_CANCEL_REQUEST_TIMEOUT_S,
+            )
+            return CancelReply.model_validate_json(msg.data).outcomes.get(item_id)
+        except (NoRespondersError, NatsTimeoutError, ValueError):
+            return None
+
+    # -- what comes back ----------------------------------------------------------------------
+    async def on_result(self, msg: Msg) -> None:
+        try:
+            item = ItemResult.model_validate_json(msg.data)
+        except ValueError:
+            log.warning("ignoring malformed result message", size=len(msg.data))
+            return
+        pending = self._pending.get(item.item_id)
+        if pending is None or pending.result.done():
+            return
+        if item.started and item.result is None and item.reply is None:
+            pending.started = True  # its run starts now: so does its deadline
+            if pending.scope is not None and pending.scope.when() is None:
+                loop = asyncio.get_running_loop()
+                pending.scope.reschedule(loop.time() + pending.run_s)
+            return
+        pending.result.set_result(item)
+
+    def _worker_gone(self, worker_id: str, incarnation: str) -> None:
+        for pending in self._pending.values():
+            ours = pending.worker_id == worker_id and pending.incarnation == incarnation
+            if ours and not pending.result.done():
+                pending.result.set_exception(WorkerGone(worker_id))
+                pending.result.exception()  # retrieved: a waiter may have gone already
+
+    # -- links --------------------------------------------------------------------------------
+    def _link(self, worker_id: str) -> WorkerLink:
+        link = self._links.get(worker_id)
+        if link is None:
+            self._drop_idle_links_of_gone_workers()
+            link = self._links[worker_id] = self._make_link(worker_id)
+        return link
+
+    def _drop_idle_links_of_gone_workers(self) -> None:
+        """Forget links to workers no longer registered (workers come and go over a long run),
+        once nothing is queued or in flight on them. Runs when a new worker's link is made."""
+        registered = {info.worker_id for info, _ in self._registry.alive()}
+        for worker_id, link in list(self._links.items()):
+            if link.idle and worker_id not in registered:
+                del self._links[worker_id]
+
+
+_SAID = {
+    CancelOutcome.CANCELLED: "cancelled on the worker",
+    CancelOutcome.FINISHED: "finished, but its result was lost",
+    CancelOutcome.NOT_FOUND: "not found on the worker, and will not run",
+}

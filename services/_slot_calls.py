@@ -1,0 +1,369 @@
+"""The calls executors send a worker: taken in from a batch, run in their slot, answered.
+
+A batch is JSON lines (``BatchHeader``, then one ``BatchItem`` per line), and each item is read
+on its own: one the worker cannot read is answered alone (``BatchAck.unreadable``) and the rest
+of the batch runs. An item runs only in the assignment (trajectory and epoch) its lease named;
+calls of one slot run in arrival order (an asyncio lock is FIFO), and an item that has to wait
+behind earlier calls is acknowledged as ``queued`` and announced with a ``started`` notice when
+its run begins, so the executor's deadline counts the run, not the wait.
+
+Every result is published, whatever its size: one larger than a NATS message is cut down (its
+output shortened, with flags saying so), and a failure to publish is answered with a short infra
+failure and logged. An executor that gives up on a call cancels it here first (:meth:`cancel`);
+ids cancelled before their batch arrived are remembered, so such a call never runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from opentelemetry.trace import Span, SpanKind
+from pydantic import ValidationError
+
+from observability import tracing
+from schemas.internal import (
+    BatchAck,
+    BatchHeader,
+    BatchItem,
+    CancelOutcome,
+    CancelReply,
+    ItemResult,
+    RejectReason,
+)
+from schemas.messages import ErrorKindOfResult, ToolResult
+
+from ._artifacts import ArtifactRunner
+from ._slots import Slot, SlotTable
+from ._tools import ToolRunner
+
+log = structlog.get_logger("toolbus.worker")
+
+_ARTIFACTS = "artifacts."  # batch items of artifact operations, e.g. "artifacts.read"
+_REMEMBERED_IDS = 20_000  # finished and cancelled-before-arrival item ids, for cancel answers
+_PAYLOAD_HEADROOM = 1024  # below the server's max_payload, for the protocol line
+
+
+class SlotCalls:
+    def __init__(
+        self,
+        nc: Client,
+        table: SlotTable,
+        *,
+        worker_id: str,
+        tools: ToolRunner,
+        artifacts: ArtifactRunner,
+        on_call_start: Callable[[Slot], None],
+    ) -> None:
+        self._nc = nc
+        self._table = table
+        self._worker_id = worker_id
+        self._tools = tools
+        self._artifacts = artifacts
+        self._on_call_start = on_call_start
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.accepting = False
+        self.calls_completed = 0
+
+    @property
+    def running(self) -> list[asyncio.Task[None]]:
+        return list(self._running.values())
+
+    # -- intake -------------------------------------------------------------------------------
+    def take_batch(self, data: bytes, subject: str, headers: dict[str, str] | None) -> BatchAck:
+        """Start every item of the batch that may run; the ack says what happened to the rest."""
+        first, _, rest = data.partition(b"\n")
+        lines = rest.split(b"\n") if rest else []
+        ack = BatchAck()
+        try:
+            header = BatchHeader.model_validate_json(first)
+        except (ValidationError, ValueError, RecursionError):
+            log.error("unreadable batch header", size=len(data))
+            ack.unreadable = list(range(len(lines)))
+            return ack
+        for index, line in enumerate(lines):
+            try:
+                item = BatchItem.model_validate_json(line)
+            except (ValidationError, ValueError, RecursionError) as exc:
+                # The executor checks what it sends, so this is a bug on one side: say so.
+                log.error("unreadable batch item", index=index, size=len(line), error=type(exc))
+                ack.unreadable.append(index)
+                continue
+            slot, reason = self._admit(item)
+            if slot is None:
+                ack.rejected[item.item_id] = reason
+                continue
+            queued = bool(slot.tasks)  # earlier calls of this slot go first
+            if queued:
+                ack.queued.append(item.item_id)
+            slot.last_used = time.monotonic()
+            task = asyncio.create_task(
+                self._run(slot, item, header.reply_to, headers, subject, queued)
+            )
+            slot.tasks.add(task)
+            self._running[item.item_id] = task
+            task.add_done_callback(functools.partial(self._done, slot, item.item_id))
+        return ack
+
+    def _admit(self, item: BatchItem) -> tuple[Slot | None, RejectReason]:
+        if not self.accepting:
+            return None, RejectReason.STOPPING
+        if item.item_id in self._cancelled:
+            return None, RejectReason.CANCELLED
+        slot = self._table.accepting(item.trajectory_id, item.epoch)
+        return slot, RejectReason.NO_SLOT
+
+    def _done(self, slot: Slot, item_id: str, task: asyncio.Task[None]) -> None:
+        slot.tasks.discard(task)
+        self._running.pop(item_id, None)
+        _remember(self._finished, item_id)
+
+    # -- cancel -------------------------------------------------------------------------------
+    def cancel(self, item_ids: list[str]) -> CancelReply:
+        reply = CancelReply()
+        for item_id in item_ids:
+            task = self._running.get(item_id)
+            if task is not None:
+                task.cancel()  # its cancelled result is published as it stops
+                reply.outcomes[item_id] = CancelOutcome.CANCELLED
+            elif item_id in self._finished:
+                reply.outcomes[item_id] = CancelOutcome.FINISHED
+            else:
+                _remember(self._cancelled, item_id)
+                reply.outcomes[item_id] = CancelOutcome.NOT_FOUND
+        return reply
+
+    # -- running ------------------------------------------------------------------------------
+    async def _run(
+        self,
+        slot: Slot,
+        item: BatchItem,
+        reply_to: str,
+        batch_headers: dict[str, str] | None,
+        subject: str,
+        queued: bool,
+    ) -> None:
+        """Run one call in its slot (after the calls before it) and publish its result.
+
+        Its span continues the executor's trace (the item carries its context) and links to the
+        batch it came in; the tool's own span inside it is the execution time, what comes
+        before it the queue wait.
+        """
+        outcome = ItemResult(item_id=item.item_id)
+        with (
+            tracing.span(
+                f"process {subject}",
+                kind=SpanKind.CONSUMER,
+                parent=item.trace_context or {},
+                links=lambda: tracing.link_to(batch_headers),
+                attributes=lambda: tracing.nats_attributes(
+                    subject,
+                    "process",
+                    **{"toolbus.trajectory_id": item.trajectory_id, "toolbus.slot": slot.index},
+                ),
+            ) as span,
+            structlog.contextvars.bound_contextvars(
+                trajectory_id=item.trajectory_id, tool=item.tool, uniq_id=item.uniq_id
+            ),
+        ):
+            try:
+                async with slot.lock:
+                    if queued:  # the executor's deadline for its run starts now
+                        await self._publish(
+                            reply_to, ItemResult(item_id=item.item_id, started=True)
+                        )
+                    started = time.time()
+                    if item.created_at is not None:
+                        outcome.queue_wait_s = max(started - item.created_at, 0.0)
+                        span.set_attribute("toolbus.queue_wait_s", outcome.queue_wait_s)
+                    self._on_call_start(slot)
+                    await self._run_tool(slot, item, outcome)
+                    outcome.execution_s = time.time() - started
+            except asyncio.CancelledError:
+                outcome.result = ToolResult(
+                    success=False,
+                    error="Call cancelled: the trajectory was released, the call was given up "
+                    "on, or the worker stopped",
+                    metadata={"error_kind": str(ErrorKindOfResult.INFRA), "cancelled": True},
+                )
+                tracing.mark_error(span, "cancelled")
+                await self._publish_outcome(item, outcome, reply_to, slot)
+                raise
+            except Exception as exc:
+                log.exception("tool crashed")
+                outcome.result = ToolResult(
+                    success=False,
+                    error="Internal error in the sandbox worker",
+                    metadata={"error_kind": str(ErrorKindOfResult.INFRA)},
+                )
+                tracing.mark_error(span, type(exc).__qualname__)
+            else:
+                if not _succeeded(outcome):
+                    tracing.mark_error(span, _error_type(outcome))
+            await self._publish_outcome(item, outcome, reply_to, slot)
+
+    async def _run_tool(self, slot: Slot, item: BatchItem, outcome: ItemResult) -> None:
+        with tracing.span(
+            f"execute_tool {item.tool}",
+            attributes=lambda: {
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": item.tool,
+            },
+        ) as span:
+            if item.tool.startswith(_ARTIFACTS):
+                outcome.reply = await self._run_artifact_operation(slot, item)
+            else:
+                outcome.result = await self._tools.run(
+                    item.tool,
+                    item.arguments,
+                    slot.tools,
+                    timeout_s=item.timeout_s,
+                    allow_network=item.allow_network,
+                )
+                _describe_result(span, outcome.result)
+            if not _succeeded(outcome):
+                tracing.mark_error(span, _error_type(outcome), _error_message(outcome))
+
+    async def _run_artifact_operation(self, slot: Slot, item: BatchItem) -> dict[str, Any]:
+        operation = item.tool.removeprefix(_ARTIFACTS)
+        try:
+            async with asyncio.timeout(item.timeout_s):
+                reply = await self._artifacts.run(
+                    operation, item.arguments, slot.tools.sandbox, item.trajectory_id
+                )
+        except TimeoutError:
+            reply = {
+                "success": False,
+                "error": f"artifact {operation} timed out after {item.timeout_s:g}s",
+            }
+        log.debug("artifact operation done", success=reply.get("success"), slot=slot.index)
+        return reply
+
+    # -- answering ----------------------------------------------------------------------------
+    async def _publish_outcome(
+        self, item: BatchItem, outcome: ItemResult, reply_to: str, slot: Slot
+    ) -> None:
+        slot.last_used = time.monotonic()
+        if outcome.result is not None:
+            outcome.result.uniq_id = item.uniq_id
+            outcome.result.metadata.update(worker_id=self._worker_id, slot=slot.index)
+        log.debug("call done", success=_succeeded(outcome), slot=slot.index)
+        self.calls_completed += 1
+        await self._publish(reply_to, outcome)
+
+    async def _publish(self, reply_to: str, outcome: ItemResult) -> None:
+        payload = fit_result(outcome, self._nc.max_payload - _PAYLOAD_HEADROOM)
+        try:
+            await self._nc.publish(reply_to, payload)
+        except Exception as exc:
+            log.error("publishing a result failed", item_id=outcome.item_id, error=repr(exc))
+            if outcome.started and outcome.result is None:
+                return  # a start notice: the result itself follows
+            fallback = ItemResult(
+                item_id=outcome.item_id,
+                result=_infra(
+                    f"The worker could not send this call's result ({type(exc).__name__})"
+                ),
+            )
+            try:
+                await self._nc.publish(reply_to, fallback.model_dump_json().encode())
+            except Exception as again:  # the connection is gone: the executor sees the worker go
+                log.error("publishing a failure failed too", error=repr(again))
+
+
+def fit_result(outcome: ItemResult, budget: int) -> bytes:
+    """The result as one message of at most ``budget`` bytes: a tool's output is cut (flagged
+    ``truncated`` and ``output_cut_to_fit``), anything else too large becomes an infra failure."""
+    payload = outcome.model_dump_json().encode()
+    if len(payload) <= budget:
+        return payload
+    result = outcome.result
+    original = len(payload)
+    if result is not None and result.output:
+        fitted = outcome.model_copy(deep=True)
+        assert fitted.result is not None
+        fitted.result.metadata.update(truncated=True, output_cut_to_fit=True)
+        output = result.output
+        for _ in range(8):  # each round scales the output down by how far it is over
+            over = len(payload) - budget
+            if over <= 0:
+                return payload
+            keep = max(int(len(output) * (1 - over / max(len(payload), 1))) - 64, 0)
+            output = output[:keep]
+            fitted.result.output = output
+            payload = fitted.model_dump_json().encode()
+        if len(payload) <= budget:
+            return payload
+    log.error("a result too large for one message", item_id=outcome.item_id, size=original)
+    return (
+        ItemResult(
+            item_id=outcome.item_id,
+            result=_infra(
+                f"The call's result ({original} bytes) does not fit in one NATS message "
+                f"({budget} bytes)"
+            ),
+            reply=(
+                {"success": False, "error": f"The reply ({original} bytes) is too large to send"}
+                if outcome.reply is not None
+                else None
+            ),
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def _infra(message: str) -> ToolResult:
+    return ToolResult(
+        success=False, error=message, metadata={"error_kind": str(ErrorKindOfResult.INFRA)}
+    )
+
+
+def _remember(ids: collections.OrderedDict[str, None], item_id: str) -> None:
+    ids[item_id] = None
+    while len(ids) > _REMEMBERED_IDS:
+        ids.popitem(last=False)
+
+
+def _succeeded(outcome: ItemResult) -> bool:
+    if outcome.result is not None:
+        return outcome.result.success
+    return bool((outcome.reply or {}).get("success"))
+
+
+def _error_type(outcome: ItemResult) -> str:
+    """``error.type`` of a failed call: the result's error kind (exit, timeout, ...)."""
+    if outcome.result is not None:
+        return str(outcome.result.metadata.get("error_kind") or "tool")
+    return "artifact"
+
+
+def _error_message(outcome: ItemResult) -> str | None:
+    if outcome.result is not None:
+        return outcome.result.error
+    error = (outcome.reply or {}).get("error")
+    return str(error) if error is not None else None
+
+
+def _describe_result(span: Span, result: ToolResult) -> None:
+    if not span.is_recording():
+        return
+    metadata = result.metadata
+    attributes = {
+        "toolbus.status": metadata.get("status"),
+        "process.exit.code": metadata.get("exit_code"),
+        "toolbus.sandboxed": metadata.get("sandboxed"),
+        "toolbus.truncated": metadata.get("truncated"),
+        "toolbus.output_bytes": (metadata.get("stdout_bytes") or 0)
+        + (metadata.get("stderr_bytes") or 0),
+        "toolbus.success": result.success,
+    }
+    span.set_attributes({key: value for key, value in attributes.items() if value is not None})
