@@ -213,6 +213,7 @@ class Placement:
         deadline = time.monotonic() + self._acquire_timeout_s
         request = AcquireRequest(trajectory_id=trajectory_id).model_dump_json().encode()
         while True:
+            version = self._registry.capacity_version
             for worker_id in self._registry.candidates():
                 # Count the slot as taken before asking, so that concurrent new trajectories
                 # spread over the workers instead of all asking the one that looked emptiest.
@@ -234,7 +235,7 @@ class Placement:
                     f"({len(alive)} workers, {sum(w.slots_total for w, _ in alive)} slots, "
                     "all in use); release finished trajectories or add workers"
                 )
-            await self._registry.wait_for_capacity(min(remaining, 0.5))
+            await self._registry.wait_for_capacity(version, min(remaining, 0.5))
 
     async def _ask_acquire(self, worker_id: str, request: bytes) -> AcquireReply | None:
         """The worker's answer; None when it gave none in time (it may have leased a slot)."""

@@ -44,7 +44,10 @@ class WorkerRegistry:
         self._watched = watched
         self._bucket = bucket
         self._workers: dict[str, _Entry] = {}
-        self._capacity = asyncio.Event()
+        # Each report of free slots is a new version: a waiter that saw version v before it
+        # asked the workers waits only if nothing was reported since (no wake-up is missed).
+        self._capacity_version = 0
+        self._capacity_changed = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._on_gone: list[GoneCallback] = []
@@ -89,7 +92,7 @@ class WorkerRegistry:
         if previous is not None and previous.info.incarnation != info.incarnation:
             self._gone(info.worker_id, previous.info.incarnation)
         if info.slots_free > 0:
-            self._capacity.set()
+            self._capacity_freed()
 
     def _remove(self, worker_id: str) -> None:
         entry = self._workers.pop(worker_id, None)
@@ -145,10 +148,21 @@ class WorkerRegistry:
     def note_released(self, worker_id: str) -> None:
         if entry := self._workers.get(worker_id):
             entry.free_hint += 1
-            self._capacity.set()
+            self._capacity_freed()
 
-    async def wait_for_capacity(self, timeout: float) -> None:
-        """Return when a worker reports free slots, or after ``timeout`` seconds."""
-        self._capacity.clear()
+    def _capacity_freed(self) -> None:
+        self._capacity_version += 1
+        self._capacity_changed.set()
+        self._capacity_changed = asyncio.Event()
+
+    @property
+    def capacity_version(self) -> int:
+        return self._capacity_version
+
+    async def wait_for_capacity(self, since: int, timeout: float) -> None:
+        """Return when a worker reported free slots after version ``since`` (at once if one
+        did already), or after ``timeout`` seconds."""
+        if self._capacity_version != since:
+            return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._capacity.wait(), timeout)
+            await asyncio.wait_for(self._capacity_changed.wait(), timeout)

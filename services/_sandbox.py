@@ -560,6 +560,13 @@ class BwrapSandbox:
         await self.reset()
 
     async def _stop(self) -> None:
+        # The reader first: closing a socket with a sock_recv pending leaves the event loop
+        # watching its fd number, and the next pipe or socket opened under that number would
+        # lose its reader when the stale one is removed (a command's output read as empty).
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
         if self._socket is not None:
             self._socket.close()
             self._socket = None
@@ -569,10 +576,6 @@ class BwrapSandbox:
                 self._process.kill()
             await self._process.wait()
             self._process = None
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
 
 
 def _kill_started_process(spawn: asyncio.Future[asyncio.subprocess.Process]) -> None:

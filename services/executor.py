@@ -34,7 +34,7 @@ from observability import tracing
 from observability.metrics import ToolbusMetrics
 from schemas.artifacts import ARTIFACT_OPERATIONS
 from schemas.errors import ErrorKind
-from schemas.internal import BatchItem, ItemResult, Lease, LostReason, RejectReason
+from schemas.internal import BatchItem, ItemResult, Lease, LostReason, RejectReason, WorkerInfo
 from schemas.messages import (
     CallRates,
     ErrorKindOfResult,
@@ -672,18 +672,20 @@ class ExecutorService:
         return ReleaseReply(worker_id=lease.worker_id, slot=lease.slot).model_dump_json().encode()
 
     # -- tools.status / tools.list ------------------------------------------------------------
+    def registered_workers(self) -> list[tuple[WorkerInfo, float]]:
+        """The workers registered now, and seconds since each was last heard."""
+        return self._registry.alive() if self._registry is not None else []
+
     def _slots_in_use_and_free(self) -> tuple[int, int]:
-        if self._registry is None:
-            return 0, 0
-        alive = self._registry.alive()
+        alive = self.registered_workers()
         free = sum(info.slots_free for info, _ in alive)
         return sum(info.slots_total for info, _ in alive) - free, free
 
     def status(self) -> StatusReply:
-        assert self._registry is not None
-        alive = self._registry.alive()
+        alive = self.registered_workers()
         total = sum(info.slots_total for info, _ in alive)
         free = sum(info.slots_free for info, _ in alive)
+        broken = sum(info.slots_out_of_service for info, _ in alive)
         return StatusReply(
             executor_id=self.executor_id,
             queue_size=self.calls_in_flight,
@@ -697,9 +699,13 @@ class ExecutorService:
             pool=PoolStatus(
                 total_slots=total,
                 available_slots=free,
-                acquired_slots=total - free,
+                acquired_slots=total - free - broken,
                 containers=len(alive),
-                slots_by_state={"free": free, "acquired": total - free},
+                slots_by_state={
+                    "free": free,
+                    "acquired": total - free - broken,
+                    "out_of_service": broken,
+                },
                 started=bool(alive),
             ),
             workers=[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +24,24 @@ from ._nats_server import nats_server
 from ._node import node_client
 
 __all__ = ["node_client"]  # a fixture: Node.js with the nats.js test client's dependencies
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Sandbox users of a root worker walk through the test's tmp directories. pytest takes
+    # group and other rights off the shared /tmp/pytest-of-<user> whenever a session starts,
+    # so another pytest run on the machine would lock them out half-way: use a root of our own.
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="toolbus-pytest-")
+        config.stash[_OWN_BASETEMP] = config.option.basetemp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = config.stash.get(_OWN_BASETEMP, None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+_OWN_BASETEMP = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,6 +71,7 @@ def trajectory() -> Callable[[], str]:
 @dataclass
 class Stack:
     client: ToolbusClient
+    add_worker: Callable[[], Awaitable[SandboxWorker]]  # one more, with the stack's options
     executors: list[ExecutorService] = field(default_factory=list)
     workers: list[SandboxWorker] = field(default_factory=list)
     connections: list[Client] = field(default_factory=list)
@@ -85,8 +105,8 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
             client_options: dict[str, Any] | None = None,
             executor_options: dict[str, Any] | None = None,
         ) -> Stack:
-            stack = Stack(client=ToolbusClient(await connect("client"), **(client_options or {})))
-            for _ in range(workers):
+
+            async def add_worker() -> SandboxWorker:
                 worker_id = f"test-{uuid.uuid4().hex[:8]}"
                 config = WorkerConfig(
                     worker_id=worker_id,
@@ -99,6 +119,12 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
                 connection = await connect(worker_id)
                 worker = SandboxWorker(connection, config)
                 stack.workers.append(await exit_stack.enter_async_context(worker))
+                return worker
+
+            client = ToolbusClient(await connect("client"), **(client_options or {}))
+            stack = Stack(client=client, add_worker=add_worker)
+            for _ in range(workers):
+                await add_worker()
             for index in range(executors):
                 connection = await connect(f"executor-{index}")
                 executor = ExecutorService(

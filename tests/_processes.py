@@ -1,0 +1,74 @@
+"""A sandbox worker in a process of its own, for tests that stop, pause or kill it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+_READY_TIMEOUT_S = 30.0
+
+
+class WorkerProcess:
+    def __init__(self, process: asyncio.subprocess.Process, worker_id: str) -> None:
+        self.process = process
+        self.worker_id = worker_id
+
+    def pause(self) -> None:
+        """SIGSTOP: the worker stalls as a whole (no heartbeats, no answers), as under a long
+        GC pause, a swapped-out host or a CPU-starved container."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+@contextlib.asynccontextmanager
+async def worker_process(
+    nats_url: str,
+    data_dir: Path,
+    worker_id: str,
+    *,
+    registered: Callable[[str], bool],
+    slots: int = 2,
+    heartbeat_s: float = 0.5,
+    **settings: str,
+) -> AsyncIterator[WorkerProcess]:
+    """``toolbus worker`` as a child process; yields once ``registered(worker_id)`` is true."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/root"),
+        "TOOLBUS_NATS_URL": nats_url,
+        "TOOLBUS_WORKER_ID": worker_id,
+        "TOOLBUS_SLOTS": str(slots),
+        "TOOLBUS_HEARTBEAT_S": str(heartbeat_s),
+        "TOOLBUS_DATA_DIR": str(data_dir),
+        "TOOLBUS_MIN_FREE_DISK_MB": "0",
+        "TOOLBUS_LOG_LEVEL": "warning",
+        **{f"TOOLBUS_{name.upper()}": value for name, value in settings.items()},
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services", "worker", env=env, stdin=asyncio.subprocess.DEVNULL
+    )
+    worker = WorkerProcess(process, worker_id)
+    try:
+        async with asyncio.timeout(_READY_TIMEOUT_S):
+            while not registered(worker_id):
+                if process.returncode is not None:
+                    raise RuntimeError(f"worker exited at start with {process.returncode}")
+                await asyncio.sleep(0.05)
+        yield worker
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.resume()
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
