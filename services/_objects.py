@@ -84,6 +84,10 @@ DEFAULT_TIMEOUT_S = 300.0  # for a whole transfer
 DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024  # chunk bytes in flight (pulled, or published unacked)
 _BLOCK_BYTES = 4 * 1024 * 1024  # source reads / destination writes per worker-thread call
 _PULL_EXPIRES_S = 2.0  # a pull request ends after this; a stall is looked into then
+# A live consumer answers every pull request by its expiry (chunks, or a status saying it
+# ended); one that is being deleted may drop requests without a word. Silence this long is
+# looked into, so that such a fetch resumes instead of waiting for its whole timeout.
+_PULL_SILENCE_S = _PULL_EXPIRES_S + 1.0
 _CONSUMER_INACTIVE_S = 30.0  # the server removes a consumer we could not delete after this
 _CLEANUP_TIMEOUT_S = 5.0
 _MAX_RESUMES = 5
@@ -281,6 +285,20 @@ async def _object_info(js: JetStreamContext, bucket: str, name: str) -> tuple[st
     raise ObjectNotFound(f"{_where(*origin)}: too many links in a row")
 
 
+async def _next_message(messages: asyncio.Queue[Msg], silence_s: float) -> Msg | None:
+    """The next message, or None when none arrives within ``silence_s``."""
+    with contextlib.suppress(asyncio.QueueEmpty):
+        return messages.get_nowait()  # the usual case in a transfer: no timer needed
+    scope = asyncio.timeout(silence_s)
+    try:
+        async with scope:
+            return await messages.get()
+    except TimeoutError:
+        if scope.expired():
+            return None
+        raise
+
+
 async def _subscribe_queue(nc: Client, subject: str) -> tuple[Subscription, asyncio.Queue[Msg]]:
     """A subscription that hands its messages to a queue. Cheaper per message than nats-py's
     ``next_msg`` (a task and a uuid4 per call); the callers bound what is in flight."""
@@ -451,7 +469,10 @@ class _ChunkPuller:
                 batch = min(self._batch, chunks - requested)
                 await self._request(consumer, inbox, batch)
                 requested += batch
-            msg = await messages.get()
+            msg = await _next_message(messages, _PULL_SILENCE_S)
+            if msg is None:
+                requested = await self._on_silence(consumer)
+                continue
             if not msg.reply.startswith("$JS.ACK."):
                 requested = await self._on_status(msg, consumer, requested)
                 continue
@@ -488,13 +509,32 @@ class _ChunkPuller:
         ended = int(pending) if pending and pending.isdigit() else requested - self.received
         requested = max(requested - ended, self.received)
         # A request ended with chunks still wanted: is the consumer there, with the chunks?
+        await self._check_consumer(consumer, "")
+        return requested
+
+    async def _on_silence(self, consumer: str) -> int:
+        """Nothing arrived for longer than a pull request lasts; returns ``requested``."""
+        await self._check_consumer(consumer, "its pull requests went unanswered; ")
+        # The consumer is there with the chunks, but what was asked of it was lost on the
+        # way: ask again (a request still pending only delivers chunks that are wanted anyway).
+        log.warning(
+            "object fetch pulls again",
+            bucket=self._bucket,
+            name=self._name,
+            silent_s=_PULL_SILENCE_S,
+            received=self.received,
+        )
+        return self.received
+
+    async def _check_consumer(self, consumer: str, context: str) -> None:
+        """Raise :class:`_Lost` when the consumer is gone, and what :meth:`_check_stored`
+        raises when it cannot deliver every chunk still wanted."""
         try:
             info = await self._js.consumer_info(self._stream, consumer)
         except NotFoundError as exc:
-            raise _Lost(f"the pull consumer is gone ({exc.description})") from None
+            raise _Lost(f"{context}the pull consumer is gone ({exc.description})") from None
         delivered = info.delivered.consumer_seq if info.delivered else 0
         await self._check_stored(delivered + (info.num_pending or 0))
-        return requested
 
 
 async def fetch_object(

@@ -13,12 +13,14 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ObjectMeta, ObjectMetaOptions
+from nats.js.api import ConsumerInfo, ObjectMeta, ObjectMetaOptions
 
 from services._objects import (
     DEFAULT_CHUNK_SIZE,
@@ -170,10 +172,56 @@ async def test_fetch_resumes_when_its_consumer_is_deleted(
 
     destination = Sabotage()
     with structlog.testing.capture_logs() as logs:
-        fetched = await fetch_object(js, bucket, "big", destination, window_bytes=256 * 1024)
+        # The deletion may be told (a 409 for a pending pull) or not (see the test below);
+        # either way the fetch resumes within seconds, so a hang fails within the bound.
+        fetched = await fetch_object(
+            js, bucket, "big", destination, window_bytes=256 * 1024, timeout_s=60
+        )
     assert destination.getvalue() == data
     assert fetched.sha256 == _sha(data)
     assert any(entry["event"] == "object fetch resumes" for entry in logs)
+    assert await _fetch_consumers(js, bucket) == []
+
+
+async def test_fetch_resumes_when_its_consumer_is_deleted_without_a_word(
+    js: JetStreamContext, bucket: str, nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer deleted while it takes in pull requests may drop them: no chunk, no status,
+    nothing ever arrives. Here the fetch's first consumer is deleted as soon as it is made, and
+    a listener on the pull subject stands where the server's own subscription lingers in that
+    race (so the server does not answer "no responders" either): the stall must be noticed."""
+    data = os.urandom(3 * MiB)
+    await put_object(js, bucket, "big", io.BytesIO(data))
+    pulls: list[str] = []
+
+    async def listen(msg: Msg) -> None:
+        pulls.append(msg.subject)
+
+    listener = await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{stream_name(bucket)}.*", cb=listen)
+    add_consumer = js.add_consumer
+    deleted: list[str] = []
+
+    async def add_then_delete_the_first(*args: Any, **kwargs: Any) -> ConsumerInfo:
+        info = await add_consumer(*args, **kwargs)
+        if not deleted:
+            deleted.append(info.name)
+            await js.delete_consumer(stream_name(bucket), info.name)
+        return info
+
+    monkeypatch.setattr(js, "add_consumer", add_then_delete_the_first)
+    destination = io.BytesIO()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            # Bounded: before the stall was looked into, this waited for the whole timeout.
+            fetched = await fetch_object(js, bucket, "big", destination, timeout_s=30)
+    finally:
+        await listener.unsubscribe()
+    assert destination.getvalue() == data
+    assert fetched.sha256 == _sha(data)
+    assert any(pull.endswith(f".{deleted[0]}") for pull in pulls)
+    resumes = [entry for entry in logs if entry["event"] == "object fetch resumes"]
+    assert len(resumes) == 1 and "gone" in resumes[0]["reason"]
+    assert resumes[0]["received"] == 0
     assert await _fetch_consumers(js, bucket) == []
 
 
