@@ -71,6 +71,7 @@ __all__ = [
     "ObjectCorrupt",
     "ObjectNotFound",
     "ObjectTimeout",
+    "ObjectTooLarge",
     "StoredObject",
     "fetch_object",
     "open_object_store",
@@ -113,6 +114,17 @@ class ObjectCorrupt(ToolbusError):
 
 class ObjectTimeout(ToolbusError, TimeoutError):
     """A transfer did not finish within its ``timeout_s``."""
+
+
+class ObjectTooLarge(ToolbusError):
+    """The object is larger than the fetch's ``max_bytes`` (by its info, or by the bytes that
+    arrived: an info may understate them). Not a subclass of :class:`ObjectCorrupt`: the object
+    may be fine, only too large for this caller."""
+
+    def __init__(self, message: str, *, size: int, max_bytes: int) -> None:
+        super().__init__(message)
+        self.size = size  # the info's size, or the bytes received when they went past
+        self.max_bytes = max_bytes
 
 
 @dataclass(frozen=True)
@@ -367,6 +379,7 @@ class _ChunkPuller:
         info: _Info,
         writer: _Writer,
         window_bytes: int,
+        max_bytes: int | None,
     ) -> None:
         self._js = js
         self._nc = _connection(js)
@@ -374,6 +387,7 @@ class _ChunkPuller:
         self._name = name
         self._info = info
         self._writer = writer
+        self._max_bytes = max_bytes
         self._stream = stream_name(bucket)
         self._subject = chunk_subject(bucket, info.nuid)
         self._batch = max(1, min(window_bytes // 2 // max(info.chunk_size, 1), info.chunks))
@@ -486,6 +500,14 @@ class _ChunkPuller:
             self._last_stream_seq = metadata.sequence.stream
             self.received += 1
             self.size += len(msg.data)
+            if self._max_bytes is not None and self.size > self._max_bytes:
+                raise ObjectTooLarge(
+                    f"{_where(self._bucket, self._name)}: more than max_bytes "
+                    f"({self._max_bytes}) bytes arrived ({self.size} in the first "
+                    f"{self.received} chunks; its info says {self._info.size})",
+                    size=self.size,
+                    max_bytes=self._max_bytes,
+                )
             if self.size > self._info.size:
                 raise ObjectCorrupt(
                     f"{_where(self._bucket, self._name)}: size mismatch: its info says "
@@ -546,6 +568,7 @@ async def fetch_object(
     expected_sha256: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
+    max_bytes: int | None = None,
 ) -> StoredObject:
     """Stream an object to ``destination`` and check it; returns what was fetched.
 
@@ -555,22 +578,30 @@ async def fetch_object(
 
     Raises :class:`ObjectNotFound` (no such bucket or object, deleted, or deleted or replaced
     during the fetch), :class:`ObjectCorrupt` (size, chunk count or SHA-256 mismatch, against
-    the object's info or ``expected_sha256``, in hex) and :class:`ObjectTimeout`.
+    the object's info or ``expected_sha256``, in hex), :class:`ObjectTooLarge` (the info says
+    more than ``max_bytes``, or more than that arrives: nothing past it is written) and
+    :class:`ObjectTimeout`.
     """
     _check_bucket(bucket)
     _check_name(name)
     expected = _expected_digest(expected_sha256)
     if window_bytes <= 0:
         raise ValueError(f"window_bytes must be positive, got {window_bytes}")
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be non-negative (or None), got {max_bytes}")
     async with _deadline(timeout_s, lambda: f"fetching {_where(bucket, name)}"):
         where_bucket, where_name, info = await _object_info(js, bucket, name)
-        if isinstance(destination, Path):
-            return await _fetch_to_path(
-                js, where_bucket, where_name, info, destination, expected, window_bytes
+        if max_bytes is not None and info.size > max_bytes:
+            raise ObjectTooLarge(
+                f"{_where(where_bucket, where_name)} is {info.size} bytes; max_bytes is "
+                f"{max_bytes}",
+                size=info.size,
+                max_bytes=max_bytes,
             )
-        return await _fetch_to(
-            js, where_bucket, where_name, info, destination, expected, window_bytes
-        )
+        fetch = _Fetch(js, where_bucket, where_name, info, expected, window_bytes, max_bytes)
+        if isinstance(destination, Path):
+            return await _fetch_to_path(fetch, destination)
+        return await _fetch_to(fetch, destination)
 
 
 def _expected_digest(expected_sha256: str | None) -> bytes | None:
@@ -581,22 +612,27 @@ def _expected_digest(expected_sha256: str | None) -> bytes | None:
     return bytes.fromhex(expected_sha256)
 
 
-async def _fetch_to_path(
-    js: JetStreamContext,
-    bucket: str,
-    name: str,
-    info: _Info,
-    destination: Path,
-    expected: bytes | None,
-    window_bytes: int,
-) -> StoredObject:
+@dataclass(frozen=True)
+class _Fetch:
+    """What one fetch gets, and how."""
+
+    js: JetStreamContext
+    bucket: str
+    name: str
+    info: _Info
+    expected: bytes | None
+    window_bytes: int
+    max_bytes: int | None
+
+
+async def _fetch_to_path(fetch: _Fetch, destination: Path) -> StoredObject:
     temporary = destination.with_name(f".{destination.name}.{_nuid.next().decode()}.part")
     # Opening, closing and renaming are quick, and kept on the loop so that a cancellation
     # cannot come between creating the file and the clean-up below.
     file = _open(temporary, "xb")
     try:
         try:
-            stored = await _fetch_to(js, bucket, name, info, file, expected, window_bytes)
+            stored = await _fetch_to(fetch, file)
         finally:
             file.close()
         os.replace(temporary, destination)
@@ -612,21 +648,16 @@ def _open(path: Path, mode: str) -> IO[bytes]:
     return file
 
 
-async def _fetch_to(
-    js: JetStreamContext,
-    bucket: str,
-    name: str,
-    info: _Info,
-    file: IO[bytes],
-    expected: bytes | None,
-    window_bytes: int,
-) -> StoredObject:
+async def _fetch_to(fetch: _Fetch, file: IO[bytes]) -> StoredObject:
+    bucket, name, info, expected = fetch.bucket, fetch.name, fetch.info, fetch.expected
     where = _where(bucket, name)
     writer = _Writer(file)
     received = size = 0
     try:
         if info.chunks:
-            puller = _ChunkPuller(js, bucket, name, info, writer, window_bytes)
+            puller = _ChunkPuller(
+                fetch.js, bucket, name, info, writer, fetch.window_bytes, fetch.max_bytes
+            )
             await puller.run()
             received, size = puller.received, puller.size
         digest = await writer.finish()

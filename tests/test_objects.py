@@ -27,6 +27,7 @@ from services._objects import (
     ObjectCorrupt,
     ObjectNotFound,
     ObjectTimeout,
+    ObjectTooLarge,
     decode_digest,
     encode_digest,
     fetch_object,
@@ -413,6 +414,34 @@ async def test_info_that_does_not_match_the_chunks(
         await fetch_object(js, bucket, "o", tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
     assert await _fetch_consumers(js, bucket) == []
+
+
+async def test_max_bytes_bounds_the_fetch_by_the_info_and_by_the_bytes_received(
+    js: JetStreamContext, bucket: str, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * DEFAULT_CHUNK_SIZE)
+    await put_object(js, bucket, "o", io.BytesIO(data))
+    exact = io.BytesIO()
+    assert (await fetch_object(js, bucket, "o", exact, max_bytes=len(data))).size == len(data)
+    assert exact.getvalue() == data
+
+    destination = tmp_path / "o"
+    with pytest.raises(ObjectTooLarge, match=r"'o' .* is 393216 bytes; max_bytes is 393215"):
+        await fetch_object(js, bucket, "o", destination, max_bytes=len(data) - 1)
+    # An info that understates the size (as a replaced or broken object's may): the fetch
+    # stops at the first chunk past max_bytes, before writing it.
+    await _rewrite_meta(js, bucket, "o", size=100)
+    buffer = io.BytesIO()
+    with pytest.raises(ObjectTooLarge, match=r"more than max_bytes \(1000\) bytes arrived"):
+        await fetch_object(js, bucket, "o", buffer, max_bytes=1000)
+    assert buffer.getvalue() == b""
+    with pytest.raises(ObjectTooLarge):
+        await fetch_object(js, bucket, "o", destination, max_bytes=1000)
+    assert list(tmp_path.iterdir()) == []
+    assert await _fetch_consumers(js, bucket) == []
+    assert issubclass(ObjectTooLarge, ToolbusError)
+    with pytest.raises(ValueError, match="max_bytes"):
+        await fetch_object(js, bucket, "o", buffer, max_bytes=-1)
 
 
 async def test_timeout(js: JetStreamContext, bucket: str, tmp_path: Path) -> None:
