@@ -502,8 +502,8 @@ class _ChunkPuller:
             self.size += len(msg.data)
             if self._max_bytes is not None and self.size > self._max_bytes:
                 raise ObjectTooLarge(
-                    f"{_where(self._bucket, self._name)}: more than max_bytes "
-                    f"({self._max_bytes}) bytes arrived ({self.size} in the first "
+                    f"{_where(self._bucket, self._name)}: over the limit of "
+                    f"{self._max_bytes} bytes ({self.size} bytes in the first "
                     f"{self.received} chunks; its info says {self._info.size})",
                     size=self.size,
                     max_bytes=self._max_bytes,
@@ -593,8 +593,8 @@ async def fetch_object(
         where_bucket, where_name, info = await _object_info(js, bucket, name)
         if max_bytes is not None and info.size > max_bytes:
             raise ObjectTooLarge(
-                f"{_where(where_bucket, where_name)} is {info.size} bytes; max_bytes is "
-                f"{max_bytes}",
+                f"{_where(where_bucket, where_name)} is {info.size} bytes, over the limit "
+                f"of {max_bytes} bytes",
                 size=info.size,
                 max_bytes=max_bytes,
             )
