@@ -10,10 +10,11 @@ import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from services._artifacts import ArtifactLimits
+from services._artifacts import MAX_REPLY_JSON_BYTES, ArtifactLimits
 from services.client import ToolbusClient
 from services.exceptions import BadRequest, NotFound
 from tests.conftest import StackFactory
@@ -95,6 +96,45 @@ async def test_small_reads_come_inline_and_large_ones_through_the_object_store(
 
     head = await stack.client.read_artifact(tid, "proj/data/blob.bin", max_bytes=1000)
     assert head.success and head.truncated and head.bytes == 1000 and head.file_size == 700_000
+
+
+@pytest.mark.parametrize(
+    ("fill", "encoding", "inline"),
+    [
+        ("nul", "text", False),  # each NUL is six characters in JSON: 1.2 MB
+        ("nul", "base64", True),
+        ("random", "text", False),  # invalid bytes become U+FFFD, 3 bytes each, escapes 6
+        ("random", "base64", True),
+    ],
+)
+async def test_a_read_comes_inline_only_when_its_reply_fits_in_one_message(
+    make_stack: StackFactory,
+    trajectory: Callable[[], str],
+    fill: str,
+    encoding: Literal["text", "base64"],
+    inline: bool,
+) -> None:
+    """The raw bytes are under the inline limit (256 KiB); their JSON decides."""
+    stack = await make_stack(client_options={"execute_margin_s": 5})  # a lost reply fails fast
+    tid = trajectory()
+    source = "/dev/zero" if fill == "nul" else "/dev/urandom"
+    made = await stack.client.execute(tid, "terminal", {"command": f"head -c 250000 {source} > f"})
+    assert made.success, made
+    data = (await _digests(stack.client, tid, "sha256sum f"))["f"]
+    reply = await stack.client.read_artifact(
+        tid, "f", encoding=encoding, include_sha256=True, timeout_s=20
+    )
+    assert reply.success, reply
+    assert reply.bytes == 250_000 and reply.sha256 == data
+    assert len(reply.model_dump_json().encode()) <= MAX_REPLY_JSON_BYTES
+    if inline:
+        assert reply.object is None and reply.content is not None
+        assert hashlib.sha256(base64.b64decode(reply.content)).hexdigest() == data
+    else:
+        assert reply.content is None and reply.object is not None
+        fetched = io.BytesIO()
+        await stack.client.fetch_artifact(reply.object, fetched)
+        assert hashlib.sha256(fetched.getvalue()).hexdigest() == data
 
 
 async def test_reads_stop_at_the_artifact_limit(
@@ -183,6 +223,23 @@ async def test_list_walks_the_tree_without_following_links(
 
     capped = await stack.client.list_artifacts(tid, "proj", recursive=True, max_entries=3)
     assert capped.truncated and len(capped.entries) == 3
+
+
+async def test_a_listing_of_long_non_ascii_names_is_cut_to_fit_one_message(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    """4000 names of 85 three-byte characters: 1.3 MB of JSON, though only 0.6 M characters."""
+    stack = await make_stack(client_options={"execute_margin_s": 5})  # a lost reply fails fast
+    tid = trajectory()
+    name = "\u8a9e" * 81
+    make = f'mkdir many && cd many && for i in $(seq -w 0 3999); do : > "$i{name}"; done'
+    made = await stack.client.execute(tid, "terminal", {"command": make})
+    assert made.success, made
+    listed = await stack.client.list_artifacts(tid, "many", max_entries=5000, timeout_s=20)
+    assert listed.success, listed
+    assert listed.truncated and 0 < len(listed.entries) < 4000
+    assert len(listed.model_dump_json().encode()) <= MAX_REPLY_JSON_BYTES
+    assert listed.entries[0].path == f"many/0000{name}"
 
 
 # -- archive ------------------------------------------------------------------------------------

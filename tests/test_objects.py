@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -12,6 +13,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,42 +186,59 @@ async def test_fetch_resumes_when_its_consumer_is_deleted(
     assert await _fetch_consumers(js, bucket) == []
 
 
-async def test_fetch_resumes_when_its_consumer_is_deleted_without_a_word(
-    js: JetStreamContext, bucket: str, nc: Client, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A consumer deleted while it takes in pull requests may drop them: no chunk, no status,
-    nothing ever arrives. Here the fetch's first consumer is deleted as soon as it is made, and
-    a listener on the pull subject stands where the server's own subscription lingers in that
-    race (so the server does not answer "no responders" either): the stall must be noticed."""
-    data = os.urandom(3 * MiB)
-    await put_object(js, bucket, "big", io.BytesIO(data))
-    pulls: list[str] = []
+@dataclass
+class SilencedFetch:
+    """What :func:`silence_the_first_fetch` saw: the consumer it deleted, the pulls heard."""
+
+    deleted: list[str] = field(default_factory=list)
+    pulls: list[str] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def silence_the_first_fetch(
+    js: JetStreamContext, nc: Client, bucket: str
+) -> AsyncIterator[SilencedFetch]:
+    """Make the first fetch's pulls go unanswered, as a consumer deleted while it takes them in
+    may leave them: no chunk, no status, nothing ever arrives. The first consumer ``js`` makes
+    is deleted as soon as it is made (on the real server), and a listener on the pull subject
+    stands where the server's own subscription lingers in that race, so that the server does
+    not answer "no responders" either. Later consumers work as usual."""
+    seen = SilencedFetch()
 
     async def listen(msg: Msg) -> None:
-        pulls.append(msg.subject)
+        seen.pulls.append(msg.subject)
 
     listener = await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{stream_name(bucket)}.*", cb=listen)
     add_consumer = js.add_consumer
-    deleted: list[str] = []
 
     async def add_then_delete_the_first(*args: Any, **kwargs: Any) -> ConsumerInfo:
         info = await add_consumer(*args, **kwargs)
-        if not deleted:
-            deleted.append(info.name)
+        if not seen.deleted:
+            seen.deleted.append(info.name)
             await js.delete_consumer(stream_name(bucket), info.name)
         return info
 
-    monkeypatch.setattr(js, "add_consumer", add_then_delete_the_first)
-    destination = io.BytesIO()
+    js.add_consumer = add_then_delete_the_first  # type: ignore[method-assign]
     try:
+        yield seen
+    finally:
+        del js.add_consumer  # the class's own again
+        await listener.unsubscribe()
+
+
+async def test_fetch_resumes_when_its_consumer_is_deleted_without_a_word(
+    js: JetStreamContext, bucket: str, nc: Client
+) -> None:
+    data = os.urandom(3 * MiB)
+    await put_object(js, bucket, "big", io.BytesIO(data))
+    destination = io.BytesIO()
+    async with silence_the_first_fetch(js, nc, bucket) as silenced:
         with structlog.testing.capture_logs() as logs:
             # Bounded: before the stall was looked into, this waited for the whole timeout.
             fetched = await fetch_object(js, bucket, "big", destination, timeout_s=30)
-    finally:
-        await listener.unsubscribe()
     assert destination.getvalue() == data
     assert fetched.sha256 == _sha(data)
-    assert any(pull.endswith(f".{deleted[0]}") for pull in pulls)
+    assert any(pull.endswith(f".{silenced.deleted[0]}") for pull in silenced.pulls)
     resumes = [entry for entry in logs if entry["event"] == "object fetch resumes"]
     assert len(resumes) == 1 and "gone" in resumes[0]["reason"]
     assert resumes[0]["received"] == 0
