@@ -172,6 +172,21 @@ async def test_reads_outside_the_workspace_or_of_nothing_fail_precisely(
     await _still_serving(stack.client, tid)
 
 
+async def test_read_file_and_artifacts_read_agree_on_a_file_with_a_trailing_slash(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    await _tree(stack.client, tid)
+    for path in ("proj/src/main.py/", "proj/src/main.py/x"):
+        by_tool = await stack.client.execute(tid, "read_file", {"path": path})
+        by_artifacts = await stack.client.read_artifact(tid, path)
+        assert not by_tool.success and not by_artifacts.success
+        assert by_tool.error == by_artifacts.error == f"Not a directory: {path}"
+    directory = await stack.client.read_artifact(tid, "proj/src/")
+    assert directory.error == "proj/src/ is a directory"
+
+
 async def test_artifacts_of_a_trajectory_without_a_slot_are_not_found(
     make_stack: StackFactory, trajectory: Callable[[], str]
 ) -> None:
