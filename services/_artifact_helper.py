@@ -128,9 +128,19 @@ class Workspace:
         """The real absolute path of a path argument, which must stay in the workspace."""
         if "\0" in given:
             raise Failure(f"Invalid path: {given!r}")
-        real = os.path.realpath(os.path.join(self.root, given))
+        joined = os.path.join(self.root, given)
+        real = os.path.realpath(joined)
         if not _inside(real, self.root):
             raise Failure(f"Path escapes the workspace: {given}")
+        # realpath reads "f.txt/" (or "f.txt/..") as if f.txt were a directory; the kernel,
+        # and read_file, do not. Asked of the kernel only: this process sees no more than
+        # the agent's own commands do.
+        try:
+            os.lstat(joined)
+        except NotADirectoryError:
+            raise Failure(f"Not a directory: {given}") from None
+        except OSError:
+            pass  # missing, or unreadable: the operation says so in its own words
         return real
 
     def relative(self, real: str) -> str:
@@ -139,7 +149,9 @@ class Workspace:
 
 def _os_failure(exc: OSError, given: str, missing: str = "No such file or directory") -> Failure:
     """An OSError as the agent should read it: about the path it gave, no host paths."""
-    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+    if isinstance(exc, NotADirectoryError):
+        return Failure(f"Not a directory: {given}")
+    if isinstance(exc, FileNotFoundError):
         return Failure(f"{missing}: {given}")
     return Failure(f"{given}: {exc.strerror or type(exc).__name__}")
 

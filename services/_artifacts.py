@@ -5,7 +5,8 @@ could swap a path for a symlink to a host file between a check and its use. Each
 ``_artifact_helper.py`` inside the slot's sandbox, as the slot's user, so it can reach nothing the
 agent's own commands could not. The worker moves the bytes: small reads come back inline, large
 ones and every archive go to the Object Store, and an upload is fetched from it into a scratch
-file that the helper reads as its stdin.
+file that the helper reads as its stdin. A read comes inline only when its whole reply, as JSON,
+fits in :data:`MAX_REPLY_JSON_BYTES`: text can take six times its bytes there (``\\u0000``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import IO, Any
 import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, ObjectDeletedError, ObjectNotFoundError
+from pydantic import BaseModel
 
 from schemas.artifacts import (
     ArtifactArchiveReply,
@@ -40,8 +42,11 @@ from schemas.artifacts import (
 
 from ._files import from_sandbox_path
 from ._objects import (
+    DEFAULT_TIMEOUT_S,
     ObjectCorrupt,
     ObjectNotFound,
+    ObjectTimeout,
+    ObjectTooLarge,
     StoredObject,
     fetch_object,
     open_object_store,
@@ -61,7 +66,10 @@ from .settings import (
 log = structlog.get_logger("toolbus.artifacts")
 
 _HELPER_SOURCE = Path(__file__).with_name("_artifact_helper.py").read_text()
-_MAX_REPLY_BYTES = 900 * 1024  # a reply travels as one NATS message (default max_payload 1 MiB)
+# The most a reply may take as JSON (UTF-8): it travels as one NATS message, inside the worker's
+# and the executor's envelopes, and NATS's default max_payload is 1 MiB. A read whose reply
+# would be larger goes to the Object Store; a listing is cut.
+MAX_REPLY_JSON_BYTES = 512 * 1024
 _MAX_HELPER_STDERR = 64 * 1024
 _READ_CHUNK = 1 << 16
 # Bounds of what an archive may add to its file bytes: per entry a header, a PAX header for a
@@ -109,49 +117,66 @@ class ArtifactRunner:
         )
 
     async def run(
-        self, operation: str, arguments: dict[str, Any], sandbox: Sandbox, trajectory_id: str
+        self,
+        operation: str,
+        arguments: dict[str, Any],
+        sandbox: Sandbox,
+        trajectory_id: str,
+        *,
+        timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """The operation's public reply (``success: false`` and ``error`` when it failed).
 
-        The caller bounds the time: on cancellation the helper is killed.
+        ``timeout_s`` bounds the whole operation: each Object Store transfer gets the time
+        left of it, and the helper is killed when it runs out; the reply then says the
+        operation timed out. Without it each transfer has ``DEFAULT_TIMEOUT_S`` and the caller
+        bounds the rest (on cancellation the helper is killed too).
         """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        scope = asyncio.timeout_at(deadline)
         try:
-            if operation == "read":
-                return await self._read(
-                    ArtifactReadRequest.model_validate(
-                        {"trajectory_id": trajectory_id, **arguments}
-                    ),
-                    sandbox,
-                )
-            if operation == "list":
-                return await self._list(
-                    ArtifactListRequest.model_validate(
-                        {"trajectory_id": trajectory_id, **arguments}
-                    ),
-                    sandbox,
-                )
-            if operation == "archive":
-                return await self._archive(
-                    ArtifactArchiveRequest.model_validate(
-                        {"trajectory_id": trajectory_id, **arguments}
-                    ),
-                    sandbox,
-                )
-            if operation == "upload":
-                return await self._upload(
-                    ArtifactUploadRequest.model_validate(
-                        {"trajectory_id": trajectory_id, **arguments}
-                    ),
-                    sandbox,
-                )
-            raise ArtifactFailure(f"Unknown artifact operation: {operation}")
-        except (ArtifactFailure, ObjectNotFound, ObjectCorrupt) as exc:
+            async with scope:
+                return await self._run(operation, arguments, sandbox, trajectory_id, deadline)
+        except ObjectTimeout as exc:
+            if timeout_s is None:  # a transfer's own DEFAULT_TIMEOUT_S
+                return {"success": False, "error": str(exc)}
+            return _timed_out(operation, timeout_s)  # the budget's deadline, timed by a transfer
+        except TimeoutError:
+            if timeout_s is not None and scope.expired():
+                return _timed_out(operation, timeout_s)
+            raise
+        except (ArtifactFailure, ObjectNotFound, ObjectCorrupt, ObjectTooLarge) as exc:
             return {"success": False, "error": str(exc)}
         except SandboxError as exc:
             return {"success": False, "error": f"Sandbox failure: {exc}"}
 
+    async def _run(
+        self,
+        operation: str,
+        arguments: dict[str, Any],
+        sandbox: Sandbox,
+        trajectory_id: str,
+        deadline: float | None,
+    ) -> dict[str, Any]:
+        fields = {"trajectory_id": trajectory_id, **arguments}
+        budget = _Budget(deadline)
+        if operation == "read":
+            return await self._read(ArtifactReadRequest.model_validate(fields), sandbox, budget)
+        if operation == "list":
+            return await self._list(ArtifactListRequest.model_validate(fields), sandbox)
+        if operation == "archive":
+            return await self._archive(
+                ArtifactArchiveRequest.model_validate(fields), sandbox, budget
+            )
+        if operation == "upload":
+            return await self._upload(ArtifactUploadRequest.model_validate(fields), sandbox, budget)
+        raise ArtifactFailure(f"Unknown artifact operation: {operation}")
+
     # -- operations ---------------------------------------------------------------------------
-    async def _read(self, request: ArtifactReadRequest, sandbox: Sandbox) -> dict[str, Any]:
+    async def _read(
+        self, request: ArtifactReadRequest, sandbox: Sandbox, budget: _Budget
+    ) -> dict[str, Any]:
         max_bytes = min(request.max_bytes or self._limits.max_bytes, self._limits.max_bytes)
         digest = hashlib.sha256()
         with tempfile.SpooledTemporaryFile(
@@ -188,9 +213,15 @@ class ArtifactRunner:
                     if request.encoding == "text"
                     else base64.b64encode(data).decode()
                 )
-            else:
+                if _json_bytes(reply) > MAX_REPLY_JSON_BYTES:
+                    reply.content = None  # escapes made it too large to come inline
+                    spool.seek(0)
+            if reply.content is None:
                 name = _object_name(request.trajectory_id, "read", Path(reply.path or "").name)
-                reply.object = _ref(await put_object(self._js, self._bucket, name, spool))
+                stored = await put_object(
+                    self._js, self._bucket, name, spool, timeout_s=budget.left()
+                )
+                reply.object = _ref(stored)
                 reply.sha256 = reply.object.sha256
         return reply.model_dump(mode="json")
 
@@ -214,12 +245,14 @@ class ArtifactRunner:
             truncated=bool(summary["truncated"]),
         )
         # One NATS message holds the reply: long paths can make even max_entries too many.
-        while len(reply.model_dump_json()) > _MAX_REPLY_BYTES:
+        while _json_bytes(reply) > MAX_REPLY_JSON_BYTES:
             del reply.entries[len(reply.entries) * 3 // 4 :]
             reply.truncated = True
         return reply.model_dump(mode="json")
 
-    async def _archive(self, request: ArtifactArchiveRequest, sandbox: Sandbox) -> dict[str, Any]:
+    async def _archive(
+        self, request: ArtifactArchiveRequest, sandbox: Sandbox, budget: _Budget
+    ) -> dict[str, Any]:
         max_bytes = min(request.max_bytes or self._limits.max_bytes, self._limits.max_bytes)
         max_entries = min(request.max_entries or self._limits.max_entries, self._limits.max_entries)
         with self._scratch_file() as archive:
@@ -240,7 +273,9 @@ class ArtifactRunner:
             archive.seek(0)
             suffix = "tar" if request.format == "tar" else "tar.gz"
             name = _object_name(request.trajectory_id, "archive", f"archive.{suffix}")
-            stored = await put_object(self._js, self._bucket, name, archive)
+            stored = await put_object(
+                self._js, self._bucket, name, archive, timeout_s=budget.left()
+            )
         return ArtifactArchiveReply(
             success=True,
             format=request.format,
@@ -252,7 +287,9 @@ class ArtifactRunner:
             object=_ref(stored),
         ).model_dump(mode="json")
 
-    async def _upload(self, request: ArtifactUploadRequest, sandbox: Sandbox) -> dict[str, Any]:
+    async def _upload(
+        self, request: ArtifactUploadRequest, sandbox: Sandbox, budget: _Budget
+    ) -> dict[str, Any]:
         bucket = request.bucket or self._bucket
         limit = self._limits.max_upload_bytes
         size = await self._object_size(bucket, request.name)
@@ -261,8 +298,15 @@ class ArtifactRunner:
                 f"Upload {request.name!r} is {size} bytes; the limit is {limit} bytes"
             )
         with self._scratch_file() as archive:
+            # Bounded again while fetched: the object may be replaced by a larger one by now.
             await fetch_object(
-                self._js, bucket, request.name, archive, expected_sha256=request.sha256
+                self._js,
+                bucket,
+                request.name,
+                archive,
+                expected_sha256=request.sha256,
+                timeout_s=budget.left(),
+                max_bytes=limit,
             )
             archive.flush()
             archive.seek(0)
@@ -348,6 +392,28 @@ class ArtifactRunner:
         if not summary.get("ok"):
             raise ArtifactFailure(str(summary.get("error") or f"artifact {operation} failed"))
         return summary
+
+
+@dataclass(frozen=True, slots=True)
+class _Budget:
+    """The operation's deadline (event loop time), or None when the caller bounds it."""
+
+    deadline: float | None
+
+    def left(self) -> float:
+        """The ``timeout_s`` of a transfer started now."""
+        if self.deadline is None:
+            return DEFAULT_TIMEOUT_S
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+
+def _timed_out(operation: str, timeout_s: float) -> dict[str, Any]:
+    return {"success": False, "error": f"artifact {operation} timed out after {timeout_s:g}s"}
+
+
+def _json_bytes(reply: BaseModel) -> int:
+    """The reply's size as it travels: pydantic's JSON, UTF-8."""
+    return len(reply.model_dump_json().encode())
 
 
 async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes:

@@ -11,6 +11,7 @@ saying so; a provider's own ADR-32 error is the tool's failure.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -121,6 +122,9 @@ class ExternalTools:
         try:
             with urllib.request.urlopen(http_request, timeout=timeout_s + self._grace_s) as reply:
                 data = reply.read(_MAX_HTTP_REPLY_BYTES + 1)
+                # A bounded read stops short at the end of the stream without a word when
+                # less came than the Content-Length announced: what is still owed.
+                missing = reply.length or 0
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None
@@ -135,9 +139,24 @@ class ExternalTools:
                 f"The tool server could not be reached for {name}: {reason}",
                 ErrorKindOfResult.INFRA,
             )
+        except http.client.IncompleteRead:  # a chunked reply that ended inside a chunk
+            return _failure(
+                f"The tool server's reply for {name} broke off before its end",
+                ErrorKindOfResult.INFRA,
+            )
+        except http.client.HTTPException:  # a bad status line, bad headers, ...
+            return _failure(
+                f"The tool server's reply for {name} is not valid HTTP", ErrorKindOfResult.INFRA
+            )
         if len(data) > _MAX_HTTP_REPLY_BYTES:
             return _failure(
                 f"The tool server's reply for {name} is over {_MAX_HTTP_REPLY_BYTES} bytes",
+                ErrorKindOfResult.INFRA,
+            )
+        if missing:
+            return _failure(
+                f"The tool server's reply for {name} broke off before its end: {len(data)} of "
+                f"the {len(data) + missing} bytes it announced arrived",
                 ErrorKindOfResult.INFRA,
             )
         return _as_result(name, data)

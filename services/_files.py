@@ -89,32 +89,42 @@ def open_beneath(root_fd: int, relative: str, flags: int, mode: int = _FILE_MODE
 
 
 def _open_without_symlinks(root_fd: int, relative: str, flags: int, mode: int) -> int:
-    """The fallback: walk down with O_NOFOLLOW, keeping ``..`` inside by the path alone."""
-    parts: list[str] = []
-    for part in relative.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not parts:
-                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), relative)
-            parts.pop()
-        else:
-            parts.append(part)
-    if not parts:
-        return os.open(".", flags | os.O_CLOEXEC, mode, dir_fd=root_fd)
-    directory = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+    """The fallback: walk down with O_NOFOLLOW; ``..`` goes back up the directories walked
+    down, never above the workspace. As with openat2, a name followed by more (``f.txt/``,
+    ``f.txt/..``) must be a directory."""
+    parts = relative.split("/")
+    directories = [os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)]
     try:
-        for part in parts[:-1]:
-            inner = os.open(
-                part,
-                os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=directory,
-            )
-            os.close(directory)
-            directory = inner
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=directory)
+        for index, part in enumerate(parts):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if len(directories) == 1:
+                    raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), relative)
+                os.close(directories.pop())
+            elif index == len(parts) - 1:
+                return os.open(
+                    part, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=directories[-1]
+                )
+            else:
+                directories.append(_open_directory(part, directories[-1]))
+        # The path ends with "/", "." or "..": it names the directory reached.
+        return os.open(".", flags | os.O_CLOEXEC, mode, dir_fd=directories[-1])
     finally:
-        os.close(directory)
+        for directory in directories:
+            os.close(directory)
+
+
+def _open_directory(name: str, parent: int) -> int:
+    """An O_PATH fd of the directory ``name`` in ``parent``; a symlink there is refused."""
+    try:
+        return os.open(
+            name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+        )
+    except NotADirectoryError:
+        if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -135,8 +145,10 @@ def _refusal(exc: OSError, raw: str) -> PathRefused:
             f"Path {raw!r} goes through a symlink that cannot be followed here "
             "(one that leaves the workspace, or a loop)"
         )
-    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+    if exc.errno == errno.ENOENT:
         return PathRefused(f"No such file: {raw}")
+    if exc.errno == errno.ENOTDIR:  # a file followed by "/" (f.txt/, f.txt/x)
+        return PathRefused(f"Not a directory: {raw}")
     if exc.errno == errno.EISDIR:
         return PathRefused(f"{raw} is a directory")
     if exc.errno == errno.ENXIO:  # a fifo without a reader, a socket

@@ -71,6 +71,7 @@ __all__ = [
     "ObjectCorrupt",
     "ObjectNotFound",
     "ObjectTimeout",
+    "ObjectTooLarge",
     "StoredObject",
     "fetch_object",
     "open_object_store",
@@ -84,6 +85,10 @@ DEFAULT_TIMEOUT_S = 300.0  # for a whole transfer
 DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024  # chunk bytes in flight (pulled, or published unacked)
 _BLOCK_BYTES = 4 * 1024 * 1024  # source reads / destination writes per worker-thread call
 _PULL_EXPIRES_S = 2.0  # a pull request ends after this; a stall is looked into then
+# A live consumer answers every pull request by its expiry (chunks, or a status saying it
+# ended); one that is being deleted may drop requests without a word. Silence this long is
+# looked into, so that such a fetch resumes instead of waiting for its whole timeout.
+_PULL_SILENCE_S = _PULL_EXPIRES_S + 1.0
 _CONSUMER_INACTIVE_S = 30.0  # the server removes a consumer we could not delete after this
 _CLEANUP_TIMEOUT_S = 5.0
 _MAX_RESUMES = 5
@@ -109,6 +114,17 @@ class ObjectCorrupt(ToolbusError):
 
 class ObjectTimeout(ToolbusError, TimeoutError):
     """A transfer did not finish within its ``timeout_s``."""
+
+
+class ObjectTooLarge(ToolbusError):
+    """The object is larger than the fetch's ``max_bytes`` (by its info, or by the bytes that
+    arrived: an info may understate them). Not a subclass of :class:`ObjectCorrupt`: the object
+    may be fine, only too large for this caller."""
+
+    def __init__(self, message: str, *, size: int, max_bytes: int) -> None:
+        super().__init__(message)
+        self.size = size  # the info's size, or the bytes received when they went past
+        self.max_bytes = max_bytes
 
 
 @dataclass(frozen=True)
@@ -281,6 +297,20 @@ async def _object_info(js: JetStreamContext, bucket: str, name: str) -> tuple[st
     raise ObjectNotFound(f"{_where(*origin)}: too many links in a row")
 
 
+async def _next_message(messages: asyncio.Queue[Msg], silence_s: float) -> Msg | None:
+    """The next message, or None when none arrives within ``silence_s``."""
+    with contextlib.suppress(asyncio.QueueEmpty):
+        return messages.get_nowait()  # the usual case in a transfer: no timer needed
+    scope = asyncio.timeout(silence_s)
+    try:
+        async with scope:
+            return await messages.get()
+    except TimeoutError:
+        if scope.expired():
+            return None
+        raise
+
+
 async def _subscribe_queue(nc: Client, subject: str) -> tuple[Subscription, asyncio.Queue[Msg]]:
     """A subscription that hands its messages to a queue. Cheaper per message than nats-py's
     ``next_msg`` (a task and a uuid4 per call); the callers bound what is in flight."""
@@ -349,6 +379,7 @@ class _ChunkPuller:
         info: _Info,
         writer: _Writer,
         window_bytes: int,
+        max_bytes: int | None,
     ) -> None:
         self._js = js
         self._nc = _connection(js)
@@ -356,6 +387,7 @@ class _ChunkPuller:
         self._name = name
         self._info = info
         self._writer = writer
+        self._max_bytes = max_bytes
         self._stream = stream_name(bucket)
         self._subject = chunk_subject(bucket, info.nuid)
         self._batch = max(1, min(window_bytes // 2 // max(info.chunk_size, 1), info.chunks))
@@ -451,7 +483,10 @@ class _ChunkPuller:
                 batch = min(self._batch, chunks - requested)
                 await self._request(consumer, inbox, batch)
                 requested += batch
-            msg = await messages.get()
+            msg = await _next_message(messages, _PULL_SILENCE_S)
+            if msg is None:
+                requested = await self._on_silence(consumer)
+                continue
             if not msg.reply.startswith("$JS.ACK."):
                 requested = await self._on_status(msg, consumer, requested)
                 continue
@@ -465,6 +500,14 @@ class _ChunkPuller:
             self._last_stream_seq = metadata.sequence.stream
             self.received += 1
             self.size += len(msg.data)
+            if self._max_bytes is not None and self.size > self._max_bytes:
+                raise ObjectTooLarge(
+                    f"{_where(self._bucket, self._name)}: over the limit of "
+                    f"{self._max_bytes} bytes ({self.size} bytes in the first "
+                    f"{self.received} chunks; its info says {self._info.size})",
+                    size=self.size,
+                    max_bytes=self._max_bytes,
+                )
             if self.size > self._info.size:
                 raise ObjectCorrupt(
                     f"{_where(self._bucket, self._name)}: size mismatch: its info says "
@@ -488,13 +531,32 @@ class _ChunkPuller:
         ended = int(pending) if pending and pending.isdigit() else requested - self.received
         requested = max(requested - ended, self.received)
         # A request ended with chunks still wanted: is the consumer there, with the chunks?
+        await self._check_consumer(consumer, "")
+        return requested
+
+    async def _on_silence(self, consumer: str) -> int:
+        """Nothing arrived for longer than a pull request lasts; returns ``requested``."""
+        await self._check_consumer(consumer, "its pull requests went unanswered; ")
+        # The consumer is there with the chunks, but what was asked of it was lost on the
+        # way: ask again (a request still pending only delivers chunks that are wanted anyway).
+        log.warning(
+            "object fetch pulls again",
+            bucket=self._bucket,
+            name=self._name,
+            silent_s=_PULL_SILENCE_S,
+            received=self.received,
+        )
+        return self.received
+
+    async def _check_consumer(self, consumer: str, context: str) -> None:
+        """Raise :class:`_Lost` when the consumer is gone, and what :meth:`_check_stored`
+        raises when it cannot deliver every chunk still wanted."""
         try:
             info = await self._js.consumer_info(self._stream, consumer)
         except NotFoundError as exc:
-            raise _Lost(f"the pull consumer is gone ({exc.description})") from None
+            raise _Lost(f"{context}the pull consumer is gone ({exc.description})") from None
         delivered = info.delivered.consumer_seq if info.delivered else 0
         await self._check_stored(delivered + (info.num_pending or 0))
-        return requested
 
 
 async def fetch_object(
@@ -506,6 +568,7 @@ async def fetch_object(
     expected_sha256: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
+    max_bytes: int | None = None,
 ) -> StoredObject:
     """Stream an object to ``destination`` and check it; returns what was fetched.
 
@@ -515,22 +578,30 @@ async def fetch_object(
 
     Raises :class:`ObjectNotFound` (no such bucket or object, deleted, or deleted or replaced
     during the fetch), :class:`ObjectCorrupt` (size, chunk count or SHA-256 mismatch, against
-    the object's info or ``expected_sha256``, in hex) and :class:`ObjectTimeout`.
+    the object's info or ``expected_sha256``, in hex), :class:`ObjectTooLarge` (the info says
+    more than ``max_bytes``, or more than that arrives: nothing past it is written) and
+    :class:`ObjectTimeout`.
     """
     _check_bucket(bucket)
     _check_name(name)
     expected = _expected_digest(expected_sha256)
     if window_bytes <= 0:
         raise ValueError(f"window_bytes must be positive, got {window_bytes}")
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be non-negative (or None), got {max_bytes}")
     async with _deadline(timeout_s, lambda: f"fetching {_where(bucket, name)}"):
         where_bucket, where_name, info = await _object_info(js, bucket, name)
-        if isinstance(destination, Path):
-            return await _fetch_to_path(
-                js, where_bucket, where_name, info, destination, expected, window_bytes
+        if max_bytes is not None and info.size > max_bytes:
+            raise ObjectTooLarge(
+                f"{_where(where_bucket, where_name)} is {info.size} bytes, over the limit "
+                f"of {max_bytes} bytes",
+                size=info.size,
+                max_bytes=max_bytes,
             )
-        return await _fetch_to(
-            js, where_bucket, where_name, info, destination, expected, window_bytes
-        )
+        fetch = _Fetch(js, where_bucket, where_name, info, expected, window_bytes, max_bytes)
+        if isinstance(destination, Path):
+            return await _fetch_to_path(fetch, destination)
+        return await _fetch_to(fetch, destination)
 
 
 def _expected_digest(expected_sha256: str | None) -> bytes | None:
@@ -541,22 +612,27 @@ def _expected_digest(expected_sha256: str | None) -> bytes | None:
     return bytes.fromhex(expected_sha256)
 
 
-async def _fetch_to_path(
-    js: JetStreamContext,
-    bucket: str,
-    name: str,
-    info: _Info,
-    destination: Path,
-    expected: bytes | None,
-    window_bytes: int,
-) -> StoredObject:
+@dataclass(frozen=True)
+class _Fetch:
+    """What one fetch gets, and how."""
+
+    js: JetStreamContext
+    bucket: str
+    name: str
+    info: _Info
+    expected: bytes | None
+    window_bytes: int
+    max_bytes: int | None
+
+
+async def _fetch_to_path(fetch: _Fetch, destination: Path) -> StoredObject:
     temporary = destination.with_name(f".{destination.name}.{_nuid.next().decode()}.part")
     # Opening, closing and renaming are quick, and kept on the loop so that a cancellation
     # cannot come between creating the file and the clean-up below.
     file = _open(temporary, "xb")
     try:
         try:
-            stored = await _fetch_to(js, bucket, name, info, file, expected, window_bytes)
+            stored = await _fetch_to(fetch, file)
         finally:
             file.close()
         os.replace(temporary, destination)
@@ -572,21 +648,16 @@ def _open(path: Path, mode: str) -> IO[bytes]:
     return file
 
 
-async def _fetch_to(
-    js: JetStreamContext,
-    bucket: str,
-    name: str,
-    info: _Info,
-    file: IO[bytes],
-    expected: bytes | None,
-    window_bytes: int,
-) -> StoredObject:
+async def _fetch_to(fetch: _Fetch, file: IO[bytes]) -> StoredObject:
+    bucket, name, info, expected = fetch.bucket, fetch.name, fetch.info, fetch.expected
     where = _where(bucket, name)
     writer = _Writer(file)
     received = size = 0
     try:
         if info.chunks:
-            puller = _ChunkPuller(js, bucket, name, info, writer, window_bytes)
+            puller = _ChunkPuller(
+                fetch.js, bucket, name, info, writer, fetch.window_bytes, fetch.max_bytes
+            )
             await puller.run()
             received, size = puller.received, puller.size
         digest = await writer.finish()

@@ -180,7 +180,12 @@ def test_read_refuses_directories_missing_files_and_fifos(ws: Path) -> None:
     assert helper(ws, "read", path="src", max_bytes=10).error == "src is a directory"
     assert helper(ws, "read", path=".", max_bytes=10).error == ". is a directory"
     assert helper(ws, "read", path="nope.txt", max_bytes=10).error == "No such file: nope.txt"
-    assert helper(ws, "read", path="src/a.py/x", max_bytes=10).error == "No such file: src/a.py/x"
+    # A file followed by a slash, as the kernel (and read_file) has it: not a directory.
+    for given in ("src/a.py/", "src/a.py/.", "src/a.py/..", "src/a.py/x", "src/a.py/../a.py"):
+        assert helper(ws, "read", path=given, max_bytes=10).error == f"Not a directory: {given}"
+    assert helper(ws, "list", path="src/a.py/", max_entries=5).error == (
+        "Not a directory: src/a.py/"
+    )
     # A fifo is never opened (it would block): refused at once, not after the subprocess timeout.
     fifo = helper(ws, "read", path="src/fifo", max_bytes=10)
     assert fifo.error == "src/fifo is not a regular file"

@@ -10,10 +10,11 @@ import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from services._artifacts import ArtifactLimits
+from services._artifacts import MAX_REPLY_JSON_BYTES, ArtifactLimits
 from services.client import ToolbusClient
 from services.exceptions import BadRequest, NotFound
 from tests.conftest import StackFactory
@@ -97,6 +98,45 @@ async def test_small_reads_come_inline_and_large_ones_through_the_object_store(
     assert head.success and head.truncated and head.bytes == 1000 and head.file_size == 700_000
 
 
+@pytest.mark.parametrize(
+    ("fill", "encoding", "inline"),
+    [
+        ("nul", "text", False),  # each NUL is six characters in JSON: 1.2 MB
+        ("nul", "base64", True),
+        ("random", "text", False),  # invalid bytes become U+FFFD, 3 bytes each, escapes 6
+        ("random", "base64", True),
+    ],
+)
+async def test_a_read_comes_inline_only_when_its_reply_fits_in_one_message(
+    make_stack: StackFactory,
+    trajectory: Callable[[], str],
+    fill: str,
+    encoding: Literal["text", "base64"],
+    inline: bool,
+) -> None:
+    """The raw bytes are under the inline limit (256 KiB); their JSON decides."""
+    stack = await make_stack(client_options={"execute_margin_s": 5})  # a lost reply fails fast
+    tid = trajectory()
+    source = "/dev/zero" if fill == "nul" else "/dev/urandom"
+    made = await stack.client.execute(tid, "terminal", {"command": f"head -c 250000 {source} > f"})
+    assert made.success, made
+    data = (await _digests(stack.client, tid, "sha256sum f"))["f"]
+    reply = await stack.client.read_artifact(
+        tid, "f", encoding=encoding, include_sha256=True, timeout_s=20
+    )
+    assert reply.success, reply
+    assert reply.bytes == 250_000 and reply.sha256 == data
+    assert len(reply.model_dump_json().encode()) <= MAX_REPLY_JSON_BYTES
+    if inline:
+        assert reply.object is None and reply.content is not None
+        assert hashlib.sha256(base64.b64decode(reply.content)).hexdigest() == data
+    else:
+        assert reply.content is None and reply.object is not None
+        fetched = io.BytesIO()
+        await stack.client.fetch_artifact(reply.object, fetched)
+        assert hashlib.sha256(fetched.getvalue()).hexdigest() == data
+
+
 async def test_reads_stop_at_the_artifact_limit(
     make_stack: StackFactory, trajectory: Callable[[], str]
 ) -> None:
@@ -130,6 +170,21 @@ async def test_reads_outside_the_workspace_or_of_nothing_fail_precisely(
     assert message in (result.error or ""), result
     assert result.content is None
     await _still_serving(stack.client, tid)
+
+
+async def test_read_file_and_artifacts_read_agree_on_a_file_with_a_trailing_slash(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    await _tree(stack.client, tid)
+    for path in ("proj/src/main.py/", "proj/src/main.py/x"):
+        by_tool = await stack.client.execute(tid, "read_file", {"path": path})
+        by_artifacts = await stack.client.read_artifact(tid, path)
+        assert not by_tool.success and not by_artifacts.success
+        assert by_tool.error == by_artifacts.error == f"Not a directory: {path}"
+    directory = await stack.client.read_artifact(tid, "proj/src/")
+    assert directory.error == "proj/src/ is a directory"
 
 
 async def test_artifacts_of_a_trajectory_without_a_slot_are_not_found(
@@ -183,6 +238,23 @@ async def test_list_walks_the_tree_without_following_links(
 
     capped = await stack.client.list_artifacts(tid, "proj", recursive=True, max_entries=3)
     assert capped.truncated and len(capped.entries) == 3
+
+
+async def test_a_listing_of_long_non_ascii_names_is_cut_to_fit_one_message(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    """4000 names of 85 three-byte characters: 1.3 MB of JSON, though only 0.6 M characters."""
+    stack = await make_stack(client_options={"execute_margin_s": 5})  # a lost reply fails fast
+    tid = trajectory()
+    name = "\u8a9e" * 81
+    make = f'mkdir many && cd many && for i in $(seq -w 0 3999); do : > "$i{name}"; done'
+    made = await stack.client.execute(tid, "terminal", {"command": make})
+    assert made.success, made
+    listed = await stack.client.list_artifacts(tid, "many", max_entries=5000, timeout_s=20)
+    assert listed.success, listed
+    assert listed.truncated and 0 < len(listed.entries) < 4000
+    assert len(listed.model_dump_json().encode()) <= MAX_REPLY_JSON_BYTES
+    assert listed.entries[0].path == f"many/0000{name}"
 
 
 # -- archive ------------------------------------------------------------------------------------

@@ -130,3 +130,62 @@ async def test_an_unreachable_tool_server_is_an_infra_failure(
     result = await stack.client.execute(trajectory(), "web_extract", {"url": "http://x"})
     assert not result.success and result.metadata["error_kind"] == "infra"
     assert "could not be reached" in (result.error or "")
+
+
+class _BrokenToolServer(BaseHTTPRequestHandler):
+    """Replies that break off or are not HTTP; the tool's name says how."""
+
+    protocol_version = "HTTP/1.1"  # so that a chunked reply is read as chunked
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        how = body["tool"]["name"]
+        self.close_connection = True
+        data = ToolResult(success=True, output="all of it, supposedly").model_dump_json().encode()
+        if how == "short_body":  # a whole tool result, but less than the length announced
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data) + 100))
+            self.end_headers()
+            self.wfile.write(data)
+        elif how == "cut_chunk":  # a chunk longer than what is sent of it
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n" % (len(data) + 100) + data)
+        else:  # not an HTTP reply at all
+            self.wfile.write(b"garbage\r\n\r\n")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def broken_tool_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BrokenToolServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("short_body", "The tool server's reply for short_body broke off"),
+        ("cut_chunk", "The tool server's reply for cut_chunk broke off"),
+        ("garbage", "The tool server's reply for garbage is not valid HTTP"),
+    ],
+)
+async def test_a_broken_reply_from_the_tool_server_is_an_infra_failure(
+    make_stack: StackFactory,
+    trajectory: Callable[[], str],
+    broken_tool_server: str,
+    how: str,
+    message: str,
+) -> None:
+    stack = await make_stack(executor_config=ExecutorConfig(tool_server_url=broken_tool_server))
+    result = await stack.client.execute(trajectory(), how, {})
+    assert not result.success and result.metadata["error_kind"] == "infra", result
+    assert (result.error or "").startswith(message), result.error

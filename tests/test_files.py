@@ -60,6 +60,25 @@ def test_fifos_and_directories_are_refused_without_blocking(
         files.read_head(workspace, "nope", 100)
 
 
+@pytest.mark.parametrize(
+    "path", ["sub/file.txt/", "sub/file.txt/.", "sub/file.txt/..", "sub/file.txt/x", "inside-link/"]
+)
+def test_a_file_followed_by_a_slash_is_not_a_directory(
+    workspace: Path, resolution: str, path: str
+) -> None:
+    """As the kernel has it (cat f.txt/: Not a directory), with or without openat2."""
+    if resolution == "fallback" and path.startswith("inside-link"):
+        with pytest.raises(files.PathRefused, match="symlink"):  # never followed there
+            files.read_head(workspace, path, 100)
+        return
+    with pytest.raises(files.PathRefused) as refused:
+        files.read_head(workspace, path, 100)
+    assert str(refused.value) == f"Not a directory: {path}"
+    assert files.read_head(workspace, "sub/./file.txt", 100) == (6, b"inside")
+    with pytest.raises(files.PathRefused, match="sub/ is a directory"):
+        files.read_head(workspace, "sub/", 100)
+
+
 def test_writes_stay_inside_and_make_parents(workspace: Path, resolution: str) -> None:
     files.write(workspace, "new/deeper/f.txt", b"hello", None)
     assert (workspace / "new" / "deeper" / "f.txt").read_bytes() == b"hello"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -12,19 +13,23 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ObjectMeta, ObjectMetaOptions
+from nats.js.api import ConsumerInfo, ObjectMeta, ObjectMetaOptions
 
 from services._objects import (
     DEFAULT_CHUNK_SIZE,
     ObjectCorrupt,
     ObjectNotFound,
     ObjectTimeout,
+    ObjectTooLarge,
     decode_digest,
     encode_digest,
     fetch_object,
@@ -170,10 +175,73 @@ async def test_fetch_resumes_when_its_consumer_is_deleted(
 
     destination = Sabotage()
     with structlog.testing.capture_logs() as logs:
-        fetched = await fetch_object(js, bucket, "big", destination, window_bytes=256 * 1024)
+        # The deletion may be told (a 409 for a pending pull) or not (see the test below);
+        # either way the fetch resumes within seconds, so a hang fails within the bound.
+        fetched = await fetch_object(
+            js, bucket, "big", destination, window_bytes=256 * 1024, timeout_s=60
+        )
     assert destination.getvalue() == data
     assert fetched.sha256 == _sha(data)
     assert any(entry["event"] == "object fetch resumes" for entry in logs)
+    assert await _fetch_consumers(js, bucket) == []
+
+
+@dataclass
+class SilencedFetch:
+    """What :func:`silence_the_first_fetch` saw: the consumer it deleted, the pulls heard."""
+
+    deleted: list[str] = field(default_factory=list)
+    pulls: list[str] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def silence_the_first_fetch(
+    js: JetStreamContext, nc: Client, bucket: str
+) -> AsyncIterator[SilencedFetch]:
+    """Make the first fetch's pulls go unanswered, as a consumer deleted while it takes them in
+    may leave them: no chunk, no status, nothing ever arrives. The first consumer ``js`` makes
+    is deleted as soon as it is made (on the real server), and a listener on the pull subject
+    stands where the server's own subscription lingers in that race, so that the server does
+    not answer "no responders" either. Later consumers work as usual."""
+    seen = SilencedFetch()
+
+    async def listen(msg: Msg) -> None:
+        seen.pulls.append(msg.subject)
+
+    listener = await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{stream_name(bucket)}.*", cb=listen)
+    add_consumer = js.add_consumer
+
+    async def add_then_delete_the_first(*args: Any, **kwargs: Any) -> ConsumerInfo:
+        info = await add_consumer(*args, **kwargs)
+        if not seen.deleted:
+            seen.deleted.append(info.name)
+            await js.delete_consumer(stream_name(bucket), info.name)
+        return info
+
+    js.add_consumer = add_then_delete_the_first  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        del js.add_consumer  # the class's own again
+        await listener.unsubscribe()
+
+
+async def test_fetch_resumes_when_its_consumer_is_deleted_without_a_word(
+    js: JetStreamContext, bucket: str, nc: Client
+) -> None:
+    data = os.urandom(3 * MiB)
+    await put_object(js, bucket, "big", io.BytesIO(data))
+    destination = io.BytesIO()
+    async with silence_the_first_fetch(js, nc, bucket) as silenced:
+        with structlog.testing.capture_logs() as logs:
+            # Bounded: before the stall was looked into, this waited for the whole timeout.
+            fetched = await fetch_object(js, bucket, "big", destination, timeout_s=30)
+    assert destination.getvalue() == data
+    assert fetched.sha256 == _sha(data)
+    assert any(pull.endswith(f".{silenced.deleted[0]}") for pull in silenced.pulls)
+    resumes = [entry for entry in logs if entry["event"] == "object fetch resumes"]
+    assert len(resumes) == 1 and "gone" in resumes[0]["reason"]
+    assert resumes[0]["received"] == 0
     assert await _fetch_consumers(js, bucket) == []
 
 
@@ -365,6 +433,38 @@ async def test_info_that_does_not_match_the_chunks(
         await fetch_object(js, bucket, "o", tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
     assert await _fetch_consumers(js, bucket) == []
+
+
+async def test_max_bytes_bounds_the_fetch_by_the_info_and_by_the_bytes_received(
+    js: JetStreamContext, bucket: str, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * DEFAULT_CHUNK_SIZE)
+    await put_object(js, bucket, "o", io.BytesIO(data))
+    exact = io.BytesIO()
+    assert (await fetch_object(js, bucket, "o", exact, max_bytes=len(data))).size == len(data)
+    assert exact.getvalue() == data
+
+    destination = tmp_path / "o"
+    with pytest.raises(
+        ObjectTooLarge, match=r"'o' .* is 393216 bytes, over the limit of 393215 bytes"
+    ):
+        await fetch_object(js, bucket, "o", destination, max_bytes=len(data) - 1)
+    # An info that understates the size (as a replaced or broken object's may): the fetch
+    # stops at the first chunk past max_bytes, before writing it.
+    await _rewrite_meta(js, bucket, "o", size=100)
+    buffer = io.BytesIO()
+    with pytest.raises(
+        ObjectTooLarge, match=r"over the limit of 1000 bytes \(131072 bytes in the first 1 chunks"
+    ):
+        await fetch_object(js, bucket, "o", buffer, max_bytes=1000)
+    assert buffer.getvalue() == b""
+    with pytest.raises(ObjectTooLarge):
+        await fetch_object(js, bucket, "o", destination, max_bytes=1000)
+    assert list(tmp_path.iterdir()) == []
+    assert await _fetch_consumers(js, bucket) == []
+    assert issubclass(ObjectTooLarge, ToolbusError)
+    with pytest.raises(ValueError, match="max_bytes"):
+        await fetch_object(js, bucket, "o", buffer, max_bytes=-1)
 
 
 async def test_timeout(js: JetStreamContext, bucket: str, tmp_path: Path) -> None:
