@@ -8,12 +8,18 @@ import time
 from dataclasses import dataclass
 
 from ._diskguard import DiskGuard
-from ._sandbox import RunningCommand, Sandbox
+from ._sandbox import MAX_ARG_BYTES, RunningCommand, Sandbox
 
+# ``bash -c COMMAND`` takes the command as one exec argument: the longest ``terminal`` command,
+# in bytes of UTF-8 (the persistent shell reads its commands from stdin: no such limit there).
+MAX_COMMAND_BYTES = MAX_ARG_BYTES
 # After the command's own process exits, its background children may still hold the pipes open:
 # read what they already wrote for this long, then stop listening rather than wait for them.
 _PIPE_GRACE_S = 0.2
 _READ_CHUNK = 64 * 1024
+# A killed command reports its exit at once; when it does not, the sandbox's launcher is not
+# answering (stopped, say): then the whole sandbox is reset, so the timeout still ends it all.
+_KILL_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +27,7 @@ class StreamCapture:
     text: str
     total_bytes: int
     truncated: bool
+    data: bytes = b""  # the bytes kept (at most 4 per character of the limit), undecoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +59,10 @@ class BoundedReader:
                 self._kept += len(piece)
 
     def capture(self) -> StreamCapture:
-        text = b"".join(self._chunks).decode("utf-8", errors="replace")
+        data = b"".join(self._chunks)
+        text = data.decode("utf-8", errors="replace")
         truncated = self.total > self._kept or len(text) > self._max_chars
-        return StreamCapture(text[: self._max_chars], self.total, truncated)
+        return StreamCapture(text[: self._max_chars], self.total, truncated, data)
 
 
 async def run_command(
@@ -69,10 +77,11 @@ async def run_command(
     started = time.monotonic()
     running = await sandbox.run(command)
     with disk_guard.watch(running) if disk_guard else contextlib.nullcontext([False]) as killed:
-        return await _finish(running, started, timeout_s, max_output_chars, killed)
+        return await _finish(sandbox, running, started, timeout_s, max_output_chars, killed)
 
 
 async def _finish(
+    sandbox: Sandbox,
     running: RunningCommand,
     started: float,
     timeout_s: float,
@@ -91,8 +100,7 @@ async def _finish(
             exit_code = await asyncio.wait_for(running.wait(), timeout_s)
         except TimeoutError:
             timed_out = True
-            running.kill()
-            await running.wait()
+            await _kill(sandbox, running)
         await asyncio.wait(readers, timeout=_PIPE_GRACE_S)
     finally:
         # Cancelled (release, shutdown) or done: nothing of this call may keep its pipes.
@@ -108,3 +116,13 @@ async def _finish(
         duration_s=time.monotonic() - started,
         disk_full=disk_full[0],
     )
+
+
+async def _kill(sandbox: Sandbox, running: RunningCommand) -> None:
+    running.kill()
+    try:
+        await asyncio.wait_for(running.wait(), _KILL_WAIT_S)
+    except TimeoutError:
+        await sandbox.reset()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(running.wait(), _KILL_WAIT_S)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import io
 import itertools
 import json
 import os
@@ -25,12 +27,12 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
 from ._cgroups import PidsCgroups, join_cgroup
-from ._launcher import CALL_TAG
+from ._launcher import CALL_TAG, INLINE_MESSAGE_BYTES
 from .exceptions import StartupError
 from .settings import (
     DEFAULT_MAX_CPU_S,
@@ -46,6 +48,11 @@ SANDBOX_WORKSPACE = "/workspace"
 _LAUNCHER_PATH = "/opt/toolbus/launcher.py"
 _SANDBOX_PYTHON_PREFIX = "/opt/toolbus/python"
 _READY_TIMEOUT_S = 10.0
+# SIGKILL ends bubblewrap at once; only a process stuck in the kernel (D state) can delay it.
+_STOP_TIMEOUT_S = 5.0
+# Linux's MAX_ARG_STRLEN (32 pages of 4 KiB), less the terminating NUL: the most bytes one
+# argument of an exec can have.
+MAX_ARG_BYTES = 32 * 4096 - 1
 _ETC_SECRET_FILES = (
     "/etc/shadow",
     "/etc/shadow-",
@@ -70,6 +77,31 @@ class SandboxError(Exception):
 
 class _SandboxGone(SandboxError):
     """The sandbox ended between two commands."""
+
+
+class InvalidCommand(SandboxError):
+    """The command line cannot be run as given (a NUL byte, an argument too long); refused
+    before it reaches the sandbox, which stays as it was."""
+
+
+def check_argv(argv: list[str]) -> None:
+    """Refuse a command line that no exec could take, with the reason."""
+    if not argv:
+        raise InvalidCommand("the command line is empty")
+    for index, arg in enumerate(argv):
+        if "\0" in arg:
+            raise InvalidCommand(f"argument {index} of the command line contains a NUL byte")
+        try:
+            size = len(arg.encode("utf-8", "surrogateescape"))  # as exec will get it
+        except UnicodeEncodeError:
+            raise InvalidCommand(
+                f"argument {index} of the command line is not valid text (a lone surrogate)"
+            ) from None
+        if size > MAX_ARG_BYTES:
+            raise InvalidCommand(
+                f"argument {index} of the command line is {size} bytes; one argument can be "
+                f"at most {MAX_ARG_BYTES} bytes"
+            )
 
 
 class RunningCommand(Protocol):
@@ -117,15 +149,70 @@ class Sandbox(Protocol):
 
 
 # -- plain processes ----------------------------------------------------------------------------
-class _HostCommand:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        assert process.stdout is not None and process.stderr is not None
-        self._process = process
-        self.stdout = process.stdout
-        self.stderr = process.stderr
-        self.stdin: asyncio.WriteTransport | None = (
-            process.stdin.transport if process.stdin is not None else None
+class _CallPipes:
+    """The pipes of one command, plain fds rather than asyncio's subprocess PIPEs (with those,
+    Python 3.11's Process.wait() can also wait for every process holding them). While they are
+    made, ``abandon`` closes every fd made so far, wherever the making stopped (a cancellation
+    can come at each connect)."""
+
+    def __init__(self) -> None:
+        self.readers: list[asyncio.StreamReader] = []  # its stdout and stderr
+        self.stdin: asyncio.WriteTransport | None = None
+        self.transports: list[asyncio.BaseTransport] = []
+        self.for_child: list[int] = []  # the command's ends; closed here once it has them
+        self._files: list[io.FileIO] = []  # our ends, owned by their transports once connected
+
+    async def make(self, with_stdin: bool) -> None:
+        """Pipes for stdout and stderr, and for stdin when asked; ``for_child`` holds the
+        command's ends in that order."""
+        self.readers = [await self._reader(), await self._reader()]
+        if with_stdin:
+            self.stdin = await self._writer()
+
+    async def _reader(self) -> asyncio.StreamReader:
+        read_end, write_end = os.pipe()
+        self.for_child.append(write_end)
+        pipe = io.FileIO(read_end, "rb")
+        self._files.append(pipe)
+        reader = asyncio.StreamReader(limit=1 << 20)
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
         )
+        self.transports.append(transport)
+        return reader
+
+    async def _writer(self) -> asyncio.WriteTransport:
+        read_end, write_end = os.pipe()
+        self.for_child.append(read_end)
+        pipe = io.FileIO(write_end, "wb")
+        self._files.append(pipe)
+        transport, _ = await asyncio.get_running_loop().connect_write_pipe(
+            asyncio.BaseProtocol, pipe
+        )
+        self.transports.append(transport)
+        return transport
+
+    def close_child_ends(self) -> None:
+        for fd in self.for_child:
+            os.close(fd)
+        self.for_child.clear()
+
+    def abandon(self) -> None:
+        # A transport closes its pipe only on the loop's next turn: close the files now too
+        # (its own close of them later does nothing).
+        for transport in self.transports:
+            transport.close()
+        for pipe in self._files:
+            pipe.close()
+        self.close_child_ends()
+
+
+class _HostCommand:
+    def __init__(self, process: asyncio.subprocess.Process, pipes: _CallPipes) -> None:
+        self._process = process
+        self._transports = pipes.transports
+        self.stdout, self.stderr = pipes.readers
+        self.stdin: asyncio.WriteTransport | None = pipes.stdin
 
     async def wait(self) -> int:
         return await self._process.wait()
@@ -137,6 +224,8 @@ class _HostCommand:
     def close(self) -> None:
         if self._process.returncode is None:
             self.kill()
+        for transport in self._transports:
+            transport.close()
 
 
 class PlainSandbox:
@@ -159,20 +248,28 @@ class PlainSandbox:
     async def spawn(
         self, argv: list[str], *, stdin: bool = False, stdin_fd: int | None = None
     ) -> RunningCommand:
+        check_argv(argv)
         rlimits = self._rlimits
-        stdin_source: int = asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            preexec_fn=lambda: apply_rlimits(rlimits),
-            cwd=self.workspace,
-            env={**_BASE_ENV, "HOME": str(self.workspace), "PWD": str(self.workspace)},
-            stdin=stdin_fd if stdin_fd is not None else stdin_source,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # its own process group, so a kill reaches its children
-        )
+        pipes = _CallPipes()
+        try:
+            await pipes.make(stdin and stdin_fd is None)
+            child_stdin = pipes.for_child[2] if pipes.stdin else asyncio.subprocess.DEVNULL
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                preexec_fn=lambda: apply_rlimits(rlimits),
+                cwd=self.workspace,
+                env={**_BASE_ENV, "HOME": str(self.workspace), "PWD": str(self.workspace)},
+                stdin=stdin_fd if stdin_fd is not None else child_stdin,
+                stdout=pipes.for_child[0],
+                stderr=pipes.for_child[1],
+                start_new_session=True,  # its own process group, so a kill reaches its children
+            )
+        except BaseException:
+            pipes.abandon()
+            raise
+        pipes.close_child_ends()
         self._groups.add(process.pid)
-        return _HostCommand(process)
+        return _HostCommand(process, pipes)
 
     async def reset(self) -> None:
         for group in self._groups:
@@ -344,10 +441,12 @@ class BwrapSandbox:
         self._rlimits = options.limits.rlimits()
         self.network_isolated = not options.allow_network
         self._process: asyncio.subprocess.Process | None = None
+        self._stderr: int | None = None  # bubblewrap's stderr (ours to read), for start errors
         self._socket: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._start_lock = asyncio.Lock()
+        self._resets = 0  # how many resets began: a start that saw one begin gives up
         self._calls: dict[int, _SandboxCommand] = {}
         self._call_ids = itertools.count(1)
 
@@ -367,6 +466,7 @@ class BwrapSandbox:
         )
 
     async def _start(self) -> socket.socket:
+        resets = self._resets
         python = _sandbox_python()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         launcher = Path(__file__).with_name("_launcher.py")
@@ -392,6 +492,9 @@ class BwrapSandbox:
             extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
         argv[1:1] = extra
         cgroup, owner = self._cgroup, self.owner
+        # Not an asyncio PIPE: Process.wait() would then also wait for every holder of the pipe
+        # to close it, and a command can hand the launcher's stderr to a process outside.
+        stderr_read, stderr_write = os.pipe()
 
         def before_exec() -> None:
             if cgroup is not None:  # into the slot's pids cgroup, so nothing escapes it
@@ -404,7 +507,7 @@ class BwrapSandbox:
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
+                stderr=stderr_write,
                 pass_fds=fds,
                 preexec_fn=before_exec,
             )
@@ -416,19 +519,27 @@ class BwrapSandbox:
         except asyncio.CancelledError:
             spawn.add_done_callback(_kill_started_process)
             ours.close()
+            os.close(stderr_read)
             raise
         except OSError as exc:  # bubblewrap could not be executed at all
             ours.close()
+            os.close(stderr_read)
             raise SandboxError(f"cannot run {self._options.bwrap}: {exc.strerror}") from None
         finally:
             theirs.close()  # the child has its copies (fork happened before the first await)
+            os.close(stderr_write)
             for fd in fds[1:]:
                 os.close(fd)
+        os.set_blocking(stderr_read, False)
+        self._stderr = stderr_read
         ours.setblocking(False)
         self._socket = ours
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._reader = asyncio.create_task(self._read_events(ours), name="sandbox-events")
+        if self._resets != resets:  # a reset began while bubblewrap started: it wants none
+            await self._stop()
+            raise SandboxError("the sandbox was reset while it started")
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), _READY_TIMEOUT_S)
         except (TimeoutError, SandboxError) as exc:
@@ -438,12 +549,16 @@ class BwrapSandbox:
         return ours
 
     async def _stderr_tail(self) -> str:
-        if self._process is None or self._process.stderr is None:
+        process, stderr = self._process, self._stderr
+        if process is None or stderr is None:
             return ""
-        with contextlib.suppress(TimeoutError):
-            data = await asyncio.wait_for(self._process.stderr.read(4096), 1.0)
-            return data.decode(errors="replace").strip()
-        return ""
+        with contextlib.suppress(TimeoutError):  # once it has exited, all it said is there
+            await asyncio.wait_for(process.wait(), 1.0)
+        try:
+            data = os.read(stderr, 4096)
+        except OSError:  # nothing there (it would block), or gone
+            return ""
+        return data.decode(errors="replace").strip()
 
     async def _read_events(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -461,21 +576,29 @@ class BwrapSandbox:
                     call.exited.set_result(-int(signal.SIGKILL))
             self._calls.clear()
 
-    def _on_event(self, event: dict[str, Any]) -> None:
+    def _on_event(self, event: object) -> None:
+        if not isinstance(event, dict):
+            log.warning("the launcher sent a malformed event", received=repr(event)[:200])
+            return
         kind = event.get("event")
         if kind == "ready":
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
             return
-        call = self._calls.get(int(event.get("id", -1)))
-        if call is None:
+        if kind == "rejected":  # a message of ours it could not read: a bug on this side
+            log.warning("the launcher rejected a message", error=str(event.get("error")))
+            return
+        call_id = event.get("id")
+        call = self._calls.get(call_id) if isinstance(call_id, int) else None
+        if call is None or not isinstance(call_id, int):
             return
         if kind == "exited":
-            self._calls.pop(int(event["id"]), None)
+            self._calls.pop(call_id, None)
+            code = event.get("code")
             if not call.exited.done():
-                call.exited.set_result(int(event["code"]))
+                call.exited.set_result(code if isinstance(code, int) else -int(signal.SIGKILL))
         elif kind == "failed":
-            self._calls.pop(int(event["id"]), None)
+            self._calls.pop(call_id, None)
             if not call.exited.done():
                 call.exited.set_exception(SandboxError(str(event.get("error"))))
 
@@ -485,6 +608,7 @@ class BwrapSandbox:
     async def spawn(
         self, argv: list[str], *, stdin: bool = False, stdin_fd: int | None = None
     ) -> RunningCommand:
+        check_argv(argv)  # before the launcher: a bad command line must not cost the sandbox
         try:
             return await self._spawn(argv, stdin, stdin_fd)
         except _SandboxGone:
@@ -497,53 +621,33 @@ class BwrapSandbox:
     ) -> RunningCommand:
         sock = await self._ensure_started()
         call_id = next(self._call_ids)
-        loop = asyncio.get_running_loop()
-        readers: list[asyncio.StreamReader] = []
-        transports: list[asyncio.BaseTransport] = []
-        write_ends: list[int] = []
-        for _ in range(2):
-            read_end, write_end = os.pipe()
-            write_ends.append(write_end)
-            reader = asyncio.StreamReader(limit=1 << 20)
-            transport, _ = await loop.connect_read_pipe(
-                lambda reader=reader: asyncio.StreamReaderProtocol(reader),  # type: ignore[misc]
-                os.fdopen(read_end, "rb", buffering=0),
-            )
-            readers.append(reader)
-            transports.append(transport)
-        stdin: asyncio.WriteTransport | None = None
-        if stdin_fd is not None:
-            write_ends.append(os.dup(stdin_fd))  # sent as the command's stdin, closed here
-        elif with_stdin:
-            read_end, write_end = os.pipe()
-            write_ends.append(read_end)  # the sandbox's end: closed here once sent
-            stdin, _ = await loop.connect_write_pipe(
-                asyncio.BaseProtocol, os.fdopen(write_end, "wb", buffering=0)
-            )
-            transports.append(stdin)
-        call = _SandboxCommand(self, call_id, readers[0], readers[1], stdin, transports)
-        self._calls[call_id] = call
-        message = {
-            "op": "run",
-            "id": call_id,
-            "argv": argv,
-            "env": {
-                **_BASE_ENV,
-                "HOME": SANDBOX_WORKSPACE,
-                "PWD": SANDBOX_WORKSPACE,
-                CALL_TAG: str(call_id),
-            },
-        }
+        pipes = _CallPipes()
         try:
-            await _send_with_fds(sock, json.dumps(message).encode(), write_ends)
-        except OSError as exc:
+            await pipes.make(with_stdin and stdin_fd is None)
+            if stdin_fd is not None:
+                pipes.for_child.append(os.dup(stdin_fd))  # sent as the command's stdin
+            stdout, stderr = pipes.readers
+            call = _SandboxCommand(self, call_id, stdout, stderr, pipes.stdin, pipes.transports)
+            env = {**_BASE_ENV, "HOME": SANDBOX_WORKSPACE, "PWD": SANDBOX_WORKSPACE}
+            env[CALL_TAG] = str(call_id)
+            message = {"op": "run", "id": call_id, "argv": argv, "env": env}
+            self._calls[call_id] = call
+            try:
+                await _send_run(sock, call_id, json.dumps(message).encode(), pipes.for_child)
+            except OSError as exc:
+                raise self._send_error(sock, exc) from None
+        except BaseException:
             self._calls.pop(call_id, None)
-            call.close()
-            raise _SandboxGone(f"the sandbox is not answering: {exc}") from None
-        finally:
-            for fd in write_ends:
-                os.close(fd)
+            pipes.abandon()
+            raise
+        pipes.close_child_ends()
         return call
+
+    def _send_error(self, sock: socket.socket, exc: OSError) -> SandboxError:
+        # The launcher is gone (it died, or a reset closed the socket meanwhile): start afresh.
+        if isinstance(exc, ConnectionError) or sock.fileno() == -1 or exc.errno == errno.EBADF:
+            return _SandboxGone(f"the sandbox is not answering: {exc}")
+        return SandboxError(f"cannot send the command to the sandbox: {exc}")
 
     def kill_call(self, call_id: int) -> None:
         if self._socket is None:
@@ -552,7 +656,14 @@ class BwrapSandbox:
             self._socket.send(json.dumps({"op": "kill", "id": call_id}).encode())
 
     async def reset(self) -> None:
-        """End the sandbox and everything in it; the next command starts a fresh one."""
+        """End the sandbox and everything in it; the next command starts a fresh one.
+
+        Bounded in time whatever the sandbox is doing: bubblewrap is killed first, so a start
+        in progress (which holds the lock while it waits for the launcher) ends at once."""
+        self._resets += 1
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
         async with self._start_lock:
             await self._stop()
 
@@ -560,28 +671,51 @@ class BwrapSandbox:
         await self.reset()
 
     async def _stop(self) -> None:
-        # The reader first: closing a socket with a sock_recv pending leaves the event loop
-        # watching its fd number, and the next pipe or socket opened under that number would
-        # lose its reader when the stale one is removed (a command's output read as empty).
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-        if self._process is not None:
+        reader, sock, process, stderr = self._reader, self._socket, self._process, self._stderr
+        self._reader = self._socket = self._process = self._stderr = None
+        if reader is not None:
+            # Before the socket closes: its fd must leave the event loop while it is still its.
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        if sock is not None:
+            sock.close()
+        if process is not None:
             # Killing bubblewrap kills the sandbox's pid 1, and the kernel ends the namespace.
             with contextlib.suppress(ProcessLookupError):
-                self._process.kill()
-            await self._process.wait()
-            self._process = None
+                process.kill()
+            try:
+                await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
+            except TimeoutError:  # stuck in the kernel: the child watcher reaps it later
+                log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
+        if stderr is not None:
+            os.close(stderr)
 
 
 def _kill_started_process(spawn: asyncio.Future[asyncio.subprocess.Process]) -> None:
     if not spawn.cancelled() and spawn.exception() is None:
         with contextlib.suppress(ProcessLookupError):
             spawn.result().kill()
+
+
+async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[int]) -> None:
+    """Send a run message; one too big for a packet goes in a memfd, attached last."""
+    if len(data) <= INLINE_MESSAGE_BYTES:
+        try:
+            await _send_with_fds(sock, data, fds)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE:
+                raise
+            # A socket buffer smaller than usual: the memfd below takes any size.
+    memfd = os.memfd_create("toolbus-run", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(memfd, view) :]
+        header = json.dumps({"op": "run", "id": call_id, "via_fd": True}).encode()
+        await _send_with_fds(sock, header, [*fds, memfd])
+    finally:
+        os.close(memfd)
 
 
 async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:

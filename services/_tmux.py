@@ -5,11 +5,19 @@ the screen stops changing or ``max_wait_s``), ``capture`` (the screen, or with
 ``capture_entire`` the whole history), ``stream`` (what the pane printed since the last stream,
 up to ``max_bytes``; ``reset`` starts over) and ``stop``. The server runs inside the sandbox with
 its socket in the sandbox's private /tmp, so it lives as long as the slot's sandbox.
+
+``stream`` counts the pane's raw bytes: its offset moves by exactly the bytes it returned, and
+what it returns fits one NATS message (``STREAM_JSON_BUDGET``); ``more_pending`` says whether
+more is waiting already. Bytes that are not UTF-8 come as U+FFFD, one per byte; a character
+whose last bytes have not been printed yet waits for them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
+import json
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -24,6 +32,10 @@ _SESSION = "main"
 _TMUX = f"tmux -S {_SOCKET}"
 _SETTLE_POLL_S = 0.2
 _COMMAND_TIMEOUT_S = 10.0
+# The most one ``stream`` returns, as JSON (a control character takes 6 bytes there): with the
+# rest of the result it stays well under nats-server's default max_payload of 1 MiB.
+STREAM_JSON_BUDGET = 256 * 1024
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
 # tmux key names sent as keys, not as text (send-keys without -l).
 _KEY_NAMES = frozenset(
     [
@@ -116,18 +128,63 @@ async def run_tmux(
         return await _checked(
             sandbox, f"{_TMUX} capture-pane -p -J {history}-t {_SESSION}", max_chars
         ), {}
-    # stream
+    return await _stream(args, sandbox, state, max_chars)
+
+
+async def _stream(
+    args: TmuxArgs, sandbox: Sandbox, state: TmuxState, max_chars: int
+) -> tuple[str, dict[str, object]]:
     if args.reset:
         state.stream_offset = 0
         await _checked(sandbox, f": > {_LOG}", max_chars)
     limit = args.max_bytes
-    code, out, err = await _sh(
+    # One byte more than asked for: whether more is there already.
+    outcome = await run_command(
         sandbox,
-        f"tail -c +{state.stream_offset + 1} {_LOG} 2>/dev/null | head -c {limit}",
-        max_chars=max(max_chars, limit),
+        f"tail -c +{state.stream_offset + 1} {_LOG} 2>/dev/null | head -c {limit + 1}",
+        timeout_s=_COMMAND_TIMEOUT_S,
+        max_output_chars=limit + 1,
     )
-    state.stream_offset += len(out.encode())
-    return out, {"bytes": len(out.encode()), "offset": state.stream_offset}
+    read = outcome.stdout.data
+    text, used = take_stream_text(read[:limit], STREAM_JSON_BUDGET, at_end=len(read) <= limit)
+    state.stream_offset += used
+    more_pending = used < len(read) and not (len(read) <= limit and _incomplete(read[used:]))
+    return text, {"bytes": used, "offset": state.stream_offset, "more_pending": more_pending}
+
+
+def _json_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode())
+
+
+def _incomplete(data: bytes) -> bool:
+    """Whether ``data`` is only the start of one UTF-8 character."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        return decoder.decode(data) == "" and bool(data)
+    except UnicodeDecodeError:
+        return False
+
+
+def take_stream_text(data: bytes, budget: int, *, at_end: bool) -> tuple[str, int]:
+    """The text of the longest start of ``data`` that fits ``budget`` bytes of JSON, and how
+    many bytes of ``data`` it is. A character cut at the end of ``data`` is left for later,
+    unless nothing else would come (``at_end`` false, one character longer than ``data``)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    decoded = decoder.decode(data, final=False)
+    if not decoded and not at_end:
+        decoded = decoder.decode(b"", final=True)
+    text = _ESCAPED.sub("\ufffd", decoded)  # one U+FFFD per byte that is not UTF-8
+    if _json_size(text) > budget:
+        # Every character takes 1 to 6 bytes of JSON: the cut is between budget/6 and budget.
+        low, high = max(budget // 6 - 1, 0), min(len(text), budget)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if _json_size(text[:middle]) <= budget:
+                low = middle
+            else:
+                high = middle - 1
+        decoded, text = decoded[:low], text[:low]
+    return text, len(decoded.encode("utf-8", "surrogateescape"))
 
 
 async def _checked(sandbox: Sandbox, script: str, max_chars: int) -> str:

@@ -21,14 +21,26 @@ from schemas.tools import (
 
 from . import _files as files
 from ._diskguard import DiskGuard
-from ._process import CommandOutcome, run_command
-from ._sandbox import Sandbox, SandboxError
+from ._process import MAX_COMMAND_BYTES, CommandOutcome, run_command
+from ._sandbox import InvalidCommand, Sandbox, SandboxError
 from ._stateful import StatefulShell
 from ._tmux import TmuxError, TmuxState, run_tmux
 from ._validation import describe_validation_error
 
 _FILE_TOOLS = frozenset({"read_file", "write_file"})
 _SIGNAL_HINTS = {"SIGXCPU": ": CPU time limit", "SIGXFSZ": ": file size limit"}
+
+
+def _refuse_nul(tool: str, field: str, value: str | list[str] | None) -> None:
+    """A NUL byte cannot be in a command line, an environment or a path: refuse it here,
+    with where it is, rather than fail somewhere below."""
+    for text in [value] if isinstance(value, str) else value or []:
+        if "\0" in text:
+            raise ToolFailure(
+                f"Invalid arguments for {tool}: {field} contains a NUL byte (at character "
+                f"{text.index(chr(0))}), which no command line or path can carry",
+                ErrorKindOfResult.INVALID_ARGUMENTS,
+            )
 
 
 def _signal_name(number: int) -> str:
@@ -135,24 +147,27 @@ class ToolRunner:
         workspace = sandbox.workspace
         try:
             if tool == "terminal":
-                return await self._terminal(
-                    TerminalArgs.model_validate(arguments), sandbox, timeout_s
-                )
+                terminal = TerminalArgs.model_validate(arguments)
+                _refuse_nul(tool, "command", terminal.command)
+                return await self._terminal(terminal, sandbox, timeout_s)
             if tool == "terminal_stateful":
                 args = StatefulTerminalArgs.model_validate(arguments)
+                _refuse_nul(tool, "command", args.command)
                 return await self._terminal_stateful(args, slot.shell, timeout_s)
             if tool == "tmux":
+                tmux = TmuxArgs.model_validate(arguments)
+                _refuse_nul(tool, "keys", tmux.keys)
                 output, metadata = await run_tmux(
-                    TmuxArgs.model_validate(arguments),
-                    sandbox,
-                    slot.tmux,
-                    max_chars=self._limits.max_output_chars,
+                    tmux, sandbox, slot.tmux, max_chars=self._limits.max_output_chars
                 )
                 return ToolResult(success=True, output=output, metadata=metadata)
             if tool == "read_file":
-                return self._read_file(ReadFileArgs.model_validate(arguments), workspace)
+                read = ReadFileArgs.model_validate(arguments)
+                _refuse_nul(tool, "path", read.path)
+                return self._read_file(read, workspace)
             if tool == "write_file":
                 write = WriteFileArgs.model_validate(arguments)
+                _refuse_nul(tool, "path", write.path)
                 return self._write_file(write, workspace, sandbox.owner)
             raise ToolFailure(f"Unknown tool: {tool}")
         except ValidationError as exc:
@@ -165,6 +180,11 @@ class ToolRunner:
             return self._failure(failure)
         except TmuxError as exc:
             return self._failure(ToolFailure(f"tmux: {exc}"))
+        except InvalidCommand as exc:
+            refused = ToolFailure(
+                f"Invalid arguments for {tool}: {exc}", ErrorKindOfResult.INVALID_ARGUMENTS
+            )
+            return self._failure(refused)
         except SandboxError as exc:
             return self._failure(ToolFailure(f"Sandbox failure: {exc}", ErrorKindOfResult.SANDBOX))
         except OSError as exc:
@@ -184,6 +204,15 @@ class ToolRunner:
             raise ToolFailure(
                 "background=true is not supported; run the command in the foreground "
                 "(append '&' inside the command to detach a process)",
+                ErrorKindOfResult.INVALID_ARGUMENTS,
+            )
+        size = len(args.command.encode("utf-8", "surrogatepass"))
+        if size > MAX_COMMAND_BYTES:
+            raise ToolFailure(
+                f"Invalid arguments for terminal: command is {size} bytes of UTF-8; a terminal "
+                f"command can be at most {MAX_COMMAND_BYTES} bytes (the kernel's limit on one "
+                "argument of a program). Write a longer script to a file and run that, or use "
+                "terminal_stateful, which has no such limit",
                 ErrorKindOfResult.INVALID_ARGUMENTS,
             )
         outcome = await run_command(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import resource
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from services._process import MAX_COMMAND_BYTES
 from services._sandbox import SandboxLimits
+from tests._sandboxes import bwrap_sandbox, sh
 from tests.conftest import StackFactory
 from tests.test_sandbox_security import _still_serving
 
@@ -137,3 +141,68 @@ async def test_a_disk_filling_loop_is_stopped(
     assert "stopped with its shell" in (result.error or "")
     await stack.client.release(tid, reset_workspace=True)
     await _still_serving(stack.client, trajectory())
+
+
+async def test_a_sandbox_starts_and_runs_when_the_worker_holds_over_1024_fds(
+    tmp_path: Path,
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.fail(f"RLIMIT_NOFILE's hard limit is {hard}: this test needs 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        async with bwrap_sandbox(tmp_path / "ws") as sandbox:
+            outcome = await sh(sandbox, "echo fine")
+            assert outcome.exit_code == 0, outcome
+            assert outcome.stdout.text == "fine\n"
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _command_of(size: int) -> str:
+    """``echo ok`` and a comment of two-byte characters: ``size`` bytes of UTF-8 in all."""
+    head = "echo ok #"
+    padding = size - len(head)
+    return head + "é" * (padding // 2) + "a" * (padding % 2)
+
+
+async def test_commands_up_to_the_argv_limit_run_and_longer_ones_are_refused(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    longest = _command_of(MAX_COMMAND_BYTES)
+    assert len(longest.encode()) == MAX_COMMAND_BYTES
+    ran = await stack.client.execute(tid, "terminal", {"command": longest})
+    assert ran.success, ran.error
+    assert ran.output == "ok\n"
+    refused = await stack.client.execute(
+        tid, "terminal", {"command": _command_of(MAX_COMMAND_BYTES + 1)}
+    )
+    assert not refused.success
+    assert refused.metadata["error_kind"] == "invalid_arguments"
+    assert f"{MAX_COMMAND_BYTES + 1} bytes" in refused.error
+    assert f"at most {MAX_COMMAND_BYTES} bytes" in refused.error
+    # The persistent shell takes its command on stdin, not argv: no such limit there.
+    stateful = await stack.client.execute(
+        tid, "terminal_stateful", {"command": _command_of(200_000)}
+    )
+    assert stateful.success, stateful.error
+    assert stateful.output == "ok\n"
+    await _still_serving(stack.client, tid)
+
+
+async def test_a_run_message_of_megabytes_reaches_the_launcher(tmp_path: Path) -> None:
+    async with bwrap_sandbox(tmp_path / "ws") as sandbox:
+        # 12 arguments of 100 000 characters that JSON writes as six bytes each: 7 MB.
+        argv = ["/bin/sh", "-c", 'echo "$#" "${#1}"', "x", *(["\x01" * 100_000] * 12)]
+        command = await sandbox.spawn(argv)
+        try:
+            assert await asyncio.wait_for(command.wait(), 20) == 0
+            assert await command.stdout.read() == b"12 100000\n"
+        finally:
+            command.close()
+        assert (await sh(sandbox, "echo still")).stdout.text == "still\n"

@@ -238,3 +238,51 @@ async def test_a_call_can_ask_for_no_network_where_the_service_allows_it(
     assert "supported for terminal only" in stateful.error
     await stack.client.release(tid, reset_workspace=True)
     await _still_serving(stack.client, trajectory())
+
+
+async def test_a_nul_byte_is_refused_and_the_slots_processes_live_on(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    started = await stack.client.execute(tid, "terminal", {"command": "sleep 1007.25 & true"})
+    assert started.success, started.error
+    assert (await stack.client.execute(tid, "tmux", {"action": "start"})).success
+    for tool, arguments, field in (
+        ("terminal", {"command": "echo a\x00b"}, "command"),
+        ("terminal_stateful", {"command": "echo a\x00b"}, "command"),
+        ("tmux", {"action": "send_keys", "keys": ["echo a\x00b", "Enter"]}, "keys"),
+        ("read_file", {"path": "a\x00b"}, "path"),
+    ):
+        refused = await stack.client.execute(tid, tool, arguments)
+        assert not refused.success, tool
+        assert refused.metadata["error_kind"] == "invalid_arguments", (tool, refused)
+        assert f"{field} contains a NUL byte" in refused.error, refused.error
+    assert len(_host_processes("sleep 1007.25")) == 1  # the sandbox did not die...
+    screen = await stack.client.execute(tid, "tmux", {"action": "capture"})
+    assert screen.success, screen.error  # ...nor did its tmux session
+    await stack.client.release(tid, reset_workspace=True)
+    assert _host_processes("sleep 1007.25") == []
+    await _still_serving(stack.client, trajectory())
+
+
+async def test_a_timeout_reaches_processes_that_left_the_session_and_the_environment(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    stack = await make_stack()
+    tid = trajectory()
+    escaped = (
+        "setsid env -i sleep 1008.25 & (setsid env -i sh -c 'sleep 1008.5 & true') & "
+        "echo up; sleep 60"
+    )
+    result = await stack.client.execute(tid, "terminal", {"command": escaped}, timeout_s=1)
+    assert result.metadata["status"] == "timeout"
+    assert _host_processes("sleep 1008.25") == []
+    assert _host_processes("sleep 1008.5") == []
+    # A call that finishes leaves its background processes running, escaped or not.
+    kept = await stack.client.execute(tid, "terminal", {"command": "setsid env -i sleep 1008.75 &"})
+    assert kept.success, kept.error
+    assert len(_host_processes("sleep 1008.75")) == 1
+    await stack.client.release(tid, reset_workspace=True)
+    assert _host_processes("sleep 1008.75") == []
+    await _still_serving(stack.client, trajectory())

@@ -1,0 +1,35 @@
+"""Direct BwrapSandbox instances for tests that need the sandbox without the rest of the stack."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from services._process import CommandOutcome, run_command
+from services._sandbox import BwrapOptions, BwrapSandbox, Sandbox, find_bwrap
+
+
+@asynccontextmanager
+async def bwrap_sandbox(
+    workspace: Path, *, allow_network: bool = False
+) -> AsyncIterator[BwrapSandbox]:
+    bwrap = find_bwrap()
+    assert bwrap is not None, "these tests need bubblewrap"
+    workspace.mkdir(parents=True, exist_ok=True)
+    sandbox = BwrapSandbox(workspace, BwrapOptions(bwrap=bwrap, allow_network=allow_network))
+    try:
+        yield sandbox
+    finally:
+        await sandbox.close()
+
+
+async def sh(sandbox: Sandbox, command: str, *, timeout_s: float = 20) -> CommandOutcome:
+    return await run_command(sandbox, command, timeout_s=timeout_s, max_output_chars=100_000)
+
+
+def host_processes(marker: str) -> list[str]:
+    """Pids of host processes whose command line contains ``marker``."""
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False)
+    return found.stdout.split()

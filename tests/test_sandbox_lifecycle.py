@@ -1,0 +1,118 @@
+"""A sandbox's life: starting a command can be cancelled anywhere, and ending it is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from pathlib import Path
+
+from services._sandbox import PlainSandbox, SandboxLimits
+from tests._sandboxes import bwrap_sandbox, host_processes, sh
+
+# Bounds for waits that hang without the fixes; each is far above what the step takes.
+_BOUND_S = 20.0
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_spawns_cancelled_at_any_point_leave_no_file_descriptors(tmp_path: Path) -> None:
+    async with bwrap_sandbox(tmp_path / "ws") as sandbox:
+        await sh(sandbox, "true")  # the sandbox's own socket and pipe are open from here on
+        before = _open_fds()
+        for steps in range(10):  # cancelled after 0, 1, ... turns of the event loop
+            for with_stdin in (False, True):
+                task = asyncio.ensure_future(sandbox.spawn(["/bin/true"], stdin=with_stdin))
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                task.cancel()
+                try:
+                    command = await task
+                except asyncio.CancelledError:
+                    continue
+                assert await asyncio.wait_for(command.wait(), _BOUND_S) == 0
+                command.close()
+        for _ in range(3):  # closed transports let go of their pipes on the next turn
+            await asyncio.sleep(0)
+        assert _open_fds() == before
+        assert (await sh(sandbox, "echo fine")).stdout.text == "fine\n"
+
+
+_HOLDER = """
+import socket, sys, time
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind("\\0" + sys.argv[1])
+listener.listen(1)
+print("listening", flush=True)
+connection, _ = listener.accept()
+socket.recv_fds(connection, 1, 1)
+connection.send(b"k")
+time.sleep(300)
+"""
+_GIVER = """
+import os, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect("\\0" + sys.argv[1])
+socket.send_fds(sock, [b"x"], [os.open("/proc/2/fd/2", os.O_WRONLY)])
+sock.recv(1)
+"""
+
+
+async def test_reset_ends_even_when_another_sandbox_holds_bubblewraps_stderr(
+    tmp_path: Path,
+) -> None:
+    # Sandboxes with the network share the host's abstract unix sockets: a command in one can
+    # hand an fd of its own sandbox (the launcher's stderr, bubblewrap's pipe) to another.
+    name = f"toolbus-test-{uuid.uuid4().hex}"
+    async with (
+        bwrap_sandbox(tmp_path / "holder", allow_network=True) as holder,
+        bwrap_sandbox(tmp_path / "giver", allow_network=True) as giver,
+    ):
+        listening = await holder.spawn([holder.python, "-c", _HOLDER, name])
+        try:
+            line = await asyncio.wait_for(listening.stdout.readline(), _BOUND_S)
+            assert line == b"listening\n"
+            gave = await sh(giver, f"python3 -c '{_GIVER}' {name}")
+            assert gave.exit_code == 0, gave
+            await asyncio.wait_for(giver.reset(), _BOUND_S)
+            # And a fresh sandbox serves the next command.
+            assert (await sh(giver, "echo again")).stdout.text == "again\n"
+        finally:
+            listening.close()
+            with contextlib.suppress(TimeoutError):  # unblock the giver if the test failed
+                await asyncio.wait_for(holder.reset(), _BOUND_S)
+
+
+async def test_a_timeout_ends_the_command_even_when_the_launcher_is_stopped(
+    tmp_path: Path,
+) -> None:
+    async with bwrap_sandbox(tmp_path / "ws") as sandbox:
+        # The launcher (pid 2) runs as the commands' user: a command can stop it.
+        stopped = sh(sandbox, "kill -STOP 2; sleep 1009.25", timeout_s=1)
+        outcome = await asyncio.wait_for(stopped, _BOUND_S)
+        assert outcome.timed_out
+        assert host_processes("sleep 1009.25") == []
+        assert (await sh(sandbox, "echo fine")).stdout.text == "fine\n"
+
+
+async def test_an_unsandboxed_command_ends_when_it_exits_not_when_its_children_do(
+    tmp_path: Path,
+) -> None:
+    workspace = tmp_path / "plain"
+    workspace.mkdir()
+    sandbox = PlainSandbox(workspace, SandboxLimits())
+    try:
+        # The background sleep holds the command's stdout. (Python 3.11's Process.wait() also
+        # waits for the pipes, but only when called before the exit: hence the pause.)
+        command = "sleep 1009.5 & sleep 0.5; echo hi"
+        outcome = await sh(sandbox, command, timeout_s=_BOUND_S)
+        assert not outcome.timed_out
+        assert outcome.exit_code == 0
+        assert outcome.stdout.text == "hi\n"
+        assert len(host_processes("sleep 1009.5")) == 1  # it keeps running...
+    finally:
+        await sandbox.close()
+    assert host_processes("sleep 1009.5") == []  # ...until the slot is reset
