@@ -65,6 +65,7 @@ from ._external import ExternalTools
 from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
 from ._placement import Placement, WorkspaceLost
+from ._process import MAX_COMMAND_BYTES
 from ._rates import RateWindow
 from ._registration import WORKER_MARKER_TTL_S
 from ._registry import WorkerRegistry
@@ -77,6 +78,7 @@ from .exceptions import (
     NoCapacity,
     NotFound,
     Overloaded,
+    PayloadTooLarge,
     ServiceError,
     Unauthorized,
 )
@@ -443,6 +445,7 @@ class ExecutorService:
         if tool is None:
             return await self._execute_external(request)
         _annotate_span(request.trajectory_id, tool)
+        _check_runnable(tool, request.tool.arguments)
         requested = request.timeout_s
         if requested is None:
             requested = _number(request.tool.arguments.get("timeout"))
@@ -732,6 +735,20 @@ def _annotate_span(trajectory_id: str, tool: str) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attributes({"toolbus.trajectory_id": trajectory_id, "toolbus.tool": tool})
+
+
+def _check_runnable(tool: str, arguments: dict[str, Any]) -> None:
+    """413 for a ``terminal`` command longer than exec takes as one argument (``bash -c``):
+    too large to run, as a body over max_request_bytes is too large to read."""
+    command = arguments.get("command")
+    if tool == "terminal" and isinstance(command, str):
+        size = len(command.encode("utf-8", "surrogatepass"))
+        if size > MAX_COMMAND_BYTES:
+            raise PayloadTooLarge(
+                f"the command is {size} bytes of UTF-8; a terminal command can be at most "
+                f"{MAX_COMMAND_BYTES} bytes (use terminal_stateful, or write a script with "
+                "write_file and run it)"
+            )
 
 
 def _error_kind(result: ToolResult) -> str:

@@ -12,6 +12,7 @@ import pytest
 
 from services._process import MAX_COMMAND_BYTES
 from services._sandbox import SandboxLimits
+from services.exceptions import PayloadTooLarge
 from tests._sandboxes import bwrap_sandbox, sh
 from tests.conftest import StackFactory
 from tests.test_sandbox_security import _still_serving
@@ -179,8 +180,14 @@ async def test_commands_up_to_the_argv_limit_run_and_longer_ones_are_refused(
     ran = await stack.client.execute(tid, "terminal", {"command": longest})
     assert ran.success, ran.error
     assert ran.output == "ok\n"
-    refused = await stack.client.execute(
-        tid, "terminal", {"command": _command_of(MAX_COMMAND_BYTES + 1)}
+    # Too large to run: the executor answers 413, as for a body it cannot read ...
+    with pytest.raises(PayloadTooLarge) as refused_early:
+        await stack.client.execute(tid, "terminal", {"command": _command_of(MAX_COMMAND_BYTES + 1)})
+    assert f"{MAX_COMMAND_BYTES + 1} bytes" in refused_early.value.message
+    assert f"at most {MAX_COMMAND_BYTES} bytes" in refused_early.value.message
+    # ... and a worker sent one anyway refuses it as invalid arguments.
+    refused = await stack.executors[0].execute(
+        tid, "terminal", {"command": _command_of(MAX_COMMAND_BYTES + 1)}, timeout_s=10, uniq_id=None
     )
     assert not refused.success
     assert refused.metadata["error_kind"] == "invalid_arguments"
