@@ -35,9 +35,9 @@ TrajectoryId = str
 # the worker cannot read would fail its whole batch.
 MAX_JSON_DEPTH = 32
 
-# Levels of nested arrays and objects pydantic-core's JSON parser (jiter) reads: its recursion
-# limit, DEFAULT_RECURSION_LIMIT = 200, counts the levels below the top-level value. A test pins it.
-JSON_PARSER_MAX_DEPTH = 201
+# Levels of nested arrays and objects pydantic-core's JSON parser (jiter) reads: its
+# DEFAULT_RECURSION_LIMIT. (An empty innermost [] or {} is not counted.) A test pins it.
+JSON_PARSER_MAX_DEPTH = 200
 
 
 def json_nesting_exceeds(value: object, limit: int) -> bool:
