@@ -31,8 +31,14 @@ def add_trace_ids(
 
 def configure_logging(*, level: str = "info", fmt: LogFormat = "auto") -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    # Tracebacks without the frames' local variables: those hold request bytes and tokens.
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    tracebacks = structlog.processors.ExceptionRenderer(
+        structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
     )
     structlog.configure(
         processors=[
@@ -40,7 +46,7 @@ def configure_logging(*, level: str = "info", fmt: LogFormat = "auto") -> None:
             add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks if not use_console else structlog.dev.set_exc_info,
+            tracebacks if not use_console else structlog.dev.set_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

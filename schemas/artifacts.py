@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .messages import TrajectoryId
+from .messages import JsonFloat, JsonInt, TrajectoryId
 
 _REQUEST = ConfigDict(extra="forbid")
 _REPLY = ConfigDict(extra="ignore")
@@ -59,11 +59,11 @@ class ArtifactReadRequest(BaseModel):
     encoding: Literal["text", "base64"] = Field(
         default="text", description="text: UTF-8 (invalid bytes replaced); base64: exact bytes."
     )
-    max_bytes: int | None = Field(
+    max_bytes: JsonInt | None = Field(
         default=None, gt=0, description="Read at most this many bytes; capped by the service."
     )
     include_sha256: bool = Field(default=False, description="Add the SHA-256 of the bytes read.")
-    timeout_s: float | None = _timeout()
+    timeout_s: JsonFloat | None = _timeout()
 
 
 class ArtifactReadReply(BaseModel):
@@ -95,8 +95,8 @@ class ArtifactListRequest(BaseModel):
     trajectory_id: TrajectoryId = _trajectory()
     path: str = Field(default=".", min_length=1, max_length=4096)
     recursive: bool = False
-    max_entries: int | None = Field(default=None, gt=0, description="Capped by the service.")
-    timeout_s: float | None = _timeout()
+    max_entries: JsonInt | None = Field(default=None, gt=0, description="Capped by the service.")
+    timeout_s: JsonFloat | None = _timeout()
 
 
 class ArtifactEntry(BaseModel):
@@ -127,11 +127,11 @@ class ArtifactArchiveRequest(BaseModel):
     trajectory_id: TrajectoryId = _trajectory()
     path: str = Field(default=".", min_length=1, max_length=4096, description="Directory or file.")
     format: ArchiveFormat = "tar.gz"
-    max_bytes: int | None = Field(
+    max_bytes: JsonInt | None = Field(
         default=None, gt=0, description="Most file bytes archived; capped by the service."
     )
-    max_entries: int | None = Field(default=None, gt=0, description="Capped by the service.")
-    timeout_s: float | None = _timeout()
+    max_entries: JsonInt | None = Field(default=None, gt=0, description="Capped by the service.")
+    timeout_s: JsonFloat | None = _timeout()
 
 
 class ArtifactArchiveReply(BaseModel):
@@ -175,7 +175,7 @@ class ArtifactUploadRequest(BaseModel):
         pattern=r"^[0-9a-fA-F]{64}$",
         description="Expected hex SHA-256 of the archive; checked before unpacking.",
     )
-    timeout_s: float | None = _timeout()
+    timeout_s: JsonFloat | None = _timeout()
 
 
 class ArtifactUploadReply(BaseModel):

@@ -2,20 +2,66 @@
 
 Field names follow the seed HTTP service (shared/PARITY.md). Requests reject unknown fields so a
 typo gets a precise error; replies ignore unknown fields so clients survive additions.
+
+Numbers in requests are JSON numbers: a boolean or a numeric string is refused, not read as 1 or
+a number (float fields take integers; they refuse infinities and NaN). Free-form JSON in a request
+(``tool.arguments``) nests at most :data:`MAX_JSON_DEPTH` levels.
 """
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import pydantic_core
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 _REQUEST = ConfigDict(extra="forbid")
 _REPLY = ConfigDict(extra="ignore")
 
 TrajectoryId = str
+
+# Most levels of arrays and objects in free-form JSON of a request (``tool.arguments``, itself
+# the first level). Far below what the parsers between here and a sandbox can read (see
+# JSON_PARSER_MAX_DEPTH): on its way to a worker a call gains levels (batch, item), and a call
+# the worker cannot read would fail its whole batch.
+MAX_JSON_DEPTH = 32
+
+# Levels of nested arrays and objects pydantic-core's JSON parser (jiter) reads: its
+# DEFAULT_RECURSION_LIMIT. (An empty innermost [] or {} is not counted.) A test pins it.
+JSON_PARSER_MAX_DEPTH = 200
+
+
+def json_nesting_exceeds(value: object, limit: int) -> bool:
+    """Whether arrays and objects in ``value`` nest more than ``limit`` levels (``[]`` is one).
+
+    Level by level, without recursion: a value of any depth is safe to check.
+    """
+    level = [value]
+    for _ in range(limit + 1):
+        containers = [node for node in level if isinstance(node, dict | list | tuple)]
+        if not containers:
+            return False
+        level = [
+            child
+            for node in containers
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+    return True
+
+
+# Number fields of requests and tool arguments: strict, or true would read as 1 and "60" as 60.
+# A strict float still takes an integer; a strict integer takes no float (not even 2.0).
+JsonFloat = Annotated[float, Strict(), AllowInfNan(False)]
+JsonInt = Annotated[int, Strict()]
 
 
 class ToolCall(BaseModel):
@@ -27,7 +73,8 @@ class ToolCall(BaseModel):
     arguments: dict[str, Any] = Field(
         default_factory=dict,
         description="Tool arguments: an object, or a string holding a JSON object "
-        "(as OpenAI tool calls carry them).",
+        f"(as OpenAI tool calls carry them); arrays and objects nest at most {MAX_JSON_DEPTH} "
+        "levels, the arguments object being the first.",
     )
     uniq_id: str | None = Field(
         default=None, max_length=256, description="Caller's id for this call, echoed in the result."
@@ -36,11 +83,29 @@ class ToolCall(BaseModel):
     @field_validator("arguments", mode="before")
     @classmethod
     def _decode_json_arguments(cls, value: Any) -> Any:
+        # The body's own parser, not json.loads: no Python recursion, no lone surrogates.
         if isinstance(value, str):
+            if not value.strip():
+                return {}
             try:
-                value = json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"arguments is a string but not valid JSON: {exc.msg}") from None
+                return pydantic_core.from_json(value)
+            except ValueError as exc:
+                raise PydanticCustomError(
+                    "arguments_not_json",
+                    "arguments is a string but not valid JSON: {problem}",
+                    {"problem": str(exc)},
+                ) from None
+        return value
+
+    @field_validator("arguments")
+    @classmethod
+    def _limit_nesting(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if json_nesting_exceeds(value, MAX_JSON_DEPTH):
+            raise PydanticCustomError(
+                "json_too_deep",
+                "JSON arrays and objects nested too deeply: at most {limit} levels",
+                {"limit": MAX_JSON_DEPTH},
+            )
         return value
 
 
@@ -53,7 +118,7 @@ class ExecuteRequest(BaseModel):
         min_length=1, max_length=512, description="Rollout this call belongs to; owns one slot."
     )
     tool: ToolCall
-    timeout_s: float | None = Field(
+    timeout_s: JsonFloat | None = Field(
         default=None,
         gt=0,
         description="Wall-clock limit in seconds; else arguments.timeout; clamped to 1..600.",

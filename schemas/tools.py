@@ -6,32 +6,48 @@ Argument models ignore unknown fields: policy fields a model might send (``allow
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from .messages import FunctionSpec, ToolSpec
+from .messages import FunctionSpec, JsonFloat, JsonInt, ToolSpec
 
 _ARGS = ConfigDict(extra="ignore")
+
+
+def _refuse_nul(value: str) -> str:
+    # No argv or C string can hold a NUL: a command or keys with one cannot run as sent.
+    if "\x00" in value:
+        raise PydanticCustomError("string_nul", "String should not contain a NUL character")
+    return value
+
+
+# Text that becomes a command line.
+CommandText = Annotated[str, AfterValidator(_refuse_nul)]
 
 
 class TerminalArgs(BaseModel):
     model_config = _ARGS
 
-    command: str = Field(min_length=1, description="Shell command, run with bash -c in /workspace.")
-    timeout: float | None = Field(default=None, gt=0, description="Seconds before it is killed.")
+    command: CommandText = Field(
+        min_length=1, description="Shell command, run with bash -c in /workspace."
+    )
+    timeout: JsonFloat | None = Field(
+        default=None, gt=0, description="Seconds before it is killed."
+    )
     background: bool = Field(default=False, description="Not supported; must be false.")
 
 
 class StatefulTerminalArgs(BaseModel):
     model_config = _ARGS
 
-    command: str = Field(
+    command: CommandText = Field(
         min_length=1,
         description="Shell command for the trajectory's persistent bash: cwd, exported and shell "
         "variables and functions carry over between calls.",
     )
-    timeout: float | None = Field(
+    timeout: JsonFloat | None = Field(
         default=None, gt=0, description="Seconds before it is killed (and the shell restarted)."
     )
 
@@ -48,15 +64,24 @@ class TmuxArgs(BaseModel):
         "such as 'Enter', 'C-c', 'Up', 'Tab'.",
     )
     block: bool = Field(default=False, description="send_keys: wait for the screen to settle.")
-    min_wait_s: float = Field(
+    min_wait_s: JsonFloat = Field(
         default=0.5, ge=0, le=60, description="send_keys+block: wait at least."
     )
-    max_wait_s: float = Field(default=10.0, ge=0, le=600, description="send_keys+block: at most.")
+    max_wait_s: JsonFloat = Field(
+        default=10.0, ge=0, le=600, description="send_keys+block: at most."
+    )
     capture_entire: bool = Field(default=False, description="capture: the whole history.")
-    max_bytes: int = Field(default=50_000, ge=1, le=1_000_000, description="stream: at most.")
+    max_bytes: JsonInt = Field(default=50_000, ge=1, le=1_000_000, description="stream: at most.")
     reset: bool = Field(default=False, description="stream: forget what was streamed so far.")
-    width: int = Field(default=200, ge=20, le=1000, description="start: columns.")
-    height: int = Field(default=50, ge=5, le=500, description="start: rows.")
+    width: JsonInt = Field(default=200, ge=20, le=1000, description="start: columns.")
+    height: JsonInt = Field(default=50, ge=5, le=500, description="start: rows.")
+
+    @field_validator("keys")
+    @classmethod
+    def _keys_without_nul(cls, keys: str | list[str] | None) -> str | list[str] | None:
+        for text in [keys] if isinstance(keys, str) else keys or []:
+            _refuse_nul(text)
+        return keys
 
 
 class ReadFileArgs(BaseModel):

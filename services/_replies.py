@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from typing import TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
+from schemas.errors import ErrorKind
+from schemas.messages import JSON_PARSER_MAX_DEPTH, MAX_JSON_DEPTH
 from schemas.subjects import ERROR_CODE_HEADER, ERROR_HEADER
 
 from ._validation import describe_validation_error
 from .exceptions import BadRequest, PayloadTooLarge, ServiceError
 
 _MAX_HEADER_CHARS = 1024
+_TOO_DEEP = (
+    "request body is nested too deeply: JSON arrays and objects may nest at most "
+    f"{JSON_PARSER_MAX_DEPTH} levels (tool arguments at most {MAX_JSON_DEPTH})"
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -43,16 +48,15 @@ def parse_request(model: type[M], data: bytes, *, max_bytes: int) -> M:
     try:
         return model.model_validate_json(data)
     except ValidationError as exc:
-        if any(error["type"] == "json_invalid" for error in exc.errors()):
-            raise BadRequest(_json_problem(data), kind="invalid_json") from None
+        for error in exc.errors(include_url=False, include_input=False):
+            if error["type"] == "json_invalid":
+                raise BadRequest(_json_problem(error["msg"]), kind=ErrorKind.INVALID_JSON) from None
         raise BadRequest(f"invalid {model.__name__}: {describe_validation_error(exc)}") from None
 
 
-def _json_problem(data: bytes) -> str:
-    try:
-        json.loads(data)
-    except json.JSONDecodeError as exc:
-        return f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-    except UnicodeDecodeError:
-        return "request body is not valid UTF-8"
-    return "request body is not valid JSON"
+def _json_problem(parser_message: str) -> str:
+    """The parser's own words (where it stopped), never a second parse: that one could recurse."""
+    problem = parser_message.removeprefix("Invalid JSON: ")
+    if problem.startswith("recursion limit exceeded"):
+        return _TOO_DEEP
+    return f"request body is not valid JSON: {problem}"
