@@ -756,8 +756,12 @@ def _error_kind(result: ToolResult) -> str:
 
 
 def _number(value: Any) -> float | None:
+    """A positive number, or None (then the default applies, and the tool judges the value)."""
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float range
+            return None
     return None
 
 

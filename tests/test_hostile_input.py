@@ -93,9 +93,9 @@ def sandbox_cases(live: list[str], odd_trajectories: list[str]) -> list[Case]:
         ),
         (call(a, "terminal", {"command": "echo a\u0000b"}), "invalid_arguments"),
         (call(a, "terminal_stateful", {"command": "echo a\u0000b"}), "invalid_arguments"),
-        (call(b, "write_file", {"path": "a\u0000b", "content": "x"}), "tool"),
+        (call(b, "write_file", {"path": "a\u0000b", "content": "x"}), "invalid_arguments"),
         (call(b, "write_file", {"path": "nul.txt", "content": "a\u0000b"}), None),
-        (call(b, "read_file", {"path": "\u0000"}), "tool"),
+        (call(b, "read_file", {"path": "\u0000"}), "invalid_arguments"),
         (call(b, "tmux", {"action": "send_keys", "keys": "a\u0000b"}), "invalid_arguments"),
         (call(b, "tmux", {"action": "send_keys", "keys": ["a", "\u0000"]}), "invalid_arguments"),
     ]
@@ -240,32 +240,23 @@ async def test_a_seeded_fuzz_of_hostile_requests_gets_precise_answers(
     assert after.success and after.output == "still here\n"
 
 
-# TODO(executor): inputs the fuzz found whose fix is in services/executor.py. Each is strict:
-# when the executor is fixed it passes, the xfail fails, and its mark is to be removed.
-_OVERFLOW = (
-    "TODO(executor): _number() does float(value) on arguments.timeout; an integer past float "
-    "range raises OverflowError and the call gets 500 internal"
-)
-KNOWN_EXECUTOR_FAILURES = [
+# Inputs the fuzz found whose fix was in the executor: arguments.timeout an integer past float
+# range made _number() raise OverflowError, and the call got 500 internal.
+TIMEOUTS_PAST_FLOAT_RANGE = [
     pytest.param(
         "terminal",
         {"command": "true", "timeout": 10**400},
         "invalid_arguments",
-        marks=pytest.mark.xfail(strict=True, reason=_OVERFLOW),
         id="builtin-tool-timeout-past-float-range",
     ),
     pytest.param(
-        "nope",
-        {"timeout": 10**400},
-        "unknown_tool",
-        marks=pytest.mark.xfail(strict=True, reason=_OVERFLOW),
-        id="external-tool-timeout-past-float-range",
+        "nope", {"timeout": 10**400}, "unknown_tool", id="external-tool-timeout-past-float-range"
     ),
 ]
 
 
-@pytest.mark.parametrize(("tool", "arguments", "answer"), KNOWN_EXECUTOR_FAILURES)
-async def test_known_executor_failures(
+@pytest.mark.parametrize(("tool", "arguments", "answer"), TIMEOUTS_PAST_FLOAT_RANGE)
+async def test_a_timeout_past_float_range_is_a_precise_error(
     make_stack: StackFactory,
     trajectory: Callable[[], str],
     tool: str,

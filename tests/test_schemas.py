@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from schemas._generate import PUBLIC_MODELS, SCHEMA_DIR, render_schemas
-from schemas.internal import BatchItem, BatchRequest
+from schemas.internal import BatchItem
 from schemas.messages import JSON_PARSER_MAX_DEPTH, MAX_JSON_DEPTH, ExecuteRequest
 from schemas.tools import StatefulTerminalArgs, TerminalArgs, TmuxArgs
 from services._replies import parse_request
@@ -148,12 +148,15 @@ def test_what_the_executor_accepts_the_worker_batch_parser_reads() -> None:
     item = BatchItem(
         item_id="i",
         trajectory_id=request.trajectory_id,
+        epoch=1,
         tool="terminal",
         arguments=request.tool.arguments,
         timeout_s=1.0,
     )
-    batch = BatchRequest(reply_to="r", items=[item]).model_dump_json()
-    assert BatchRequest.model_validate_json(batch).items[0].arguments == arguments
+    # A batch is JSON lines: the worker reads each item on its own line.
+    line = item.model_dump_json()
+    assert "\n" not in line
+    assert BatchItem.model_validate_json(line).arguments == arguments
 
 
 # Smallest valid body of each public input model, to which one numeric field is added.
