@@ -134,7 +134,7 @@ class Dispatcher:
             # start notice sets one (see on_result).
             when = loop.time() + pending.run_s if pending.started else None
             try:
-                async with asyncio.timeout(when) as scope:
+                async with asyncio.timeout_at(when) as scope:
                     pending.scope = scope
                     return await asyncio.shield(pending.result)
             except TimeoutError:

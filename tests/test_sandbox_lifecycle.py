@@ -116,3 +116,28 @@ async def test_an_unsandboxed_command_ends_when_it_exits_not_when_its_children_d
     finally:
         await sandbox.close()
     assert host_processes("sleep 1009.5") == []  # ...until the slot is reset
+
+
+async def test_resets_racing_commands_in_other_sandboxes_never_lose_a_commands_output(
+    tmp_path: Path,
+) -> None:
+    """A reset used to close the control socket while the event loop still watched it: the
+    next pipe opened under that fd number (another sandbox's command output, or bubblewrap's
+    stderr) was never read, so a command came back with exit 0 and no output, and a later
+    reset waited for ever (shared/issue 9, item 12)."""
+    async with contextlib.AsyncExitStack() as stack:
+        sandboxes = [
+            await stack.enter_async_context(bwrap_sandbox(tmp_path / f"ws{i}")) for i in range(6)
+        ]
+        wrong: list[tuple[int, int, str]] = []
+
+        async def churn(index: int) -> None:
+            sandbox = sandboxes[index]
+            for k in range(12):
+                outcome = await asyncio.wait_for(sh(sandbox, f"echo {index}-{k}"), _BOUND_S)
+                if outcome.stdout.text != f"{index}-{k}\n":
+                    wrong.append((index, k, repr(outcome)))
+                await asyncio.wait_for(sandbox.reset(), _BOUND_S)  # a new sandbox each time
+
+        await asyncio.gather(*(churn(i) for i in range(len(sandboxes))))
+        assert wrong == []

@@ -1,0 +1,79 @@
+"""What an executor and the leases bucket keep is bounded, and ends with the executor."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from nats.aio.client import Client
+
+from schemas.internal import Lease
+from schemas.subjects import LEASES_BUCKET
+from services._kv import encode_key
+from services._leases import LeaseCache
+from services.exceptions import NoCapacity
+from services.executor import ExecutorConfig, ExecutorService
+from tests.conftest import StackFactory
+
+
+async def test_a_stopping_executor_ends_its_acquisitions_instead_of_leaving_them_running(
+    make_stack: StackFactory, trajectory: Callable[[], str], nc: Client
+) -> None:
+    stack = await make_stack(slots=1, executor_config=ExecutorConfig(acquire_timeout_s=30))
+    worker = stack.workers[0]
+    holder, waiter = trajectory(), trajectory()
+    config = ExecutorConfig(acquire_timeout_s=30, drain_timeout_s=0.5)
+    async with ExecutorService(nc, config) as leaving:
+        await leaving.execute(holder, "terminal", {"command": "true"}, timeout_s=5, uniq_id=None)
+        waiting = asyncio.create_task(
+            leaving.execute(waiter, "terminal", {"command": "true"}, timeout_s=5, uniq_id=None)
+        )
+        await asyncio.sleep(0.3)  # it waits for a slot
+    # The executor is gone: so is its acquisition, at once (not after acquire_timeout_s), and
+    # freeing the slot now must not let a leftover of it take the slot.
+    with pytest.raises((asyncio.CancelledError, NoCapacity)):
+        await asyncio.wait_for(waiting, 10)
+    await stack.client.release(holder, reset_workspace=True)
+    await asyncio.sleep(1.0)  # time for a leftover acquisition to take the freed slot
+    await worker.wait_settled()
+    assert worker.slots_free == 1
+
+
+async def test_leases_expire_after_their_slot_would_so_abandoned_ones_do_not_pile_up(
+    make_stack: StackFactory, trajectory: Callable[[], str], nc: Client
+) -> None:
+    stack = await make_stack(worker_options={"slot_idle_timeout_s": 600})
+    tid = trajectory()
+    assert (await stack.client.execute(tid, "terminal", {"command": "true"})).success
+    stored = await nc.jetstream().get_last_msg(
+        f"KV_{LEASES_BUCKET}", f"$KV.{LEASES_BUCKET}.{encode_key(tid)}"
+    )
+    assert stored.headers is not None
+    assert stored.headers.get("Nats-TTL") == "1200"  # twice slot_idle_timeout_s
+    await stack.client.release(tid)
+
+
+def test_the_lease_cache_keeps_the_most_recently_used_leases_only() -> None:
+    cache = LeaseCache(max_entries=3)
+    leases = {
+        f"t{i}": Lease(worker_id="w", incarnation="i", slot=i, epoch=i, acquired_at=0.0)
+        for i in range(5)
+    }
+    for tid in ("t0", "t1", "t2"):
+        cache.put(tid, leases[tid])
+    assert cache.get("t0") == leases["t0"]  # used: t1 is now the oldest
+    cache.put("t3", leases["t3"])
+    cache.put("t4", leases["t4"])
+    assert len(cache) == 3
+    assert [cache.get(t) is not None for t in ("t0", "t1", "t2", "t3", "t4")] == [
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]
+    cache.forget("t0", leases["t1"])  # not the one it holds: kept
+    assert cache.get("t0") is not None
+    cache.forget("t0")
+    assert cache.get("t0") is None
