@@ -17,13 +17,18 @@ _ARGS = ConfigDict(extra="ignore")
 
 
 def _refuse_nul(value: str) -> str:
-    # No argv or C string can hold a NUL: a command or keys with one cannot run as sent.
+    # No argv, environment or path (C strings all) can hold a NUL: refused here, saying where,
+    # rather than failing somewhere below.
     if "\x00" in value:
-        raise PydanticCustomError("string_nul", "String should not contain a NUL character")
+        raise PydanticCustomError(
+            "string_nul",
+            "String should not contain a NUL character (one is at character {index})",
+            {"index": value.index("\x00")},
+        )
     return value
 
 
-# Text that becomes a command line.
+# Text that becomes a command line or a path.
 CommandText = Annotated[str, AfterValidator(_refuse_nul)]
 
 
@@ -87,13 +92,13 @@ class TmuxArgs(BaseModel):
 class ReadFileArgs(BaseModel):
     model_config = _ARGS
 
-    path: str = Field(min_length=1, description="File path, relative to /workspace.")
+    path: CommandText = Field(min_length=1, description="File path, relative to /workspace.")
 
 
 class WriteFileArgs(BaseModel):
     model_config = _ARGS
 
-    path: str = Field(min_length=1, description="File path, relative to /workspace.")
+    path: CommandText = Field(min_length=1, description="File path, relative to /workspace.")
     content: str = Field(description="Full new content of the file.")
 
 

@@ -34,10 +34,10 @@ from schemas.internal import (
     Lease,
     RejectReason,
 )
-from schemas.messages import ErrorKindOfResult, ToolResult
 from schemas.subjects import Subjects
 
 from ._batcher import Accepted, BatchNotDelivered, BatchUnconfirmed, WorkerLink
+from ._failures import infra_failure
 from ._registry import WorkerRegistry
 from ._requests import nats_request
 
@@ -78,14 +78,12 @@ class Dispatcher:
         registry: WorkerRegistry,
         *,
         subjects: Subjects,
-        results_subject: str,
         make_link: Callable[[str], WorkerLink],
         result_grace_s: float = DEFAULT_RESULT_GRACE_S,
     ) -> None:
         self._nc = nc
         self._registry = registry
         self._subjects = subjects
-        self._results_subject = results_subject
         self._make_link = make_link
         self._grace_s = result_grace_s
         self._links: dict[str, WorkerLink] = {}
@@ -185,16 +183,12 @@ class Dispatcher:
         log.warning("call given up on", worker_id=pending.worker_id, outcome=str(outcome))
         return ItemResult(
             item_id=item.item_id,
-            result=ToolResult(
-                success=False,
-                error=f"No result from sandbox worker {pending.worker_id} {why}; "
+            result=infra_failure(
+                f"No result from sandbox worker {pending.worker_id} {why}; "
                 f"the call was {_SAID[outcome]}",
-                metadata={
-                    "error_kind": str(ErrorKindOfResult.INFRA),
-                    "worker_id": pending.worker_id,
-                    "cancelled": outcome is CancelOutcome.CANCELLED,
-                },
                 uniq_id=item.uniq_id,
+                worker_id=pending.worker_id,
+                cancelled=outcome is CancelOutcome.CANCELLED,
             ),
         )
 

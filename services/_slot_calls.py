@@ -40,6 +40,7 @@ from schemas.internal import (
 from schemas.messages import ErrorKindOfResult, ToolResult
 
 from ._artifacts import ArtifactRunner
+from ._failures import infra_failure
 from ._slots import Slot, SlotTable
 from ._tools import ToolRunner
 
@@ -267,7 +268,7 @@ class SlotCalls:
                 return  # a start notice: the result itself follows
             fallback = ItemResult(
                 item_id=outcome.item_id,
-                result=_infra(
+                result=infra_failure(
                     f"The worker could not send this call's result ({type(exc).__name__})"
                 ),
             )
@@ -304,7 +305,7 @@ def fit_result(outcome: ItemResult, budget: int) -> bytes:
     return (
         ItemResult(
             item_id=outcome.item_id,
-            result=_infra(
+            result=infra_failure(
                 f"The call's result ({original} bytes) does not fit in one NATS message "
                 f"({budget} bytes)"
             ),
@@ -316,12 +317,6 @@ def fit_result(outcome: ItemResult, budget: int) -> bytes:
         )
         .model_dump_json()
         .encode()
-    )
-
-
-def _infra(message: str) -> ToolResult:
-    return ToolResult(
-        success=False, error=message, metadata={"error_kind": str(ErrorKindOfResult.INFRA)}
     )
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import structlog
 
+from schemas.internal import Lease
+
 from ._tools import SlotTools
 
 log = structlog.get_logger("toolbus.slots")
@@ -61,6 +63,7 @@ class Slot:
     state: SlotState = SlotState.FREE
     trajectory_id: str | None = None
     epoch: int = 0  # the assignment: a new one each time the slot is given to a trajectory
+    lease: Lease | None = None  # the assignment's lease, once written
     lease_revision: int = 0  # the lease's revision in KV, as this worker last wrote it
     lease_written_at: float = 0.0  # monotonic
     last_used: float = 0.0  # monotonic time of its last call's start or end
@@ -132,10 +135,11 @@ class SlotTable:
         self._on_change()
         return slot
 
-    def confirm(self, slot: Slot, revision: int) -> None:
+    def confirm(self, slot: Slot, lease: Lease, revision: int) -> None:
         """ASSIGNING → ASSIGNED: its lease is in KV at ``revision``."""
         self._expect(slot, SlotState.ASSIGNING)
         slot.state = SlotState.ASSIGNED
+        slot.lease = lease
         slot.lease_revision = revision
         slot.lease_written_at = time.monotonic()
 
@@ -197,6 +201,7 @@ class SlotTable:
         assert trajectory_id is not None
         del self._by_trajectory[trajectory_id]
         slot.trajectory_id = None
+        slot.lease = None
         return trajectory_id
 
     @staticmethod

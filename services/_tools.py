@@ -31,18 +31,6 @@ _FILE_TOOLS = frozenset({"read_file", "write_file"})
 _SIGNAL_HINTS = {"SIGXCPU": ": CPU time limit", "SIGXFSZ": ": file size limit"}
 
 
-def _refuse_nul(tool: str, field: str, value: str | list[str] | None) -> None:
-    """A NUL byte cannot be in a command line, an environment or a path: refuse it here,
-    with where it is, rather than fail somewhere below."""
-    for text in [value] if isinstance(value, str) else value or []:
-        if "\0" in text:
-            raise ToolFailure(
-                f"Invalid arguments for {tool}: {field} contains a NUL byte (at character "
-                f"{text.index(chr(0))}), which no command line or path can carry",
-                ErrorKindOfResult.INVALID_ARGUMENTS,
-            )
-
-
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -148,26 +136,21 @@ class ToolRunner:
         try:
             if tool == "terminal":
                 terminal = TerminalArgs.model_validate(arguments)
-                _refuse_nul(tool, "command", terminal.command)
                 return await self._terminal(terminal, sandbox, timeout_s)
             if tool == "terminal_stateful":
                 args = StatefulTerminalArgs.model_validate(arguments)
-                _refuse_nul(tool, "command", args.command)
                 return await self._terminal_stateful(args, slot.shell, timeout_s)
             if tool == "tmux":
                 tmux = TmuxArgs.model_validate(arguments)
-                _refuse_nul(tool, "keys", tmux.keys)
                 output, metadata = await run_tmux(
                     tmux, sandbox, slot.tmux, max_chars=self._limits.max_output_chars
                 )
                 return ToolResult(success=True, output=output, metadata=metadata)
             if tool == "read_file":
                 read = ReadFileArgs.model_validate(arguments)
-                _refuse_nul(tool, "path", read.path)
                 return self._read_file(read, workspace)
             if tool == "write_file":
                 write = WriteFileArgs.model_validate(arguments)
-                _refuse_nul(tool, "path", write.path)
                 return self._write_file(write, workspace, sandbox.owner)
             raise ToolFailure(f"Unknown tool: {tool}")
         except ValidationError as exc:

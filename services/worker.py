@@ -1,11 +1,11 @@
 """The sandbox worker: N slots, one workspace each, running the calls executors send it.
 
-The worker is the one authority on its slots: it assigns a slot to a trajectory and writes the
-trajectory's lease (``_slots.py`` holds the states; ``_leases.py`` the lease), runs the calls of
-that assignment (``_slot_calls.py``), and takes the slot back (``_slot_cleanup.py``): on
-release, when the slot sat idle for ``slot_idle_timeout_s``, or when the worker itself has to
-give up its slots. Its registration (``_registration.py``) expires unless refreshed, and that is
-how executors learn it is gone.
+The worker is the one authority on its slots (``_slots.py`` holds their states). It gives a
+slot to a trajectory and writes the trajectory's lease, and takes the slot back on release,
+after ``slot_idle_timeout_s`` without a call, or when it has to give up its slots
+(``_slot_keeper.py``); it runs the calls of each assignment (``_slot_calls.py``) and cleans a
+slot before anyone else gets it (``_slot_cleanup.py``). Its registration (``_registration.py``)
+expires unless refreshed, and that is how executors learn it is gone.
 
 Lifecycle (``async with SandboxWorker(...)``): enter prepares the workspaces, registers and
 subscribes; exit stops taking calls and slots, marks its leases lost (so executors know at once),
@@ -22,10 +22,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import structlog
 from nats.aio.client import Client
@@ -34,11 +33,9 @@ from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
 from schemas.internal import (
-    AcquireOutcome,
     AcquireReply,
     AcquireRequest,
     CancelRequest,
-    Lease,
     LostReason,
     WorkerInfo,
     WorkerReleaseReply,
@@ -50,7 +47,7 @@ from ._artifacts import ArtifactRunner
 from ._cgroups import CgroupProbe, PidsCgroups
 from ._diskguard import DiskGuard
 from ._kv import KvBucket, open_bucket
-from ._leases import TOMBSTONE_TTL_S, LeaseExists, LeaseStore
+from ._leases import LeaseStore
 from ._registration import (
     WORKER_MARKER_TTL_S,
     RegistrationLost,
@@ -60,6 +57,7 @@ from ._registration import (
 from ._sandbox import SandboxFactory
 from ._slot_calls import SlotCalls
 from ._slot_cleanup import SlotCleaner
+from ._slot_keeper import SlotKeeper
 from ._slots import Slot, SlotState, SlotTable
 from ._tools import SlotTools, ToolLimits, ToolRunner
 from ._worker_config import WorkerConfig
@@ -69,7 +67,6 @@ __all__ = ["SandboxWorker", "WorkerConfig", "new_worker_id"]
 log = structlog.get_logger("toolbus.worker")
 
 _ANNOUNCE_DELAY_S = 0.05  # a burst of slot changes becomes one registration write
-_OUT_OF_SERVICE_RETRY_S = 60.0
 _STEP_TIMEOUT_S = 5.0  # each KV write and hand-over step of a shutdown
 
 
@@ -116,21 +113,38 @@ class SandboxWorker:
                 disk_guard=self._disk_guard,
             ),
             artifacts=self._artifacts,
-            on_call_start=self._refresh_lease_soon,
+            on_call_start=lambda slot: self._keeper.on_call_start(slot),
         )
         js = nc.jetstream()
-        self._leases = LeaseStore(KvBucket(js, LEASES_BUCKET))
         self._registration = WorkerRegistration(
             KvBucket(js, WORKERS_BUCKET),
             config.worker_id,
             ttl_s=registration_ttl_s(config.heartbeat_s),
+        )
+        self._keeper = SlotKeeper(
+            self._table,
+            self._cleaner,
+            LeaseStore(KvBucket(js, LEASES_BUCKET)),
+            worker_id=config.worker_id,
+            incarnation=lambda: self._registration.incarnation,
+            slot_idle_timeout_s=config.slot_idle_timeout_s,
+            release_wait_s=config.release_wait_s,
+            spawn=self._spawn,
         )
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()  # request handlers and lease writes
         self._loops: list[asyncio.Task[None]] = []
         self._announce_soon: asyncio.TimerHandle | None = None
         self._started_at = time.time()
-        self._accepting = False
+
+    @property
+    def _accepting(self) -> bool:
+        """Whether the worker takes new slots and calls (one switch for both)."""
+        return self._keeper.accepting
+
+    @_accepting.setter
+    def _accepting(self, value: bool) -> None:
+        self._keeper.accepting = self._calls.accepting = value
 
     @property
     def worker_id(self) -> str:
@@ -202,11 +216,13 @@ class SandboxWorker:
         ):
             self._subscriptions.append(await self._nc.subscribe(subject, cb=handler))
         await self._nc.flush()
-        self._accepting = self._calls.accepting = True
+        self._accepting = True
         await self._registration.register(self.info)
         self._loops = [
             asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{wid}"),
-            asyncio.create_task(self._maintenance_loop(), name=f"slot-maintenance-{wid}"),
+            asyncio.create_task(
+                self._keeper.maintain(self._config.heartbeat_s), name=f"slot-maintenance-{wid}"
+            ),
         ]
         log.info(
             "worker started",
@@ -229,14 +245,10 @@ class SandboxWorker:
         tb: TracebackType | None,
     ) -> None:
         # 1. stop taking calls and slots; let acquisitions under way finish their lease write.
-        self._accepting = self._calls.accepting = False
+        self._accepting = False
         await _bounded(self._other_tasks(), _STEP_TIMEOUT_S)
         # 2. tell executors at once: every workspace of this worker is about to be lost.
-        held = [slot for slot in self._table if slot.state is SlotState.ASSIGNED]
-        await _bounded(
-            asyncio.gather(*(self._tombstone(slot, LostReason.WORKER_STOPPED) for slot in held)),
-            _STEP_TIMEOUT_S,
-        )
+        await _bounded(self._keeper.mark_all_lost(LostReason.WORKER_STOPPED), _STEP_TIMEOUT_S)
         # 3. wait for running calls, 4. then cancel what is left (their processes are killed).
         running = self._calls.running
         if running:
@@ -245,10 +257,7 @@ class SandboxWorker:
                 task.cancel()
             await _bounded(asyncio.gather(*pending, return_exceptions=True), _STEP_TIMEOUT_S)
         # 5. end every sandbox and what still runs in it (the next start wipes the files).
-        for slot in self._table:
-            if slot.state is SlotState.ASSIGNED:
-                self._table.begin_release(slot)
-                self._cleaner.start_release(slot, wipe=False)
+        self._keeper.end_all()
         await self._cleaner.close(self._config.drain_timeout_s)
         # 6. stop beating, deregister, unsubscribe.
         for loop in self._loops:
@@ -336,9 +345,7 @@ class SandboxWorker:
         self._accepting = False
         try:
             await self._other_tasks()  # acquisitions under way finish first
-            held = [slot for slot in self._table if slot.state is SlotState.ASSIGNED]
-            # Every slot changes state here, before the first await.
-            await asyncio.gather(*[self._take_back(s, LostReason.WORKER_EXPIRED) for s in held])
+            await self._keeper.give_up_all(LostReason.WORKER_EXPIRED)
             await self._registration.register(self.info)
         finally:
             self._accepting = True
@@ -385,184 +392,14 @@ class SandboxWorker:
         await msg.respond(reply.model_dump_json().encode())
 
     async def _on_acquire(self, msg: Msg) -> AcquireReply:
-        return await self.acquire(AcquireRequest.model_validate_json(msg.data).trajectory_id)
+        request = AcquireRequest.model_validate_json(msg.data)
+        return await self._keeper.acquire(request.trajectory_id)
 
     async def _on_release(self, msg: Msg) -> WorkerReleaseReply:
         request = WorkerReleaseRequest.model_validate_json(msg.data)
-        return await self.release(
+        return await self._keeper.release(
             request.trajectory_id, epoch=request.epoch, reset_workspace=request.reset_workspace
         )
-
-    # -- slots --------------------------------------------------------------------------------
-    async def acquire(self, trajectory_id: str) -> AcquireReply:
-        """Give the trajectory a free, clean slot and write its lease (the one it has, if any)."""
-        if not self._accepting:
-            return AcquireReply(outcome=AcquireOutcome.STOPPING)
-        held = self._table.holding(trajectory_id)
-        if held is not None:
-            if held.state is SlotState.ASSIGNED:
-                return AcquireReply(
-                    outcome=AcquireOutcome.LEASED,
-                    lease=self._lease(held),
-                    revision=held.lease_revision,
-                )
-            return AcquireReply(outcome=AcquireOutcome.CONFLICT)  # its lease is being written
-        slot = self._table.assign(trajectory_id)
-        if slot is None and (dirty := self._table.claim_dirty()) is not None:
-            await asyncio.shield(self._cleaner.start_wipe(dirty))  # the deferred wipe, now
-            slot = self._table.assign(trajectory_id) if self._accepting else None
-        if slot is None:
-            return AcquireReply(outcome=AcquireOutcome.FULL)
-        lease = self._lease(slot)
-        try:
-            revision = await self._leases.create(trajectory_id, lease, ttl_s=self._lease_ttl_s)
-        except LeaseExists:
-            self._table.abandon(slot)
-            return AcquireReply(outcome=AcquireOutcome.CONFLICT)
-        except Exception as exc:
-            self._table.abandon(slot)
-            log.warning("writing a lease failed", trajectory_id=trajectory_id, error=repr(exc))
-            return AcquireReply(outcome=AcquireOutcome.FAILED)
-        self._table.confirm(slot, revision)
-        log.info("slot acquired", trajectory_id=trajectory_id, slot=slot.index, epoch=slot.epoch)
-        return AcquireReply(outcome=AcquireOutcome.LEASED, lease=lease, revision=revision)
-
-    async def release(
-        self, trajectory_id: str, *, epoch: int | None = None, reset_workspace: bool
-    ) -> WorkerReleaseReply:
-        """Take the trajectory's slot back: its lease first, then its calls, sandbox and files.
-
-        Answers once the slot is clean, or after ``release_wait_s`` with ``settled: false``
-        (the clean-up goes on; the slot is handed out only when it is done)."""
-        slot = self._table.holding(trajectory_id)
-        if slot is None or slot.state is not SlotState.ASSIGNED:
-            return WorkerReleaseReply(released=False)
-        if epoch is not None and slot.epoch != epoch:
-            return WorkerReleaseReply(released=False)
-        cleanup = await self._take_back(slot, None, wipe=reset_workspace)
-        done, _ = await asyncio.wait({cleanup}, timeout=self._config.release_wait_s)
-        log.info(
-            "slot released", trajectory_id=trajectory_id, slot=slot.index, reset=reset_workspace
-        )
-        return WorkerReleaseReply(released=True, slot=slot.index, settled=bool(done))
-
-    def _take_back(
-        self, slot: Slot, lost: LostReason | None, *, wipe: bool = True
-    ) -> Coroutine[Any, Any, asyncio.Task[None]]:
-        """ASSIGNED → RELEASING now, in this call (so no call can slip in between the caller's
-        check and the change); what it returns, awaited, removes the lease (or puts a tombstone
-        in its place, ``lost``) and starts the clean-up (a lost workspace is always wiped)."""
-        epoch, revision = slot.epoch, slot.lease_revision
-        trajectory_id = self._table.begin_release(slot)
-        return self._hand_back(slot, trajectory_id, epoch, revision, lost, wipe or bool(lost))
-
-    async def _hand_back(
-        self,
-        slot: Slot,
-        trajectory_id: str,
-        epoch: int,
-        revision: int,
-        lost: LostReason | None,
-        wipe: bool,
-    ) -> asyncio.Task[None]:
-        try:
-            if lost is None:
-                # First: a call racing the release is told to look again, and finds no lease.
-                removal = self._leases.remove(trajectory_id, expect=revision)
-                await asyncio.wait_for(removal, _STEP_TIMEOUT_S)
-            else:
-                await self._write_tombstone(trajectory_id, slot, epoch, revision, lost)
-        except Exception as exc:
-            # An executor that finds the lease is told NO_SLOT, and removes it itself.
-            log.warning("the lease was not updated", trajectory_id=trajectory_id, error=repr(exc))
-        return self._cleaner.start_release(slot, wipe=wipe)
-
-    async def _tombstone(self, slot: Slot, lost: LostReason) -> None:
-        """Mark an assigned slot's lease lost, leaving the slot as it is (for a shutdown)."""
-        trajectory_id, epoch = slot.trajectory_id, slot.epoch
-        if trajectory_id is None or slot.state is not SlotState.ASSIGNED:
-            return  # released meanwhile
-        try:
-            revision = await self._write_tombstone(
-                trajectory_id, slot, epoch, slot.lease_revision, lost
-            )
-        except Exception as exc:
-            log.warning("the lease was not marked lost", slot=slot.index, error=repr(exc))
-            return
-        if slot.epoch == epoch:
-            slot.lease_revision = revision
-
-    async def _write_tombstone(
-        self, trajectory_id: str, slot: Slot, epoch: int, revision: int, lost: LostReason
-    ) -> int:
-        tombstone = self._lease(slot, epoch=epoch).model_copy(update={"lost": lost})
-        write = self._leases.replace(
-            trajectory_id, tombstone, expect=revision, ttl_s=TOMBSTONE_TTL_S
-        )
-        return await asyncio.wait_for(write, _STEP_TIMEOUT_S)
-
-    async def _maintenance_loop(self) -> None:
-        """Expire idle slots and retry out-of-service ones, apart from the heartbeat."""
-        timeout = self._config.slot_idle_timeout_s
-        period = min(self._config.heartbeat_s, timeout / 4) if timeout > 0 else 1.0
-        last_retry = time.monotonic()
-        while True:
-            await asyncio.sleep(period)
-            now = time.monotonic()
-            for slot in self._table:
-                idle = now - slot.last_used
-                expired = timeout > 0 and idle >= timeout
-                if expired and slot.state is SlotState.ASSIGNED and not slot.tasks:
-                    log.info("slot expired", trajectory_id=slot.trajectory_id, idle_s=idle)
-                    # The state changes in this call: the check and the change are one step.
-                    self._spawn(self._take_back(slot, LostReason.EXPIRED))
-            if now - last_retry >= _OUT_OF_SERVICE_RETRY_S:
-                last_retry = now
-                if (broken := self._table.claim_out_of_service()) is not None:
-                    self._cleaner.start_release(broken, wipe=True)
-
-    # -- leases -------------------------------------------------------------------------------
-    def _lease(self, slot: Slot, *, epoch: int | None = None) -> Lease:
-        return Lease(
-            worker_id=self.worker_id,
-            incarnation=self._registration.incarnation,
-            slot=slot.index,
-            epoch=slot.epoch if epoch is None else epoch,
-            acquired_at=time.time(),
-        )
-
-    @property
-    def _lease_ttl_s(self) -> float | None:
-        """A lease outlives its slot's idle expiry (which replaces it with a tombstone), so the
-        leases of a worker that died do not stay in KV for ever."""
-        timeout = self._config.slot_idle_timeout_s
-        return 2 * timeout if timeout > 0 else None
-
-    def _refresh_lease_soon(self, slot: Slot) -> None:
-        """When a call starts: renew the lease's TTL once half the idle timeout has passed."""
-        timeout = self._config.slot_idle_timeout_s
-        if timeout <= 0 or time.monotonic() - slot.lease_written_at < timeout / 2:
-            return
-        slot.lease_written_at = time.monotonic()  # once per half-timeout, however many calls
-        self._spawn(self._refresh_lease(slot, slot.epoch))
-
-    async def _refresh_lease(self, slot: Slot, epoch: int) -> None:
-        trajectory_id = slot.trajectory_id
-        if trajectory_id is None or slot.state is not SlotState.ASSIGNED or slot.epoch != epoch:
-            return
-        try:
-            revision = await self._leases.replace(
-                trajectory_id,
-                self._lease(slot),
-                expect=slot.lease_revision,
-                ttl_s=self._lease_ttl_s,
-            )
-        except Exception as exc:  # released meanwhile, or KV unavailable: the next call retries
-            log.info("a lease's TTL was not renewed", slot=slot.index, error=repr(exc))
-            slot.lease_written_at = 0.0
-            return
-        if slot.state is SlotState.ASSIGNED and slot.epoch == epoch:
-            slot.lease_revision = revision
 
 
 async def _bounded(work: Awaitable[object], timeout_s: float) -> None:

@@ -13,7 +13,13 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from schemas._generate import PUBLIC_MODELS, SCHEMA_DIR, render_schemas
 from schemas.internal import BatchItem
 from schemas.messages import JSON_PARSER_MAX_DEPTH, MAX_JSON_DEPTH, ExecuteRequest
-from schemas.tools import StatefulTerminalArgs, TerminalArgs, TmuxArgs
+from schemas.tools import (
+    ReadFileArgs,
+    StatefulTerminalArgs,
+    TerminalArgs,
+    TmuxArgs,
+    WriteFileArgs,
+)
 from services._replies import parse_request
 from services._validation import describe_validation_error
 from services.exceptions import BadRequest
@@ -261,20 +267,22 @@ def test_a_boolean_timeout_gets_a_precise_message_without_the_value() -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "arguments", "field"),
+    ("model", "arguments", "field", "index"),
     [
-        (TerminalArgs, {"command": "echo a\x00b"}, "command"),
-        (StatefulTerminalArgs, {"command": "\x00"}, "command"),
-        (TmuxArgs, {"action": "send_keys", "keys": "a\x00"}, "keys"),
-        (TmuxArgs, {"action": "send_keys", "keys": ["Enter", "\x00b"]}, "keys"),
+        (TerminalArgs, {"command": "echo a\x00b"}, "command", 6),
+        (StatefulTerminalArgs, {"command": "\x00"}, "command", 0),
+        (TmuxArgs, {"action": "send_keys", "keys": "a\x00"}, "keys", 1),
+        (TmuxArgs, {"action": "send_keys", "keys": ["Enter", "\x00b"]}, "keys", 0),
+        (ReadFileArgs, {"path": "d/\x00"}, "path", 2),
+        (WriteFileArgs, {"path": "\x00", "content": "NUL is fine here: \x00"}, "path", 0),
     ],
 )
-def test_commands_and_keys_refuse_nul_characters(
-    model: type[BaseModel], arguments: dict[str, Any], field: str
+def test_commands_keys_and_paths_refuse_nul_characters(
+    model: type[BaseModel], arguments: dict[str, Any], field: str, index: int
 ) -> None:
     # A NUL cannot reach bash or tmux through argv: the call used to die by SIGKILL instead.
     with pytest.raises(ValidationError) as refused:
         model.model_validate(arguments)
     assert describe_validation_error(refused.value) == (
-        f"{field}: String should not contain a NUL character"
+        f"{field}: String should not contain a NUL character (one is at character {index})"
     )
