@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,11 @@ async def bwrap_sandbox(
 
 async def sh(sandbox: Sandbox, command: str, *, timeout_s: float = 20) -> CommandOutcome:
     return await run_command(sandbox, command, timeout_s=timeout_s, max_output_chars=100_000)
+
+
+# Markers of the test processes of this run (``sleep {RUN}1003``): another test run on the same
+# machine starts the same commands, and pgrep must not count those.
+RUN = str(10_000 + os.getpid() % 90_000)
 
 
 def host_processes(marker: str) -> list[str]:

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from services._sandbox import PlainSandbox, SandboxLimits
-from tests._sandboxes import bwrap_sandbox, host_processes, sh
+from tests._sandboxes import RUN, bwrap_sandbox, host_processes, sh
 
 # Bounds for waits that hang without the fixes; each is far above what the step takes.
 _BOUND_S = 20.0
@@ -91,10 +91,10 @@ async def test_a_timeout_ends_the_command_even_when_the_launcher_is_stopped(
 ) -> None:
     async with bwrap_sandbox(tmp_path / "ws") as sandbox:
         # The launcher (pid 2) runs as the commands' user: a command can stop it.
-        stopped = sh(sandbox, "kill -STOP 2; sleep 1009.25", timeout_s=1)
+        stopped = sh(sandbox, f"kill -STOP 2; sleep {RUN}1009.25", timeout_s=1)
         outcome = await asyncio.wait_for(stopped, _BOUND_S)
         assert outcome.timed_out
-        assert host_processes("sleep 1009.25") == []
+        assert host_processes(f"sleep {RUN}1009.25") == []
         assert (await sh(sandbox, "echo fine")).stdout.text == "fine\n"
 
 
@@ -107,15 +107,15 @@ async def test_an_unsandboxed_command_ends_when_it_exits_not_when_its_children_d
     try:
         # The background sleep holds the command's stdout. (Python 3.11's Process.wait() also
         # waits for the pipes, but only when called before the exit: hence the pause.)
-        command = "sleep 1009.5 & sleep 0.5; echo hi"
+        command = f"sleep {RUN}1009.5 & sleep 0.5; echo hi"
         outcome = await sh(sandbox, command, timeout_s=_BOUND_S)
         assert not outcome.timed_out
         assert outcome.exit_code == 0
         assert outcome.stdout.text == "hi\n"
-        assert len(host_processes("sleep 1009.5")) == 1  # it keeps running...
+        assert len(host_processes(f"sleep {RUN}1009.5")) == 1  # it keeps running...
     finally:
         await sandbox.close()
-    assert host_processes("sleep 1009.5") == []  # ...until the slot is reset
+    assert host_processes(f"sleep {RUN}1009.5") == []  # ...until the slot is reset
 
 
 async def test_resets_racing_commands_in_other_sandboxes_never_lose_a_commands_output(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from services.client import ToolbusClient
 from services.worker import WorkerConfig
+from tests._sandboxes import RUN, host_processes
 from tests.conftest import Stack, StackFactory
 
 
@@ -19,11 +19,6 @@ async def _still_serving(client: ToolbusClient, tid: str) -> None:
     assert after.success, after.error
     assert after.output == "alive\n"
     assert after.metadata["sandboxed"] is True
-
-
-def _host_processes(marker: str) -> list[str]:
-    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False)
-    return found.stdout.split()
 
 
 async def _two_trajectories(stack: Stack, trajectory: Callable[[], str]) -> tuple[str, str]:
@@ -138,13 +133,14 @@ async def test_timeout_kills_a_command_that_ignores_sigterm_and_its_escaped_chil
     stack = await make_stack()
     tid = trajectory()
     command = (
-        "trap '' TERM; setsid sleep 1002.25 & nohup sleep 1002.5 >/dev/null & echo up; sleep 60"
+        f"trap '' TERM; setsid sleep {RUN}1002.25 & nohup sleep {RUN}1002.5 >/dev/null & "
+        "echo up; sleep 60"
     )
     result = await stack.client.execute(tid, "terminal", {"command": command}, timeout_s=1)
     assert result.metadata["status"] == "timeout"
     assert result.output == "up\n"
-    assert _host_processes("sleep 1002.25") == []
-    assert _host_processes("sleep 1002.5") == []
+    assert host_processes(f"sleep {RUN}1002.25") == []
+    assert host_processes(f"sleep {RUN}1002.5") == []
     await _still_serving(stack.client, tid)
 
 
@@ -153,12 +149,15 @@ async def test_background_processes_end_with_the_release(
 ) -> None:
     stack = await make_stack()
     tid = trajectory()
-    command = "nohup sleep 1003.25 >/dev/null 2>&1 & setsid sleep 1003.5 & (sleep 1003.75 &); true"
+    command = (
+        f"nohup sleep {RUN}1003.25 >/dev/null 2>&1 & setsid sleep {RUN}1003.5 & "
+        f"(sleep {RUN}1003.75 &); true"
+    )
     started = await stack.client.execute(tid, "terminal", {"command": command})
     assert started.success
-    assert len(_host_processes("sleep 1003")) == 3  # they outlive the call...
+    assert len(host_processes(f"sleep {RUN}1003")) == 3  # they outlive the call...
     await stack.client.release(tid, reset_workspace=True)
-    assert _host_processes("sleep 1003") == []  # ...but not the release
+    assert host_processes(f"sleep {RUN}1003") == []  # ...but not the release
     await _still_serving(stack.client, trajectory())
 
 
@@ -245,7 +244,7 @@ async def test_a_nul_byte_is_refused_and_the_slots_processes_live_on(
 ) -> None:
     stack = await make_stack()
     tid = trajectory()
-    started = await stack.client.execute(tid, "terminal", {"command": "sleep 1007.25 & true"})
+    started = await stack.client.execute(tid, "terminal", {"command": f"sleep {RUN}1007.25 & true"})
     assert started.success, started.error
     assert (await stack.client.execute(tid, "tmux", {"action": "start"})).success
     for tool, arguments, field in (
@@ -258,11 +257,11 @@ async def test_a_nul_byte_is_refused_and_the_slots_processes_live_on(
         assert not refused.success, tool
         assert refused.metadata["error_kind"] == "invalid_arguments", (tool, refused)
         assert f"{field}" in refused.error and "NUL character" in refused.error, refused.error
-    assert len(_host_processes("sleep 1007.25")) == 1  # the sandbox did not die...
+    assert len(host_processes(f"sleep {RUN}1007.25")) == 1  # the sandbox did not die...
     screen = await stack.client.execute(tid, "tmux", {"action": "capture"})
     assert screen.success, screen.error  # ...nor did its tmux session
     await stack.client.release(tid, reset_workspace=True)
-    assert _host_processes("sleep 1007.25") == []
+    assert host_processes(f"sleep {RUN}1007.25") == []
     await _still_serving(stack.client, trajectory())
 
 
@@ -272,17 +271,19 @@ async def test_a_timeout_reaches_processes_that_left_the_session_and_the_environ
     stack = await make_stack()
     tid = trajectory()
     escaped = (
-        "setsid env -i sleep 1008.25 & (setsid env -i sh -c 'sleep 1008.5 & true') & "
+        f"setsid env -i sleep {RUN}1008.25 & (setsid env -i sh -c 'sleep {RUN}1008.5 & true') & "
         "echo up; sleep 60"
     )
     result = await stack.client.execute(tid, "terminal", {"command": escaped}, timeout_s=1)
     assert result.metadata["status"] == "timeout"
-    assert _host_processes("sleep 1008.25") == []
-    assert _host_processes("sleep 1008.5") == []
+    assert host_processes(f"sleep {RUN}1008.25") == []
+    assert host_processes(f"sleep {RUN}1008.5") == []
     # A call that finishes leaves its background processes running, escaped or not.
-    kept = await stack.client.execute(tid, "terminal", {"command": "setsid env -i sleep 1008.75 &"})
+    kept = await stack.client.execute(
+        tid, "terminal", {"command": f"setsid env -i sleep {RUN}1008.75 &"}
+    )
     assert kept.success, kept.error
-    assert len(_host_processes("sleep 1008.75")) == 1
+    assert len(host_processes(f"sleep {RUN}1008.75")) == 1
     await stack.client.release(tid, reset_workspace=True)
-    assert _host_processes("sleep 1008.75") == []
+    assert host_processes(f"sleep {RUN}1008.75") == []
     await _still_serving(stack.client, trajectory())
