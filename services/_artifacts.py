@@ -3,10 +3,11 @@
 The worker never touches a workspace's files itself for these: a process the agent left running
 could swap a path for a symlink to a host file between a check and its use. Each operation runs
 ``_artifact_helper.py`` inside the slot's sandbox, as the slot's user, so it can reach nothing the
-agent's own commands could not. The worker moves the bytes: small reads come back inline, large
-ones and every archive go to the Object Store, and an upload is fetched from it into a scratch
-file that the helper reads as its stdin. A read comes inline only when its whole reply, as JSON,
-fits in :data:`MAX_REPLY_JSON_BYTES`: text can take six times its bytes there (``\\u0000``).
+agent's own commands could not (``_artifact_process`` runs it). The worker moves the bytes: small
+reads come back inline, large ones and every archive go to the Object Store, and an upload is
+fetched from it into a scratch file that the helper reads as its stdin. A read comes inline only
+when its whole reply, as JSON, fits in :data:`MAX_REPLY_JSON_BYTES`: text can take six times its
+bytes there (``\\u0000``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import hashlib
 import json
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -40,6 +41,7 @@ from schemas.artifacts import (
     ObjectRef,
 )
 
+from ._artifact_process import ArtifactFailure, run_helper
 from ._files import from_sandbox_path
 from ._objects import (
     DEFAULT_TIMEOUT_S,
@@ -65,13 +67,10 @@ from .settings import (
 
 log = structlog.get_logger("toolbus.artifacts")
 
-_HELPER_SOURCE = Path(__file__).with_name("_artifact_helper.py").read_text()
 # The most a reply may take as JSON (UTF-8): it travels as one NATS message, inside the worker's
 # and the executor's envelopes, and NATS's default max_payload is 1 MiB. A read whose reply
 # would be larger goes to the Object Store; a listing is cut.
 MAX_REPLY_JSON_BYTES = 512 * 1024
-_MAX_HELPER_STDERR = 64 * 1024
-_READ_CHUNK = 1 << 16
 # Bounds of what an archive may add to its file bytes: per entry a header, a PAX header for a
 # long or non-ASCII name (up to 4 KiB) and padding; at the end, tar's minimum size.
 _ARCHIVE_OVERHEAD_PER_ENTRY = 6 * 1024
@@ -85,10 +84,6 @@ class ArtifactLimits:
     inline_bytes: int = DEFAULT_ARTIFACT_INLINE_BYTES
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
     max_upload_entries: int = DEFAULT_MAX_UPLOAD_ENTRIES
-
-
-class ArtifactFailure(Exception):
-    """The operation ran and failed; the message is for the caller."""
 
 
 class ArtifactRunner:
@@ -187,7 +182,7 @@ class ArtifactRunner:
                 spool.write(chunk)
                 digest.update(chunk)
 
-            summary = await self._helper(
+            summary = await run_helper(
                 sandbox,
                 "read",
                 {"path": from_sandbox_path(request.path), "max_bytes": max_bytes},
@@ -228,7 +223,7 @@ class ArtifactRunner:
     async def _list(self, request: ArtifactListRequest, sandbox: Sandbox) -> dict[str, Any]:
         max_entries = min(request.max_entries or self._limits.max_entries, self._limits.max_entries)
         listing = bytearray()
-        summary = await self._helper(
+        summary = await run_helper(
             sandbox,
             "list",
             {
@@ -256,7 +251,7 @@ class ArtifactRunner:
         max_bytes = min(request.max_bytes or self._limits.max_bytes, self._limits.max_bytes)
         max_entries = min(request.max_entries or self._limits.max_entries, self._limits.max_entries)
         with self._scratch_file() as archive:
-            summary = await self._helper(
+            summary = await run_helper(
                 sandbox,
                 "archive",
                 {
@@ -310,7 +305,7 @@ class ArtifactRunner:
             )
             archive.flush()
             archive.seek(0)
-            summary = await self._helper(
+            summary = await run_helper(
                 sandbox,
                 "extract",
                 {
@@ -343,56 +338,6 @@ class ArtifactRunner:
         with tempfile.TemporaryFile(dir=self._scratch) as file:
             yield file
 
-    async def _helper(
-        self,
-        sandbox: Sandbox,
-        operation: str,
-        arguments: dict[str, Any],
-        *,
-        sink: Callable[[bytes], object] | None = None,
-        max_output: int = 0,
-        stdin_fd: int | None = None,
-    ) -> dict[str, Any]:
-        """Run the helper in the sandbox; its stdout goes to ``sink``; its summary returned."""
-        argv = [
-            sandbox.python,
-            "-I",
-            "-S",
-            "-B",
-            "-c",
-            _HELPER_SOURCE,
-            operation,
-            json.dumps({"root": sandbox.inner_workspace, **arguments}),
-        ]
-        command = await sandbox.spawn(argv, stdin_fd=stdin_fd)
-
-        async def pump_stdout() -> None:
-            received = 0
-            while chunk := await command.stdout.read(_READ_CHUNK):
-                received += len(chunk)
-                if received > max_output:
-                    raise ArtifactFailure(f"artifact {operation}: more output than expected")
-                if sink is not None:
-                    sink(chunk)
-
-        try:
-            _, errors = await asyncio.gather(
-                pump_stdout(), _read_capped(command.stderr, _MAX_HELPER_STDERR)
-            )
-            code = await command.wait()
-        finally:
-            command.close()
-        summary = _summary(errors)
-        if summary is None:
-            tail = errors.decode(errors="replace").strip()[-500:]
-            raise ArtifactFailure(
-                f"artifact {operation} failed in the sandbox (exit code {code})"
-                + (f": {tail}" if tail else "")
-            )
-        if not summary.get("ok"):
-            raise ArtifactFailure(str(summary.get("error") or f"artifact {operation} failed"))
-        return summary
-
 
 @dataclass(frozen=True, slots=True)
 class _Budget:
@@ -414,26 +359,6 @@ def _timed_out(operation: str, timeout_s: float) -> dict[str, Any]:
 def _json_bytes(reply: BaseModel) -> int:
     """The reply's size as it travels: pydantic's JSON, UTF-8."""
     return len(reply.model_dump_json().encode())
-
-
-async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes:
-    """Everything until EOF, keeping the last ``limit`` bytes (the summary is the last line)."""
-    kept = b""
-    while chunk := await stream.read(_READ_CHUNK):
-        kept = (kept + chunk)[-limit:]
-    return kept
-
-
-def _summary(stderr: bytes) -> dict[str, Any] | None:
-    """The helper's last stderr line, when it is its JSON summary."""
-    lines = stderr.strip().splitlines()
-    if not lines:
-        return None
-    try:
-        summary = json.loads(lines[-1])
-    except ValueError:
-        return None
-    return summary if isinstance(summary, dict) else None
 
 
 def _object_name(trajectory_id: str, operation: str, filename: str) -> str:
