@@ -40,8 +40,7 @@ class _Entry:
 
 
 class WorkerRegistry:
-    def __init__(self, watched: KeyValue, bucket: KvBucket) -> None:
-        self._watched = watched
+    def __init__(self, bucket: KvBucket) -> None:
         self._bucket = bucket
         self._workers: dict[str, _Entry] = {}
         # Each report of free slots is a new version: a waiter that saw version v before it
@@ -56,8 +55,10 @@ class WorkerRegistry:
         """Call ``callback(worker_id, incarnation)`` when that incarnation is gone."""
         self._on_gone.append(callback)
 
-    async def start(self) -> None:
-        self._watch_task = asyncio.create_task(self._watch(), name="worker-registry-watch")
+    async def start(self, watched: KeyValue) -> None:
+        """Watch the bucket (``watched`` is the same bucket, bound); returns once the
+        registrations already there are known."""
+        self._watch_task = asyncio.create_task(self._watch(watched), name="worker-registry-watch")
         await self._ready.wait()
 
     async def stop(self) -> None:
@@ -65,8 +66,8 @@ class WorkerRegistry:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
 
-    async def _watch(self) -> None:
-        watcher = await self._watched.watchall()
+    async def _watch(self, watched: KeyValue) -> None:
+        watcher = await watched.watchall()
         try:
             async for entry in watcher:
                 if entry is None:  # end of the initial values

@@ -18,7 +18,6 @@ the rest with a 503 reply, then ends its acquisitions and worker links.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from collections.abc import Callable
@@ -32,48 +31,45 @@ from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 from opentelemetry import trace
 
-from observability import tracing
 from observability.metrics import ToolbusMetrics
 from schemas.artifacts import ARTIFACT_OPERATIONS
 from schemas.errors import ErrorKind
-from schemas.internal import BatchItem, ItemResult, Lease, LostReason, RejectReason, WorkerInfo
+from schemas.internal import ItemResult, WorkerInfo
 from schemas.messages import (
     ExecuteRequest,
-    PoolStatus,
     ReleaseReply,
     ReleaseRequest,
     StatusReply,
     ToolListReply,
     ToolResult,
-    WorkerStatus,
 )
 from schemas.subjects import LEASES_BUCKET, QUEUE_GROUP, SERVICE_NAME, WORKERS_BUCKET
 from schemas.tools import BUILTIN_TOOLS, TOOL_ALIASES, canonical_tool_name
 
 from . import __version__
 from ._batcher import WorkerLink
+from ._calls import CallRouter
 from ._discovery import EndpointStats, ServiceDiscovery
-from ._dispatch import CallRejected, Dispatcher, WorkerGone
+from ._dispatch import Dispatcher
 from ._executor_config import ExecutorConfig
 from ._external import ExternalTools
-from ._failures import infra_failure, workspace_lost
+from ._failures import infra_failure
 from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
-from ._placement import Placement, WorkspaceLost
+from ._placement import Placement
 from ._process import MAX_COMMAND_BYTES
 from ._registration import WORKER_MARKER_TTL_S
 from ._registry import WorkerRegistry
 from ._replies import parse_request
 from ._serving import CallStats, Handler, RequestServer
-from .exceptions import BadRequest, NoCapacity, NotFound, PayloadTooLarge
+from ._status import pool_status
+from .exceptions import BadRequest, NotFound, PayloadTooLarge
 from .settings import MIN_TIMEOUT_S
 
 __all__ = ["ExecutorConfig", "ExecutorService"]
 
 log = structlog.get_logger("toolbus.executor")
 
-_MAX_DISPATCH_ATTEMPTS = 4
-_UNDELIVERED_RETRY_S = (0.05, 0.2, 0.5)  # a batch that reached no worker: wait, then try again
 _MAX_ARTIFACT_TIMEOUT_S = 3600.0
 
 
@@ -102,9 +98,24 @@ class ExecutorService:
         self.executor_id = self._nuid.next().decode()
         self._results_subject = self._subjects.executor_results(self.executor_id)
         self._results_sub: Subscription | None = None
-        self._registry: WorkerRegistry | None = None
-        self._placement: Placement | None = None
-        self._dispatcher: Dispatcher | None = None
+        js = nc.jetstream()
+        self._registry = WorkerRegistry(KvBucket(js, WORKERS_BUCKET))
+        self._placement = Placement(
+            nc,
+            self._registry,
+            LeaseStore(KvBucket(js, LEASES_BUCKET)),
+            subjects=self._subjects,
+            acquire_timeout_s=self._config.acquire_timeout_s,
+            release_wait_s=self._config.worker_release_wait_s,
+        )
+        self._dispatcher = Dispatcher(
+            nc,
+            self._registry,
+            subjects=self._subjects,
+            make_link=self._make_link,
+            result_grace_s=self._config.result_grace_s,
+        )
+        self._calls = CallRouter(self._placement, self._dispatcher, ids=self._nuid)
         self._tool_list = (
             ToolListReply(
                 tools=[tool.spec() for tool in BUILTIN_TOOLS.values()], aliases=TOOL_ALIASES
@@ -159,23 +170,7 @@ class ExecutorService:
             marker_ttl_s=WORKER_MARKER_TTL_S,
         )
         await open_bucket(js, LEASES_BUCKET, description="toolbus trajectory leases")
-        self._registry = WorkerRegistry(workers, KvBucket(js, WORKERS_BUCKET))
-        await self._registry.start()
-        self._placement = Placement(
-            self._nc,
-            self._registry,
-            LeaseStore(KvBucket(js, LEASES_BUCKET)),
-            subjects=self._subjects,
-            acquire_timeout_s=self._config.acquire_timeout_s,
-            release_wait_s=self._config.worker_release_wait_s,
-        )
-        self._dispatcher = Dispatcher(
-            self._nc,
-            self._registry,
-            subjects=self._subjects,
-            make_link=self._make_link,
-            result_grace_s=self._config.result_grace_s,
-        )
+        await self._registry.start(workers)
         self._results_sub = await self._nc.subscribe(
             self._results_subject, cb=self._dispatcher.on_result
         )
@@ -204,17 +199,14 @@ class ExecutorService:
         # 1. stop accepting, 2. wait for calls in flight, 3. cancel the rest (each replies 503).
         await self._server.stop(self._config.drain_timeout_s)
         # 4. nothing of this executor goes on: no acquisition, no batch, no result wait.
-        if self._placement is not None:
-            await self._placement.close()
-        if self._dispatcher is not None:
-            await self._dispatcher.close()
+        await self._placement.close()
+        await self._dispatcher.close()
         if self._results_sub is not None:
             try:
                 await self._results_sub.unsubscribe()
             except Exception as exc:  # the connection is gone already
                 log.debug("unsubscribe failed", error=str(exc))
-        if self._registry is not None:
-            await self._registry.stop()
+        await self._registry.stop()
         for unobserve in self._unobserve:
             unobserve()
         log.info("executor stopped", executor_id=self.executor_id)
@@ -252,7 +244,6 @@ class ExecutorService:
 
     async def _execute_external(self, request: ExecuteRequest, requested: float | None) -> bytes:
         """A tool toolbus does not have: whoever provides it (see _external.py), else 404."""
-        assert self._placement is not None
         started = time.perf_counter()
         with self._stats.in_flight():
             result = await self._external.call(
@@ -280,7 +271,7 @@ class ExecutorService:
         """Run one call of a built-in tool in the trajectory's slot."""
         started = time.perf_counter()
         with self._stats.in_flight():
-            done = await self._dispatch(
+            done = await self._calls.run(
                 trajectory_id, tool, arguments, timeout_s, uniq_id, allow_network
             )
         if isinstance(done, ToolResult):
@@ -289,63 +280,6 @@ class ExecutorService:
             result = done.result or infra_failure("The worker's result was empty", uniq_id=uniq_id)
         self._stats.result_finished(tool, started, result, done=done)
         return result
-
-    async def _dispatch(
-        self,
-        trajectory_id: str,
-        tool: str,
-        arguments: dict[str, Any],
-        timeout_s: float,
-        uniq_id: str | None,
-        allow_network: bool = True,
-        *,
-        acquire: bool = True,
-    ) -> ItemResult | ToolResult:
-        """The worker's answer, or an infra failure result when there was none.
-
-        ``acquire=False``: a trajectory without a slot gets NotFound instead of a new slot.
-        """
-        assert self._placement is not None and self._dispatcher is not None
-        rejected: tuple[Lease, RejectReason | None] | None = None
-        undelivered = iter(_UNDELIVERED_RETRY_S)
-        for _ in range(_MAX_DISPATCH_ATTEMPTS + len(_UNDELIVERED_RETRY_S)):
-            try:
-                lease = await self._placement.lease(
-                    trajectory_id, acquire=acquire, rejected=rejected
-                )
-            except WorkspaceLost as lost:
-                return workspace_lost(lost.lease, uniq_id)
-            item = BatchItem(
-                item_id=self._nuid.next().decode(),
-                trajectory_id=trajectory_id,
-                epoch=lease.epoch,
-                tool=tool,
-                arguments=arguments,
-                timeout_s=timeout_s,
-                uniq_id=uniq_id,
-                allow_network=allow_network,
-                trace_context=tracing.current_trace_headers(),
-                created_at=time.time(),
-            )
-            try:
-                return await self._dispatcher.run(lease, item)
-            except CallRejected as rejection:
-                if rejection.reason is RejectReason.UNREADABLE:
-                    return infra_failure(
-                        "The sandbox worker could not read this call (logged); it did not run",
-                        uniq_id=uniq_id,
-                    )
-                if rejection.reason is None:  # reached no worker: it may be restarting
-                    await asyncio.sleep(next(undelivered, 1.0))
-                rejected = (lease, rejection.reason)
-            except WorkerGone:
-                await self._placement.forget_lost(trajectory_id, lease)
-                gone = lease.model_copy(update={"lost": LostReason.WORKER_GONE})
-                return workspace_lost(gone, uniq_id)
-        raise NoCapacity(
-            f"could not place the call: the slot of trajectory {trajectory_id!r} kept moving",
-            kind=ErrorKind.WORKER_UNAVAILABLE,
-        )
 
     def _make_link(self, worker_id: str) -> WorkerLink:
         return WorkerLink(
@@ -380,7 +314,7 @@ class ExecutorService:
         with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool=tool):
             # Only an upload may give a trajectory its first slot; the others need its files.
             with self._stats.in_flight():
-                done = await self._dispatch(
+                done = await self._calls.run(
                     trajectory_id, tool, fields, timeout_s, None, acquire=operation == "upload"
                 )
             if isinstance(done, ItemResult) and done.reply is not None:
@@ -403,7 +337,6 @@ class ExecutorService:
 
     # -- tools.release ------------------------------------------------------------------------
     async def _release(self, msg: Msg) -> bytes:
-        assert self._placement is not None
         request = parse_request(ReleaseRequest, msg.data, max_bytes=self._config.max_request_bytes)
         trajectory_id = request.trajectory_id
         with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool="release"):
@@ -416,7 +349,7 @@ class ExecutorService:
     # -- tools.status / tools.list ------------------------------------------------------------
     def registered_workers(self) -> list[tuple[WorkerInfo, float]]:
         """The workers registered now, and seconds since each was last heard."""
-        return self._registry.alive() if self._registry is not None else []
+        return self._registry.alive()
 
     def _slots_in_use_and_free(self) -> tuple[int, int]:
         alive = self.registered_workers()
@@ -424,35 +357,8 @@ class ExecutorService:
         return sum(info.slots_total for info, _ in alive) - free, free
 
     def status(self) -> StatusReply:
-        alive = self.registered_workers()
-        total = sum(info.slots_total for info, _ in alive)
-        free = sum(info.slots_free for info, _ in alive)
-        broken = sum(info.slots_out_of_service for info, _ in alive)
-        in_use = total - free - broken
-        return StatusReply(
-            executor_id=self.executor_id,
-            queue_size=self.calls_in_flight,
-            total_requests=self.total_requests,
-            total_errors=self.total_errors,
-            rates=self._stats.rates(),
-            pool=PoolStatus(
-                total_slots=total,
-                available_slots=free,
-                acquired_slots=in_use,
-                containers=len(alive),
-                slots_by_state={"free": free, "acquired": in_use, "out_of_service": broken},
-                started=bool(alive),
-            ),
-            workers=[
-                WorkerStatus(
-                    worker_id=info.worker_id,
-                    host=info.host,
-                    slots_total=info.slots_total,
-                    slots_free=info.slots_free,
-                    age_s=round(age, 3),
-                )
-                for info, age in sorted(alive, key=lambda pair: pair[0].worker_id)
-            ],
+        return pool_status(
+            self.executor_id, self.registered_workers(), self._stats, self.calls_in_flight
         )
 
     async def _status(self, msg: Msg) -> bytes:

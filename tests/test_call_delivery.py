@@ -104,7 +104,7 @@ async def test_a_worker_answers_an_unreadable_batch_item_alone(
     tid = trajectory()
     first = await stack.client.execute(tid, "terminal", {"command": "echo warm"})
     assert first.success
-    lease = stack.executors[0]._placement.cached(tid)  # type: ignore[union-attr]
+    lease = stack.executors[0]._placement.cached(tid)
     assert lease is not None
     inbox = nc.new_inbox()
     results: asyncio.Queue[ItemResult] = asyncio.Queue()

@@ -128,8 +128,8 @@ async def test_two_executors_racing_for_a_new_trajectory_agree_on_one_slot(
     first, second = stack.executors
     w1, w2 = stack.workers
     # Steer each executor to a different worker so that both acquire, and one must give way.
-    first._registry.note_full(w2.worker_id)  # type: ignore[union-attr]
-    second._registry.note_full(w1.worker_id)  # type: ignore[union-attr]
+    first._registry.note_full(w2.worker_id)
+    second._registry.note_full(w1.worker_id)
     tid = trajectory()
     results = await asyncio.gather(
         first.execute(tid, "terminal", {"command": "echo a"}, timeout_s=10, uniq_id=None),
@@ -283,7 +283,7 @@ async def test_a_lost_worker_is_an_infra_failure_and_the_next_call_gets_a_new_sl
     assert again.success
     assert again.metadata["worker_id"] == stack.workers[0].worker_id
     # The executor does not keep a link to the gone worker once it links to another one.
-    links = stack.executors[0]._dispatcher.links  # type: ignore[union-attr]
+    links = stack.executors[0]._dispatcher.links
     assert set(links) == {stack.workers[0].worker_id}
 
 

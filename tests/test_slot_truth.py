@@ -217,7 +217,7 @@ async def test_after_an_expiry_another_executors_cached_lease_finds_the_live_wor
     expired = await first.execute(tid, "read_file", {"path": "a"}, timeout_s=10, uniq_id=None)
     assert expired.metadata.get("expired") is True, expired
     # The trajectory moves to the other worker, through the first executor.
-    first._registry.note_full(old_worker)  # type: ignore[union-attr]
+    first._registry.note_full(old_worker)
     moved = await first.execute(tid, "write_file", {"path": "b", "content": "2"}, timeout_s=10,
                                 uniq_id=None)  # fmt: skip
     assert moved.success and moved.metadata["worker_id"] == other

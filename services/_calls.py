@@ -1,0 +1,92 @@
+"""One call's way to its slot and back: find the slot, send the call, try again what may be.
+
+The trajectory's lease says where its slot is (``_placement.py``); the call goes there in a
+batch and its result is waited for (``_dispatch.py``). When the worker did not take the call,
+it did not run, and the lease is read again (the slot was released, expired or moved) before
+another try; when the worker incarnation is gone, so is the workspace, and the caller hears so
+once. Nothing here decides on its own that a worker is gone or a workspace lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from nats.nuid import NUID
+
+from observability import tracing
+from schemas.errors import ErrorKind
+from schemas.internal import BatchItem, ItemResult, Lease, LostReason, RejectReason
+from schemas.messages import ToolResult
+
+from ._dispatch import CallRejected, Dispatcher, WorkerGone
+from ._failures import infra_failure, workspace_lost
+from ._placement import Placement, WorkspaceLost
+from .exceptions import NoCapacity
+
+_MAX_ATTEMPTS = 4
+_UNDELIVERED_RETRY_S = (0.05, 0.2, 0.5)  # a batch that reached no worker: wait, then try again
+
+
+class CallRouter:
+    def __init__(self, placement: Placement, dispatcher: Dispatcher, *, ids: NUID) -> None:
+        self._placement = placement
+        self._dispatcher = dispatcher
+        self._ids = ids
+
+    async def run(
+        self,
+        trajectory_id: str,
+        tool: str,
+        arguments: dict[str, Any],
+        timeout_s: float,
+        uniq_id: str | None,
+        allow_network: bool = True,
+        *,
+        acquire: bool = True,
+    ) -> ItemResult | ToolResult:
+        """The worker's answer, or an infra failure result when there was none.
+
+        ``acquire=False``: a trajectory without a slot gets NotFound instead of a new slot.
+        """
+        rejected: tuple[Lease, RejectReason | None] | None = None
+        undelivered = iter(_UNDELIVERED_RETRY_S)
+        for _ in range(_MAX_ATTEMPTS + len(_UNDELIVERED_RETRY_S)):
+            try:
+                lease = await self._placement.lease(
+                    trajectory_id, acquire=acquire, rejected=rejected
+                )
+            except WorkspaceLost as lost:
+                return workspace_lost(lost.lease, uniq_id)
+            item = BatchItem(
+                item_id=self._ids.next().decode(),
+                trajectory_id=trajectory_id,
+                epoch=lease.epoch,
+                tool=tool,
+                arguments=arguments,
+                timeout_s=timeout_s,
+                uniq_id=uniq_id,
+                allow_network=allow_network,
+                trace_context=tracing.current_trace_headers(),
+                created_at=time.time(),
+            )
+            try:
+                return await self._dispatcher.run(lease, item)
+            except CallRejected as rejection:
+                if rejection.reason is RejectReason.UNREADABLE:
+                    return infra_failure(
+                        "The sandbox worker could not read this call (logged); it did not run",
+                        uniq_id=uniq_id,
+                    )
+                if rejection.reason is None:  # reached no worker: it may be restarting
+                    await asyncio.sleep(next(undelivered, 1.0))
+                rejected = (lease, rejection.reason)
+            except WorkerGone:
+                await self._placement.forget_lost(trajectory_id, lease)
+                gone = lease.model_copy(update={"lost": LostReason.WORKER_GONE})
+                return workspace_lost(gone, uniq_id)
+        raise NoCapacity(
+            f"could not place the call: the slot of trajectory {trajectory_id!r} kept moving",
+            kind=ErrorKind.WORKER_UNAVAILABLE,
+        )
