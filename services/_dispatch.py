@@ -108,7 +108,10 @@ class Dispatcher:
         )
         self._pending[item.item_id] = pending
         try:
-            if not self._registry.is_registered(lease.worker_id, lease.incarnation):
+            # Gone before this call was pending, so the registry's news did not reach it.
+            if not self._registry.is_registered(
+                lease.worker_id, lease.incarnation
+            ) and await self._registry.confirm_gone(lease.worker_id, lease.incarnation):
                 raise WorkerGone(lease.worker_id)
             try:
                 accepted = await self._link(lease.worker_id).submit(item)

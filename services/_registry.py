@@ -30,6 +30,7 @@ from ._kv import KvBucket
 log = structlog.get_logger("toolbus.registry")
 
 GoneCallback = Callable[[str, str], None]  # (worker id, incarnation)
+_REWATCH_DELAY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -67,12 +68,32 @@ class WorkerRegistry:
             await asyncio.gather(self._watch_task, return_exceptions=True)
 
     async def _watch(self, watched: KeyValue) -> None:
+        """For ever: a watch that ends or fails (a reconnect, a JetStream hiccup) is started
+        again, and what it finds then replaces the view (workers gone meanwhile are gone)."""
+        while True:
+            try:
+                await self._watch_once(watched)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("the workers watch failed; watching again", error=repr(exc))
+            finally:
+                self._ready.set()  # a first watch that failed must not hold the start up
+            await asyncio.sleep(_REWATCH_DELAY_S)
+
+    async def _watch_once(self, watched: KeyValue) -> None:
         watcher = await watched.watchall()
+        seen: set[str] | None = set()  # the keys of the initial values, until their end
         try:
             async for entry in watcher:
                 if entry is None:  # end of the initial values
+                    for gone in set(self._workers) - (seen or set()):
+                        self._remove(gone)
+                    seen = None
                     self._ready.set()
                     continue
+                if seen is not None:
+                    seen.add(entry.key)
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
                     self._remove(entry.key)
                     continue
@@ -83,7 +104,6 @@ class WorkerRegistry:
                     continue
                 self._update(info)
         finally:
-            self._ready.set()
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 

@@ -75,11 +75,13 @@ class SlotCleaner:
         task = asyncio.create_task(work, name=f"slot-{slot.index}-cleanup")
         self._running[slot] = task
         self._settled.clear()
-        task.add_done_callback(lambda _: self._finished(slot))
+        task.add_done_callback(lambda done: self._finished(slot, done))
         return task
 
-    def _finished(self, slot: Slot) -> None:
-        self._running.pop(slot, None)
+    def _finished(self, slot: Slot, task: asyncio.Task[None]) -> None:
+        # Only its own entry: the slot may be cleaning again already, under a new task.
+        if self._running.get(slot) is task:
+            del self._running[slot]
         if not self._running:
             self._settled.set()
 

@@ -14,6 +14,7 @@ clean-up runs (``_slot_cleanup.py``). A release answers once the slot is clean, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -107,6 +108,9 @@ class SlotKeeper:
         Answers once the slot is clean, or after ``release_wait_s`` with ``settled: false``
         (the clean-up goes on; the slot is handed out only when it is done)."""
         slot = self._table.holding(trajectory_id)
+        if slot is not None and slot.state is SlotState.ASSIGNING:
+            # Its lease is in KV (the executor read it) but the write's ack is on its way here.
+            slot = await self._assigned(trajectory_id)
         if slot is None or slot.state is not SlotState.ASSIGNED:
             return WorkerReleaseReply(released=False)
         if epoch is not None and slot.epoch != epoch:
@@ -117,6 +121,16 @@ class SlotKeeper:
             "slot released", trajectory_id=trajectory_id, slot=slot.index, reset=reset_workspace
         )
         return WorkerReleaseReply(released=True, slot=slot.index, settled=bool(done))
+
+    async def _assigned(self, trajectory_id: str) -> Slot | None:
+        """The trajectory's slot once its assignment has settled (confirmed or abandoned)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(KV_STEP_TIMEOUT_S + 1):
+                while (slot := self._table.holding(trajectory_id)) is not None:
+                    if slot.state is not SlotState.ASSIGNING:
+                        return slot
+                    await asyncio.sleep(0.005)  # one KV round trip, at most a few
+        return None
 
     def take_back(
         self, slot: Slot, lost: LostReason | None, *, wipe: bool = True
