@@ -25,8 +25,9 @@ from ._failures import infra_failure, workspace_lost
 from ._placement import Placement, WorkspaceLost
 from .exceptions import NoCapacity
 
-_MAX_ATTEMPTS = 4
-_UNDELIVERED_RETRY_S = (0.05, 0.2, 0.5)  # a batch that reached no worker: wait, then try again
+_MAX_ATTEMPTS = 4  # the worker refused the call on this many leases in a row: 503
+_UNDELIVERED_RETRY_S = 0.2  # a batch that reached no worker: wait, then try again ...
+_UNDELIVERED_PATIENCE_S = 20.0  # ... for this long (more than a registration's TTL)
 
 
 class CallRouter:
@@ -50,9 +51,10 @@ class CallRouter:
 
         ``acquire=False``: a trajectory without a slot gets NotFound instead of a new slot.
         """
-        rejected: tuple[Lease, RejectReason | None] | None = None
-        undelivered = iter(_UNDELIVERED_RETRY_S)
-        for _ in range(_MAX_ATTEMPTS + len(_UNDELIVERED_RETRY_S)):
+        rejected: tuple[Lease, RejectReason] | None = None
+        attempts = 0
+        patience = time.monotonic() + _UNDELIVERED_PATIENCE_S
+        while True:
             try:
                 lease = await self._placement.lease(
                     trajectory_id, acquire=acquire, rejected=rejected
@@ -74,18 +76,29 @@ class CallRouter:
             try:
                 return await self._dispatcher.run(lease, item)
             except CallRejected as rejection:
-                if rejection.reason is RejectReason.UNREADABLE:
+                reason = rejection.reason
+                if reason is RejectReason.UNREADABLE:
                     return infra_failure(
                         "The sandbox worker could not read this call (logged); it did not run",
                         uniq_id=uniq_id,
                     )
-                if rejection.reason is None:  # reached no worker: it may be restarting
-                    await asyncio.sleep(next(undelivered, 1.0))
-                rejected = (lease, rejection.reason)
+                if reason is None or reason is RejectReason.CANCELLED:
+                    # It reached no worker: the worker may be reconnecting. While it is
+                    # registered its workspace is not lost: wait and try again (if its
+                    # registration expires, the next look at the lease says so).
+                    if time.monotonic() > patience:
+                        break
+                    await asyncio.sleep(_UNDELIVERED_RETRY_S)
+                    rejected = None
+                    continue
+                rejected = (lease, reason)  # the worker's word: the lease decides again
             except WorkerGone:
                 await self._placement.forget_lost(trajectory_id, lease)
                 gone = lease.model_copy(update={"lost": LostReason.WORKER_GONE})
                 return workspace_lost(gone, uniq_id)
+            attempts += 1
+            if attempts >= _MAX_ATTEMPTS:
+                break
         raise NoCapacity(
             f"could not place the call: the slot of trajectory {trajectory_id!r} kept moving",
             kind=ErrorKind.WORKER_UNAVAILABLE,

@@ -100,11 +100,11 @@ class Placement:
         trajectory_id: str,
         *,
         acquire: bool,
-        rejected: tuple[Lease, RejectReason | None] | None = None,
+        rejected: tuple[Lease, RejectReason] | None = None,
     ) -> Lease:
         """The trajectory's live lease; a new slot when it has none and ``acquire``, else
-        NotFound. ``rejected``: the worker did not take a call sent on this lease (the reason;
-        None when the batch did not reach it). WorkspaceLost when the workspace is gone."""
+        NotFound. ``rejected``: the worker said it does not take calls on this lease
+        (``no_slot`` or ``stopping``). WorkspaceLost when the workspace is gone."""
         if rejected is None:
             cached = self._cache.get(trajectory_id)
             if cached is not None and self._registry.is_registered(
@@ -132,7 +132,7 @@ class Placement:
         self,
         trajectory_id: str,
         acquire: bool,
-        rejected: tuple[Lease, RejectReason | None] | None,
+        rejected: tuple[Lease, RejectReason] | None,
     ) -> Lease:
         """Read the stored lease until it says where the trajectory's live slot is."""
         waits = iter(_REJECTED_LEASE_WAITS_S)
@@ -150,6 +150,13 @@ class Placement:
             if lease.lost is not None:
                 await self._take_lost(trajectory_id, lease, revision)
                 continue
+            registered = self._registry.is_registered(lease.worker_id, lease.incarnation)
+            if not registered and await self._registry.confirm_gone(
+                lease.worker_id, lease.incarnation
+            ):
+                gone = lease.model_copy(update={"lost": LostReason.WORKER_GONE})
+                await self._take_lost(trajectory_id, gone, revision)
+                continue
             if rejected is not None and lease.same_assignment(rejected[0]):
                 # The worker does not take calls on this lease. It updates the lease right
                 # after it stops serving the slot: wait for that, then remove the lease.
@@ -162,17 +169,9 @@ class Placement:
                         "removed a lease its worker does not hold", worker_id=lease.worker_id
                     )
                     if rejected[1] is RejectReason.STOPPING:
-                        raise WorkspaceLost(
-                            lease.model_copy(update={"lost": LostReason.WORKER_STOPPED})
-                        )
+                        stopped = lease.model_copy(update={"lost": LostReason.WORKER_STOPPED})
+                        raise WorkspaceLost(stopped)
                 rejected = None
-                continue
-            registered = self._registry.is_registered(lease.worker_id, lease.incarnation)
-            if not registered and await self._registry.confirm_gone(
-                lease.worker_id, lease.incarnation
-            ):
-                gone = lease.model_copy(update={"lost": LostReason.WORKER_GONE})
-                await self._take_lost(trajectory_id, gone, revision)
                 continue
             self._cache.put(trajectory_id, lease)
             return lease
