@@ -86,7 +86,6 @@ class AcquireOutcome(StrEnum):
 class AcquireReply(BaseModel):
     outcome: AcquireOutcome
     lease: Lease | None = None
-    revision: int | None = None
 
 
 class WorkerReleaseRequest(BaseModel):
@@ -100,6 +99,9 @@ class WorkerReleaseReply(BaseModel):
     slot: int | None = None
     settled: bool = Field(
         default=True, description="False: the slot's clean-up was still running at the reply."
+    )
+    error: str | None = Field(
+        default=None, description="The release failed on the worker (its lease is unchanged)."
     )
 
 

@@ -137,10 +137,16 @@ class WorkerLink:
             size = 0
             while self._pending and len(batch) < self._max_items:
                 nxt = self._pending[0]
+                if nxt.accepted.cancelled():  # its caller gave up before it went: it never goes
+                    self._pending.popleft()
+                    self._pending_bytes -= len(nxt.payload) + 1
+                    continue
                 if batch and size + len(nxt.payload) + 1 > self._max_bytes:
                     break
                 batch.append(self._pending.popleft())
                 size += len(nxt.payload) + 1
+            if not batch:
+                break
             self._pending_bytes -= size
             self._in_flight += 1
             task = asyncio.create_task(self._send(batch))

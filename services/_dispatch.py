@@ -16,6 +16,7 @@ What this module promises:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -125,6 +126,13 @@ class Dispatcher:
             if accepted is Accepted.RUNNING:
                 pending.started = True
             return await self._await_result(item, pending)
+        except asyncio.CancelledError:
+            # The caller stops waiting (the executor stops): the call must stop too, or a
+            # retry would run it twice. The cancel goes on if this task is cancelled again.
+            stop = asyncio.ensure_future(self._cancel(lease.worker_id, item.item_id))
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stop), _CANCEL_REQUEST_TIMEOUT_S)
+            raise
         finally:
             del self._pending[item.item_id]
 

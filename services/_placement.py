@@ -49,7 +49,8 @@ from .exceptions import NoCapacity, NotFound
 log = structlog.get_logger("toolbus.placement")
 
 _ACQUIRE_REQUEST_TIMEOUT_S = 5.0
-_RELEASE_REQUEST_MARGIN_S = 5.0  # beyond the worker's own release wait
+# Beyond the worker's own release wait: an assignment settling, the lease write, the reply.
+_RELEASE_REQUEST_MARGIN_S = 15.0
 _MAX_LOOKS = 8  # readings of a lease that keeps changing under us before giving up (503)
 # A worker updates a lease right after it stops serving its slot: wait this long (in steps) for
 # the update before removing a lease the worker no longer honours.
@@ -282,8 +283,15 @@ class Placement:
             await self._store.remove(trajectory_id, expect=revision)  # gone with its worker
             return lease
         reply = WorkerReleaseReply.model_validate_json(msg.data)
+        if reply.error is not None:
+            raise NoCapacity(
+                f"the worker {lease.worker_id} could not release the slot ({reply.error}); retry",
+                kind=ErrorKind.WORKER_UNAVAILABLE,
+            )
         if reply.released:
             self._registry.note_released(lease.worker_id)
+            if not reply.settled:
+                log.info("released; the slot is still being cleaned", worker_id=lease.worker_id)
         else:
             # The worker does not hold that assignment (released meanwhile): its word.
             await self._store.remove(trajectory_id, expect=revision)

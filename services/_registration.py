@@ -13,14 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+import structlog
 from pydantic import ValidationError
 
 from schemas.internal import WorkerInfo
 
 from ._kv import KvBucket, RevisionMismatch
+
+log = structlog.get_logger("toolbus.worker")
 
 MISSED_HEARTBEATS = 3  # a registration lives this many heartbeats
 MIN_REGISTRATION_TTL_S = 5  # and at least this long: a busy event loop must not look dead
@@ -89,3 +93,71 @@ class WorkerRegistration:
 
     def _encode(self, info: Callable[[], WorkerInfo]) -> bytes:
         return info().model_dump_json().encode()
+
+
+ANNOUNCE_DELAY_S = 0.05  # a burst of slot changes becomes one registration write
+
+
+class Heartbeat:
+    """Refreshes a registration every ``heartbeat_s`` and soon after a change (coalesced).
+
+    ``rejoin`` is called when the registration is lost, or may be: a beat that finds it gone,
+    or beats failing for as long as its TTL (executors then take the worker for gone, and it
+    must not go on serving the workspaces they have said are lost). Nothing else happens in the
+    loop: a beat never waits behind slot work.
+    """
+
+    def __init__(
+        self,
+        registration: WorkerRegistration,
+        *,
+        heartbeat_s: float,
+        info: Callable[[], WorkerInfo],
+        rejoin: Callable[[], Awaitable[None]],
+        spawn: Callable[[Awaitable[object]], None],
+    ) -> None:
+        self._registration = registration
+        self._heartbeat_s = heartbeat_s
+        self._info = info
+        self._rejoin = rejoin
+        self._spawn = spawn
+        self._soon: asyncio.TimerHandle | None = None
+        self._last_stored = time.monotonic()
+
+    async def register(self) -> None:
+        """A new incarnation (at start, and after a rejoin)."""
+        await self._registration.register(self._info)
+        self._last_stored = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            await self.beat()
+
+    def soon(self) -> None:
+        """A beat soon, for a change of free slots; a burst of changes makes one write."""
+        if self._soon is None:
+            self._soon = asyncio.get_running_loop().call_later(ANNOUNCE_DELAY_S, self._fire)
+
+    def cancel(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
+
+    def _fire(self) -> None:
+        self._soon = None
+        self._spawn(self.beat())
+
+    async def beat(self) -> None:
+        try:
+            await self._registration.refresh(self._info)
+        except RegistrationLost:
+            await self._rejoin()
+            return
+        except Exception as exc:  # a missed beat is logged; the next one retries ...
+            log.warning("heartbeat failed", error=str(exc))
+            # ... until the registration may have expired.
+            if time.monotonic() - self._last_stored >= self._registration.ttl_s - 1:
+                await self._rejoin()
+            return
+        self._last_stored = time.monotonic()

@@ -19,7 +19,6 @@ import asyncio
 import collections
 import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -60,14 +59,12 @@ class SlotCalls:
         worker_id: str,
         tools: ToolRunner,
         artifacts: ArtifactRunner,
-        on_call_start: Callable[[Slot], None],
     ) -> None:
         self._nc = nc
         self._table = table
         self._worker_id = worker_id
         self._tools = tools
         self._artifacts = artifacts
-        self._on_call_start = on_call_start
         self._running: dict[str, asyncio.Task[None]] = {}
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -98,7 +95,12 @@ class SlotCalls:
                 log.error("unreadable batch item", index=index, size=len(line), error=type(exc))
                 ack.unreadable.append(index)
                 continue
-            slot, reason = self._admit(item)
+            try:
+                slot, reason = self._admit(item)
+            except Exception:  # a bug: this item alone is answered for
+                log.exception("admitting a batch item failed", index=index)
+                ack.unreadable.append(index)
+                continue
             if slot is None:
                 ack.rejected[item.item_id] = reason
                 continue
@@ -117,8 +119,10 @@ class SlotCalls:
     def _admit(self, item: BatchItem) -> tuple[Slot | None, RejectReason]:
         if not self.accepting:
             return None, RejectReason.STOPPING
-        if item.item_id in self._cancelled:
-            return None, RejectReason.CANCELLED
+        seen = (self._cancelled, self._running, self._finished)
+        if any(item.item_id in ids for ids in seen):
+            return None, RejectReason.CANCELLED  # given up on before it came, or sent twice
+
         slot = self._table.accepting(item.trajectory_id, item.epoch)
         return slot, RejectReason.NO_SLOT
 
@@ -185,7 +189,6 @@ class SlotCalls:
                     if item.created_at is not None:
                         outcome.queue_wait_s = max(started - item.created_at, 0.0)
                         span.set_attribute("toolbus.queue_wait_s", outcome.queue_wait_s)
-                    self._on_call_start(slot)
                     await self._run_tool(slot, item, outcome)
                     outcome.execution_s = time.time() - started
             except asyncio.CancelledError:
@@ -209,7 +212,8 @@ class SlotCalls:
             else:
                 if not _succeeded(outcome):
                     tracing.mark_error(span, _error_type(outcome))
-            await self._publish_outcome(item, outcome, reply_to, slot)
+            # Shielded: a cancel that comes now must not lose the result of a finished call.
+            await asyncio.shield(self._publish_outcome(item, outcome, reply_to, slot))
 
     async def _run_tool(self, slot: Slot, item: BatchItem, outcome: ItemResult) -> None:
         with tracing.span(

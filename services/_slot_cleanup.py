@@ -1,17 +1,18 @@
 """Taking a slot back from a trajectory: cancel its calls, end its sandbox, empty its workspace.
 
-Each step has a deadline, and a slot whose clean-up fails or overruns goes OUT_OF_SERVICE rather
-than back to FREE: it is never handed to another trajectory with files, processes or calls of the
-last one. The wipe removes whatever the agent left, whatever it did to permissions
-(``chmod 555 d`` or ``chmod 000 d`` defeat ``shutil.rmtree``), without following a symlink out of
-the workspace, and checks that the workspace is empty before the slot counts as clean.
+Stopping its calls and ending its sandbox have deadlines; the wipe runs in a thread for as long
+as the tree takes (the slot stays WIPING meanwhile). A slot whose clean-up fails or overruns
+goes OUT_OF_SERVICE rather than back to FREE: it is never handed to another trajectory with
+files, processes or calls of the last one. The wipe removes whatever the agent left, whatever it
+did to permissions (``chmod 555 d`` or ``chmod 000 d`` defeat ``shutil.rmtree``) and however deep
+(it keeps one directory open at a time and no recursion), never following a symlink out of the
+workspace, and checks that the workspace is empty before the slot counts as clean.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import stat
 from collections.abc import Coroutine
 from pathlib import Path
@@ -84,11 +85,14 @@ class SlotCleaner:
             del self._running[slot]
         if not self._running:
             self._settled.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a slot's clean-up failed", slot=slot.index, error=repr(exc))
 
     async def _release(self, slot: Slot, *, wipe: bool) -> None:
-        problem = await self._stop_calls(slot) or await self._end_sandbox(slot)
-        if problem:
-            self._table.out_of_service(slot, problem)
+        # The sandbox ends even when a call would not stop: nothing of the slot runs on.
+        problems = [await self._stop_calls(slot), await self._end_sandbox(slot)]
+        if any(problems):
+            self._table.out_of_service(slot, "; ".join(p for p in problems if p))
             return
         self._table.ended(slot, wipe=wipe)
         if wipe:
@@ -119,21 +123,43 @@ class SlotCleaner:
         try:
             # In a thread: a big tree takes a while, and heartbeats must go on meanwhile.
             await asyncio.to_thread(wipe_workspace, slot.workspace, slot.tools.sandbox.owner)
-        except (OSError, WipeFailed) as exc:
-            self._table.out_of_service(slot, f"wipe failed: {exc}")
+        except Exception as exc:  # whatever it was, the slot is not known to be clean
+            self._table.out_of_service(slot, f"wipe failed: {exc!r}")
             return
         self._table.wiped(slot)
 
 
 def wipe_workspace(workspace: Path, owner: tuple[int, int] | None = None) -> None:
     """Empty ``workspace`` (it stays, with its usual mode and owner); WipeFailed if anything is
-    left. Only what is inside is touched: symlinks are removed, never followed."""
-    _make_removable(workspace)
-    for entry in list(os.scandir(workspace)):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
+    left. Only what is inside is touched: symlinks are removed, never followed.
+
+    Depth-first without recursion, holding one directory open at a time and going back up
+    through ``..`` (nothing of the trajectory runs any more, so nothing can move a directory
+    meanwhile): no tree is too deep for it, for the stack or for open files.
+    """
+    _give_back(workspace)
+    fd = os.open(workspace, _DIRECTORY_FLAGS)
+    try:
+        path: list[tuple[str, list[str]]] = []  # the directories we are in: (name, still to do)
+        todo = _remove_files(fd)
+        while True:
+            if todo:
+                name = todo.pop()
+                inner = os.open(name, _DIRECTORY_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+                path.append((name, todo))
+                todo = _remove_files(fd)
+                continue
+            if not path:
+                break
+            name, todo = path.pop()
+            outer = os.open("..", _DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = outer
+            os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
     left = [entry.name for entry in os.scandir(workspace)]
     if left:
         raise WipeFailed(f"{len(left)} entries left, e.g. {left[0]!r}")
@@ -142,18 +168,26 @@ def wipe_workspace(workspace: Path, owner: tuple[int, int] | None = None) -> Non
         os.chown(workspace, *owner)
 
 
-def _make_removable(workspace: Path) -> None:
-    """Give every directory of the tree back its owner's rights (the agent may have taken them),
-    top-down, so that each can be listed before it is entered."""
-    _owner_rwx(str(workspace))
-    for root, dirnames, _ in os.walk(workspace):
-        for name in dirnames:
-            _owner_rwx(os.path.join(root, name))
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _owner_rwx(path: str) -> None:
-    mode = os.lstat(path).st_mode
-    # lstat, and only directories: a symlink is never followed out of the workspace. Nothing of
-    # the trajectory runs any more, so nothing can swap the entry in between.
-    if stat.S_ISDIR(mode) and mode & stat.S_IRWXU != stat.S_IRWXU:
-        os.chmod(path, stat.S_IMODE(mode) | stat.S_IRWXU)
+def _remove_files(fd: int) -> list[str]:
+    """Remove every entry of the open directory but its subdirectories; those are returned,
+    listable and enterable again (the agent may have taken its owner's rights away)."""
+    directories = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if mode & stat.S_IRWXU != stat.S_IRWXU:
+                    os.chmod(entry.name, stat.S_IMODE(mode) | stat.S_IRWXU, dir_fd=fd)
+                directories.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return directories
+
+
+def _give_back(workspace: Path) -> None:
+    mode = os.lstat(workspace).st_mode
+    if mode & stat.S_IRWXU != stat.S_IRWXU:
+        os.chmod(workspace, stat.S_IMODE(mode) | stat.S_IRWXU)

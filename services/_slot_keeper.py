@@ -2,19 +2,24 @@
 
 Giving: a free, clean slot is assigned (``_slots.py``), then the trajectory's lease is created
 in KV with compare-and-set. If the trajectory has a lease already (another worker or executor
-won the race), the slot goes back to FREE untouched; no slot is ever held without a lease.
+won the race), the slot goes back to FREE untouched; if the write failed some other way (it may
+have landed), the slot is cleaned up like a released one. No slot is held without a lease.
 
-Taking back, for four reasons, always the same way: the slot leaves its trajectory at once (so
-no further call reaches it), then its lease is removed (a release) or replaced by a tombstone
-that says why the workspace is lost (idle expiry, shutdown, a lost registration), then its
-clean-up runs (``_slot_cleanup.py``). A release answers once the slot is clean, or after
-``release_wait_s``, whichever is first; nothing it waits for can hang.
+Holding: while a slot is assigned its lease's TTL is renewed on a timer, so that a lease never
+expires under a trajectory that is still working; a lease found changed or gone (an executor took
+this worker for gone) means the slot is no longer the trajectory's, and it is taken back.
+
+Taking back, for five reasons, always the same way: the slot leaves its trajectory at once (so no
+further call reaches it), then its lease is removed (a release) or replaced by a tombstone that
+says why the workspace is lost (idle expiry, shutdown, a lost registration), then its clean-up
+runs (``_slot_cleanup.py``). A release answers once the slot is clean, or after
+``release_wait_s``, whichever is first. A slot's lease writes run one at a time (its
+``lease_lock``), each from the revision the last one left.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -29,6 +34,7 @@ from schemas.internal import (
     WorkerReleaseReply,
 )
 
+from ._kv import RevisionMismatch
 from ._leases import TOMBSTONE_TTL_S, LeaseExists, LeaseStore
 from ._slot_cleanup import SlotCleaner
 from ._slots import Slot, SlotState, SlotTable
@@ -67,15 +73,13 @@ class SlotKeeper:
         """Give the trajectory a free, clean slot and write its lease (the one it has, if any)."""
         if not self.accepting:
             return AcquireReply(outcome=AcquireOutcome.STOPPING)
-        held = self._table.holding(trajectory_id)
-        if held is not None:
-            if held.state is SlotState.ASSIGNED and held.lease is not None:
-                leased = AcquireOutcome.LEASED
-                return AcquireReply(outcome=leased, lease=held.lease, revision=held.lease_revision)
-            return AcquireReply(outcome=AcquireOutcome.CONFLICT)  # its lease is being written
+        if (held := self._held_reply(trajectory_id)) is not None:
+            return held
         slot = self._table.assign(trajectory_id)
         if slot is None and (dirty := self._table.claim_dirty()) is not None:
             await asyncio.shield(self._cleaner.start_wipe(dirty))  # the deferred wipe, now
+            if (held := self._held_reply(trajectory_id)) is not None:
+                return held  # another acquisition of it got a slot meanwhile
             slot = self._table.assign(trajectory_id) if self.accepting else None
         if slot is None:
             return AcquireReply(outcome=AcquireOutcome.FULL)
@@ -86,18 +90,45 @@ class SlotKeeper:
             epoch=slot.epoch,
             acquired_at=time.time(),
         )
-        try:
-            revision = await self._leases.create(trajectory_id, lease, ttl_s=self.lease_ttl_s)
-        except LeaseExists:
-            self._table.abandon(slot)
-            return AcquireReply(outcome=AcquireOutcome.CONFLICT)
-        except Exception as exc:
-            self._table.abandon(slot)
-            log.warning("writing a lease failed", trajectory_id=trajectory_id, error=repr(exc))
-            return AcquireReply(outcome=AcquireOutcome.FAILED)
-        self._table.confirm(slot, lease, revision)
+        async with slot.lease_lock:  # a release of it waits for this to settle
+            try:
+                revision = await self._leases.create(trajectory_id, lease, ttl_s=self.lease_ttl_s)
+            except LeaseExists:
+                self._table.abandon(slot)  # nothing of ours was written
+                return AcquireReply(outcome=AcquireOutcome.CONFLICT)
+            except BaseException as exc:
+                # It may have been written, and a call may have come in: clean up, remove it.
+                self._table.fail_assignment(slot)
+                self._spawn(self._unassign(trajectory_id, slot, lease))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                log.warning("writing a lease failed", trajectory_id=trajectory_id, error=repr(exc))
+                return AcquireReply(outcome=AcquireOutcome.FAILED)
+            self._table.confirm(slot, lease, revision)
         log.info("slot acquired", trajectory_id=trajectory_id, slot=slot.index, epoch=slot.epoch)
-        return AcquireReply(outcome=AcquireOutcome.LEASED, lease=lease, revision=revision)
+        return AcquireReply(outcome=AcquireOutcome.LEASED, lease=lease)
+
+    def _held_reply(self, trajectory_id: str) -> AcquireReply | None:
+        held = self._table.holding(trajectory_id)
+        if held is None:
+            return None
+        if held.state is SlotState.ASSIGNED and held.lease is not None:
+            return AcquireReply(outcome=AcquireOutcome.LEASED, lease=held.lease)
+        return AcquireReply(outcome=AcquireOutcome.CONFLICT)  # its lease is being written
+
+    async def _unassign(self, trajectory_id: str, slot: Slot, lease: Lease) -> None:
+        try:
+            stored = await asyncio.wait_for(self._leases.get(trajectory_id), KV_STEP_TIMEOUT_S)
+            if stored is not None and stored[0].same_assignment(lease):
+                await asyncio.wait_for(
+                    self._leases.remove(trajectory_id, expect=stored[1]), KV_STEP_TIMEOUT_S
+                )
+        except Exception as exc:  # an executor that finds it is told NO_SLOT, and removes it
+            log.warning(
+                "a lease written in doubt stays", trajectory_id=trajectory_id, error=repr(exc)
+            )
+        finally:
+            self._cleaner.start_release(slot, wipe=True)
 
     # -- taking back --------------------------------------------------------------------------
     async def release(
@@ -110,7 +141,9 @@ class SlotKeeper:
         slot = self._table.holding(trajectory_id)
         if slot is not None and slot.state is SlotState.ASSIGNING:
             # Its lease is in KV (the executor read it) but the write's ack is on its way here.
-            slot = await self._assigned(trajectory_id)
+            async with slot.lease_lock:
+                pass
+            slot = self._table.holding(trajectory_id)
         if slot is None or slot.state is not SlotState.ASSIGNED:
             return WorkerReleaseReply(released=False)
         if epoch is not None and slot.epoch != epoch:
@@ -122,46 +155,65 @@ class SlotKeeper:
         )
         return WorkerReleaseReply(released=True, slot=slot.index, settled=bool(done))
 
-    async def _assigned(self, trajectory_id: str) -> Slot | None:
-        """The trajectory's slot once its assignment has settled (confirmed or abandoned)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(KV_STEP_TIMEOUT_S + 1):
-                while (slot := self._table.holding(trajectory_id)) is not None:
-                    if slot.state is not SlotState.ASSIGNING:
-                        return slot
-                    await asyncio.sleep(0.005)  # one KV round trip, at most a few
-        return None
-
     def take_back(
-        self, slot: Slot, lost: LostReason | None, *, wipe: bool = True
+        self, slot: Slot, lost: LostReason | None, *, wipe: bool = True, lease_ours: bool = True
     ) -> Coroutine[Any, Any, asyncio.Task[None]]:
         """ASSIGNED → RELEASING now, in this call (so no call can slip in between the caller's
         check and the change); what it returns, awaited, removes the lease (or puts a tombstone
-        in its place, ``lost``) and starts the clean-up (a lost workspace is always wiped)."""
-        lease, revision = slot.lease, slot.lease_revision
+        in its place, ``lost``; neither when not ``lease_ours``) and starts the clean-up (a lost
+        workspace is always wiped)."""
+        lease = slot.lease
         trajectory_id = self._table.begin_release(slot)
-        return self._hand_back(slot, trajectory_id, lease, revision, lost, wipe or bool(lost))
+        update = lease if lease_ours else None
+        return self._hand_back(slot, trajectory_id, update, lost, wipe or bool(lost))
 
     async def _hand_back(
         self,
         slot: Slot,
         trajectory_id: str,
         lease: Lease | None,
-        revision: int,
         lost: LostReason | None,
         wipe: bool,
     ) -> asyncio.Task[None]:
         try:
-            if lost is None or lease is None:
-                # First: a call racing the release is told to look again, and finds no lease.
-                removal = self._leases.remove(trajectory_id, expect=revision)
-                await asyncio.wait_for(removal, KV_STEP_TIMEOUT_S)
-            else:
-                await self._write_tombstone(trajectory_id, lease, revision, lost)
+            if lease is not None:
+                # First: a call racing the release is told to look again, and finds no lease
+                # (or the tombstone that says why the workspace is gone).
+                await self._write(slot, trajectory_id, lease, lost)
         except Exception as exc:
             # An executor that finds the lease is told NO_SLOT, and removes it itself.
             log.warning("the lease was not updated", trajectory_id=trajectory_id, error=repr(exc))
-        return self._cleaner.start_release(slot, wipe=wipe)
+        finally:
+            cleanup = self._cleaner.start_release(slot, wipe=wipe)
+        return cleanup
+
+    async def _write(
+        self, slot: Slot, trajectory_id: str, lease: Lease, lost: LostReason | None
+    ) -> Lease | None:
+        """Remove the lease (``lost`` None) or tombstone it (returned), from the revision this
+        worker wrote last; if that changed, again only while it is still this assignment."""
+        async with slot.lease_lock:
+            expect = slot.lease_revision
+            for _ in range(2):
+                try:
+                    if lost is None:
+                        removal = self._leases.remove(trajectory_id, expect=expect)
+                        if await asyncio.wait_for(removal, KV_STEP_TIMEOUT_S):
+                            return None
+                    else:
+                        tombstone = lease.model_copy(update={"lost": lost})
+                        replace = self._leases.replace(
+                            trajectory_id, tombstone, expect=expect, ttl_s=TOMBSTONE_TTL_S
+                        )
+                        slot.lease_revision = await asyncio.wait_for(replace, KV_STEP_TIMEOUT_S)
+                        return tombstone
+                except RevisionMismatch:
+                    pass
+                stored = await asyncio.wait_for(self._leases.get(trajectory_id), KV_STEP_TIMEOUT_S)
+                if stored is None or not stored[0].same_assignment(lease):
+                    return None  # not ours any more: nothing to update
+                expect = stored[1]
+        return None
 
     async def give_up_all(self, lost: LostReason) -> None:
         """Take every assigned slot back, its workspace lost (the registration expired)."""
@@ -187,24 +239,17 @@ class SlotKeeper:
         if trajectory_id is None or lease is None or slot.state is not SlotState.ASSIGNED:
             return  # released meanwhile
         try:
-            revision = await self._write_tombstone(trajectory_id, lease, slot.lease_revision, lost)
+            tombstone = await self._write(slot, trajectory_id, lease, lost)
         except Exception as exc:
             log.warning("the lease was not marked lost", slot=slot.index, error=repr(exc))
             return
-        if slot.epoch == epoch:
-            slot.lease_revision = revision
+        if tombstone is not None and slot.state is SlotState.ASSIGNED and slot.epoch == epoch:
+            slot.lease = tombstone  # a tombstone stays one: nothing renews it
 
-    async def _write_tombstone(
-        self, trajectory_id: str, lease: Lease, revision: int, lost: LostReason
-    ) -> int:
-        tombstone = lease.model_copy(update={"lost": lost})
-        write = self._leases.replace(
-            trajectory_id, tombstone, expect=revision, ttl_s=TOMBSTONE_TTL_S
-        )
-        return await asyncio.wait_for(write, KV_STEP_TIMEOUT_S)
-
+    # -- holding ------------------------------------------------------------------------------
     async def maintain(self, period_s: float) -> None:
-        """For ever: expire idle slots, retry out-of-service ones (apart from the heartbeat)."""
+        """For ever: expire idle slots, renew held leases, retry out-of-service slots (apart
+        from the heartbeat, which must never wait behind any of this)."""
         timeout = self._idle_timeout_s
         period = min(period_s, timeout / 4) if timeout > 0 else period_s
         last_retry = time.monotonic()
@@ -212,43 +257,58 @@ class SlotKeeper:
             await asyncio.sleep(period)
             now = time.monotonic()
             for slot in self._table:
+                if slot.state is not SlotState.ASSIGNED or slot.lease is None:
+                    continue
                 idle = now - slot.last_used
-                expired = timeout > 0 and idle >= timeout
-                if expired and slot.state is SlotState.ASSIGNED and not slot.tasks:
+                if timeout > 0 and idle >= timeout and not slot.tasks:
                     log.info("slot expired", trajectory_id=slot.trajectory_id, idle_s=idle)
                     # The state changes in this call: the check and the change are one step.
                     self._spawn(self.take_back(slot, LostReason.EXPIRED))
+                elif self._renewal_due(slot, now):
+                    slot.lease_written_at = now  # one renewal at a time
+                    self._spawn(self._renew(slot, slot.epoch))
             if now - last_retry >= OUT_OF_SERVICE_RETRY_S:
                 last_retry = now
                 if (broken := self._table.claim_out_of_service()) is not None:
                     self._cleaner.start_release(broken, wipe=True)
 
-    # -- lease TTLs ---------------------------------------------------------------------------
     @property
     def lease_ttl_s(self) -> float | None:
         """A lease outlives its slot's idle expiry (which replaces it with a tombstone), so the
         leases of a worker that died do not stay in KV for ever."""
         return 2 * self._idle_timeout_s if self._idle_timeout_s > 0 else None
 
-    def on_call_start(self, slot: Slot) -> None:
-        """Renew the lease's TTL once half the idle timeout has passed since it was written."""
-        timeout = self._idle_timeout_s
-        if timeout <= 0 or time.monotonic() - slot.lease_written_at < timeout / 2:
-            return
-        slot.lease_written_at = time.monotonic()  # once per half-timeout, however many calls
-        self._spawn(self._refresh_lease(slot, slot.epoch))
+    def _renewal_due(self, slot: Slot, now: float) -> bool:
+        ttl = self.lease_ttl_s
+        lease = slot.lease
+        live = lease is not None and lease.lost is None  # a tombstone stays one
+        return ttl is not None and live and self.accepting and now - slot.lease_written_at > ttl / 4
 
-    async def _refresh_lease(self, slot: Slot, epoch: int) -> None:
-        trajectory_id, lease = slot.trajectory_id, slot.lease
-        if trajectory_id is None or lease is None or slot.state is not SlotState.ASSIGNED:
-            return
-        try:
-            revision = await self._leases.replace(
-                trajectory_id, lease, expect=slot.lease_revision, ttl_s=self.lease_ttl_s
-            )
-        except Exception as exc:  # released meanwhile, or KV unavailable: the next call retries
-            log.info("a lease's TTL was not renewed", slot=slot.index, error=repr(exc))
-            slot.lease_written_at = 0.0
-            return
+    async def _renew(self, slot: Slot, epoch: int) -> None:
+        """The lease again, with a fresh TTL. Found changed or gone, it is no longer this slot's
+        trajectory's truth: the slot is taken back."""
+        async with slot.lease_lock:
+            trajectory_id, lease = slot.trajectory_id, slot.lease
+            if trajectory_id is None or lease is None or slot.epoch != epoch:
+                return  # taken back meanwhile
+            try:
+                slot.lease_revision = await asyncio.wait_for(
+                    self._leases.replace(
+                        trajectory_id, lease, expect=slot.lease_revision, ttl_s=self.lease_ttl_s
+                    ),
+                    KV_STEP_TIMEOUT_S,
+                )
+                return
+            except RevisionMismatch:
+                stored = await asyncio.wait_for(self._leases.get(trajectory_id), KV_STEP_TIMEOUT_S)
+            except Exception as exc:  # KV unavailable: the next round tries again
+                log.info("a lease was not renewed", slot=slot.index, error=repr(exc))
+                slot.lease_written_at = 0.0
+                return
+            if stored is not None and stored[0] == lease:
+                slot.lease_revision = stored[1]  # our own write, whose ack was lost
+                slot.lease_written_at = 0.0
+                return
         if slot.state is SlotState.ASSIGNED and slot.epoch == epoch:
-            slot.lease_revision = revision
+            log.warning("a held slot's lease is gone: taking the slot back", slot=slot.index)
+            await self.take_back(slot, None, lease_ours=False)

@@ -3,7 +3,7 @@
 ::
 
     FREE ──assign──▶ ASSIGNING ──confirm──▶ ASSIGNED ──begin_release──▶ RELEASING
-      ▲    (lease being written)  │                                        │ calls cancelled,
+      ▲    (lease being written)  │ └──fail_assignment (lease maybe written)──▶ │ calls cancelled,
       │                           └──abandon (no lease: nothing ran)──▶ FREE  sandbox ended
       │                                                                    ▼
       └────────wiped──── WIPING ◀──────────────── ended(reset) ─────────────┤
@@ -69,6 +69,8 @@ class Slot:
     last_used: float = 0.0  # monotonic time of its last call's start or end
     problem: str = ""  # why it is out of service
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # its calls run one at a time
+    # Its lease's writes run one at a time, each from the revision the last one left.
+    lease_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # its calls, queued or running
 
     @property
@@ -114,11 +116,6 @@ class SlotTable:
         """Slots a new trajectory can get: FREE now, or DIRTY (wiped first)."""
         return self.count(SlotState.FREE, SlotState.DIRTY)
 
-    @property
-    def settled(self) -> bool:
-        """No slot is between two states of its clean-up."""
-        return not self.count(SlotState.RELEASING, SlotState.WIPING)
-
     # -- transitions --------------------------------------------------------------------------
     def assign(self, trajectory_id: str) -> Slot | None:
         """FREE → ASSIGNING for the trajectory, with a new epoch; None when no slot is free."""
@@ -149,6 +146,13 @@ class SlotTable:
         self._unhold(slot)
         slot.state = SlotState.FREE
         self._on_change()
+
+    def fail_assignment(self, slot: Slot) -> None:
+        """ASSIGNING → RELEASING: writing its lease failed in a way that may have written it,
+        and a call may have come in: cleaned up like any released slot, never just freed."""
+        self._expect(slot, SlotState.ASSIGNING)
+        self._unhold(slot)
+        slot.state = SlotState.RELEASING
 
     def begin_release(self, slot: Slot) -> str:
         """ASSIGNED → RELEASING: from here no new call reaches it. Returns the trajectory."""

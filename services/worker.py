@@ -33,8 +33,10 @@ from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
 from schemas.internal import (
+    AcquireOutcome,
     AcquireReply,
     AcquireRequest,
+    CancelReply,
     CancelRequest,
     LostReason,
     WorkerInfo,
@@ -50,7 +52,7 @@ from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
 from ._registration import (
     WORKER_MARKER_TTL_S,
-    RegistrationLost,
+    Heartbeat,
     WorkerRegistration,
     registration_ttl_s,
 )
@@ -66,7 +68,6 @@ __all__ = ["SandboxWorker", "WorkerConfig", "new_worker_id"]
 
 log = structlog.get_logger("toolbus.worker")
 
-_ANNOUNCE_DELAY_S = 0.05  # a burst of slot changes becomes one registration write
 _STEP_TIMEOUT_S = 5.0  # each KV write and hand-over step of a shutdown
 
 
@@ -113,7 +114,6 @@ class SandboxWorker:
                 disk_guard=self._disk_guard,
             ),
             artifacts=self._artifacts,
-            on_call_start=lambda slot: self._keeper.on_call_start(slot),
         )
         js = nc.jetstream()
         self._registration = WorkerRegistration(
@@ -131,11 +131,19 @@ class SandboxWorker:
             release_wait_s=config.release_wait_s,
             spawn=self._spawn,
         )
+        self._heartbeat = Heartbeat(
+            self._registration,
+            heartbeat_s=config.heartbeat_s,
+            info=self.info,
+            rejoin=self._rejoin,
+            spawn=self._spawn,
+        )
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()  # request handlers and lease writes
         self._loops: list[asyncio.Task[None]] = []
-        self._announce_soon: asyncio.TimerHandle | None = None
         self._started_at = time.time()
+        self._stopping = False  # once set, nothing (a rejoin included) takes work again
+        self._rejoining = False
 
     @property
     def _accepting(self) -> bool:
@@ -210,16 +218,29 @@ class SandboxWorker:
         subjects = self._config.subjects
         for subject, handler in (
             (subjects.worker_batch(wid), self._on_batch),
-            (subjects.worker_acquire(wid), self._handled(self._on_acquire)),
-            (subjects.worker_release(wid), self._handled(self._on_release)),
+            (
+                subjects.worker_acquire(wid),
+                self._handled(
+                    self._on_acquire, lambda _: AcquireReply(outcome=AcquireOutcome.FAILED)
+                ),
+            ),
+            (
+                subjects.worker_release(wid),
+                self._handled(
+                    self._on_release,
+                    lambda exc: WorkerReleaseReply(released=False, error=type(exc).__name__),
+                ),
+            ),
             (subjects.worker_cancel(wid), self._on_cancel),
         ):
             self._subscriptions.append(await self._nc.subscribe(subject, cb=handler))
         await self._nc.flush()
+        # Registered before it takes work: a lease names an incarnation executors can see.
+        await self._heartbeat.register()
         self._accepting = True
-        await self._registration.register(self.info)
+        await self._heartbeat.beat()  # the free slots, now that it takes them
         self._loops = [
-            asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{wid}"),
+            asyncio.create_task(self._heartbeat.run(), name=f"heartbeat-{wid}"),
             asyncio.create_task(
                 self._keeper.maintain(self._config.heartbeat_s), name=f"slot-maintenance-{wid}"
             ),
@@ -244,9 +265,11 @@ class SandboxWorker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # 1. stop taking calls and slots; let acquisitions under way finish their lease write.
+        # 1. stop taking calls and slots; let acquisitions under way finish their lease write
+        #    (waited for, never cancelled: a cancelled lease write leaves the lease in doubt).
+        self._stopping = True
         self._accepting = False
-        await _bounded(self._other_tasks(), _STEP_TIMEOUT_S)
+        await self._other_tasks(_STEP_TIMEOUT_S)
         # 2. tell executors at once: every workspace of this worker is about to be lost.
         await _bounded(self._keeper.mark_all_lost(LostReason.WORKER_STOPPED), _STEP_TIMEOUT_S)
         # 3. wait for running calls, 4. then cancel what is left (their processes are killed).
@@ -263,14 +286,17 @@ class SandboxWorker:
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._announce_soon:
-            self._announce_soon.cancel()
+        self._heartbeat.cancel()
         if self._nc.is_connected:
             await _bounded(self._registration.deregister(), _STEP_TIMEOUT_S)
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subscriptions.clear()
+        await self._other_tasks(_STEP_TIMEOUT_S)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._disk_guard.close()
         if self._cgroups is not None:
             await self._cgroups.remove()
@@ -313,59 +339,55 @@ class SandboxWorker:
         )
 
     def _announce_change(self) -> None:
-        """Publish free slots soon, coalescing a burst of acquires/releases into one write."""
-        if self._announce_soon is None and self._accepting:
-            loop = asyncio.get_running_loop()
-            self._announce_soon = loop.call_later(_ANNOUNCE_DELAY_S, self._fire_announce)
-
-    def _fire_announce(self) -> None:
-        self._announce_soon = None
-        self._spawn(self._beat())
-
-    async def _heartbeat_loop(self) -> None:
-        # Nothing else happens here: a beat must never wait behind slow slot work.
-        while True:
-            await asyncio.sleep(self._config.heartbeat_s)
-            await self._beat()
-
-    async def _beat(self) -> None:
-        try:
-            await self._registration.refresh(self.info)
-        except RegistrationLost:
-            await self._rejoin()
-        except Exception as exc:  # a missed beat is logged; the next one retries
-            log.warning("heartbeat failed", worker_id=self.worker_id, error=str(exc))
+        """Free slots changed: tell executors soon (while taking work)."""
+        if self._accepting:
+            self._heartbeat.soon()
 
     async def _rejoin(self) -> None:
-        """The registration expired while this worker could not beat: every executor has taken
-        its workspaces as lost. Give the slots up, then register as a new incarnation."""
-        if not self._accepting:
+        """The registration expired (or may have) while this worker could not beat: every
+        executor takes its workspaces as lost. Give the slots up, then register anew."""
+        if self._stopping or self._rejoining:
             return
         log.error("registration expired: giving up every slot and registering anew")
+        self._rejoining = True
         self._accepting = False
         try:
-            await self._other_tasks()  # acquisitions under way finish first
+            await self._other_tasks(_STEP_TIMEOUT_S)  # acquisitions under way finish first
             await self._keeper.give_up_all(LostReason.WORKER_EXPIRED)
-            await self._registration.register(self.info)
+            await self._heartbeat.register()
+        except Exception as exc:  # not registered: the next beat tries again
+            log.warning("registering again failed", worker_id=self.worker_id, error=repr(exc))
+            return
         finally:
+            self._rejoining = False
+        if not self._stopping:
             self._accepting = True
-        self._announce_change()
+            self._announce_change()
 
-    async def _other_tasks(self) -> None:
-        """Until the request handlers and lease writes running now (but the caller) are done."""
+    async def _other_tasks(self, timeout_s: float) -> None:
+        """Until the request handlers and lease writes running now (but the caller) are done,
+        at most ``timeout_s``; they are not cancelled."""
         others = [task for task in self._tasks if task is not asyncio.current_task()]
-        await asyncio.gather(*others, return_exceptions=True)
+        if others:
+            await asyncio.wait(others, timeout=timeout_s)
 
     # -- requests -----------------------------------------------------------------------------
     def _handled(
-        self, handler: Callable[[Msg], Awaitable[BaseModel]]
+        self,
+        handler: Callable[[Msg], Awaitable[BaseModel]],
+        failed: Callable[[Exception], BaseModel],
     ) -> Callable[[Msg], Awaitable[None]]:
-        """A request answered from a task of its own: nats-py runs one callback of a
-        subscription at a time, and a slow release must not hold back the next one."""
+        """A request answered from a task of its own (nats-py runs one callback of a
+        subscription at a time, and a slow release must not hold back the next one), and
+        always answered: ``failed(error)`` when the handler failed."""
 
         async def on_request(msg: Msg) -> None:
             async def answer() -> None:
-                reply = await handler(msg)
+                try:
+                    reply = await handler(msg)
+                except Exception as exc:
+                    log.exception("a worker request failed", subject=msg.subject)
+                    reply = failed(exc)
                 await msg.respond(reply.model_dump_json().encode())
 
             self._spawn(answer())
@@ -388,7 +410,11 @@ class SandboxWorker:
         await msg.respond(ack.model_dump_json().encode())
 
     async def _on_cancel(self, msg: Msg) -> None:
-        reply = self._calls.cancel(CancelRequest.model_validate_json(msg.data).item_ids)
+        try:
+            reply = self._calls.cancel(CancelRequest.model_validate_json(msg.data).item_ids)
+        except Exception:  # answered all the same: no outcome is "ask again"
+            log.exception("a cancel request failed")
+            reply = CancelReply()
         await msg.respond(reply.model_dump_json().encode())
 
     async def _on_acquire(self, msg: Msg) -> AcquireReply:
