@@ -9,10 +9,12 @@ Who decides what (see README, "Slots: one lifecycle, one truth"):
   refreshes it: it is written with a per-message TTL (``ttl_s``), so a worker that stops
   heartbeating is removed by the server, not by one executor's clock. ``incarnation`` changes
   each time the worker (re-)registers; leases name the incarnation they were made in.
-- A trajectory's **lease** (``Lease`` in the leases bucket) is written only by the worker that
-  holds the slot: created (compare-and-set) when it assigns the slot, deleted when it releases
-  it, replaced by a tombstone (``lost`` set) when it expires the slot. An executor deletes a
-  lease only when the lease's worker incarnation is no longer registered.
+- A trajectory's **lease** (``Lease`` in the leases bucket) is written by the worker that holds
+  the slot: created (compare-and-set) when it assigns the slot, renewed while it holds it,
+  deleted when it releases it, replaced by a tombstone (``lost`` set) when the workspace is lost.
+  An executor deletes a lease only on that worker's word (it refused a call on it, or does not
+  hold it), when the lease's worker incarnation is no longer registered, or to consume a
+  tombstone it reports.
 """
 
 from __future__ import annotations

@@ -197,6 +197,8 @@ class BwrapSandbox:
         self._socket = ours
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
+        # Its outcome is read here, unless this start was given up first: then by nobody.
+        self._ready.add_done_callback(lambda ready: ready.cancelled() or ready.exception())
         self._reader = asyncio.create_task(self._read_events(ours), name="sandbox-events")
         if self._resets != resets:  # a reset began while bubblewrap started: it wants none
             await self._stop()

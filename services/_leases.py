@@ -1,11 +1,12 @@
 """Trajectory leases in the leases KV bucket: trajectory → (worker, incarnation, slot, epoch).
 
-The worker that holds a slot is the only writer of its lease: it creates it (compare-and-set,
-so a trajectory has one lease however many executors and workers race), refreshes its TTL,
-replaces it with a tombstone (``lost`` set) when it expires the slot, and removes it when the
-slot is released. An executor reads leases and removes one only when its worker incarnation is
-gone from the workers bucket. An executor's cache of leases is only a shortcut: whenever a
-worker does not have what a cached lease says, the stored lease decides.
+The worker that holds a slot writes its lease: it creates it (compare-and-set, so a trajectory
+has one lease however many executors and workers race), renews its TTL, replaces it with a
+tombstone (``lost`` set) when the workspace is lost, and removes it when the slot is released.
+An executor removes a lease only on the word of the worker (it rejected a call on it, or said
+on release that it does not hold it), when its worker incarnation is gone from the workers
+bucket, or to take a tombstone it will report. An executor's cache of leases is only a
+shortcut: whenever a worker does not have what a cached lease says, the stored lease decides.
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ Who decides what:
 - **This executor** only reads, and caches what it read. Whenever a worker does not have what
   the cache says, the stored lease is read again and decides.
 
-"Workspace lost" is said once per lost workspace: the executor that removes a tombstone (or
-the lease of a gone worker) with compare-and-set is the one that tells the trajectory; the
-others find no lease and give it a new slot.
+"Workspace lost" is said once to the calls that come after a loss: the executor that removes a
+tombstone (or the lease of a gone worker) with compare-and-set tells the call it serves (and
+the trajectory's other calls waiting on that same look at the lease); the others find no lease
+and give the trajectory a new slot. Every call that was in flight in the lost workspace hears
+it as well: it ran there.
 """
 
 from __future__ import annotations
