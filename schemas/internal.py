@@ -90,6 +90,35 @@ class AcquireReply(BaseModel):
     lease: Lease | None = None
 
 
+class SlotWaiter(BaseModel):
+    """A trajectory waiting for a slot: a message in the waiting stream (``WAITING_STREAM``).
+
+    Workers take these in stream order whenever they have a free slot, assign the slot, and
+    offer its lease to ``offer_to``; so waiters are served first come, first served, whichever
+    executor they came through. The message expires with the wait (a per-message TTL)."""
+
+    ticket: str = Field(description="Names this wait; an offer for another one is declined.")
+    trajectory_id: str
+    offer_to: str = Field(description="The waiting executor's offers subject.")
+    deadline: float = Field(description="Unix time after which nobody waits for an offer.")
+    enqueued_at: float
+
+
+class SlotOffer(BaseModel):
+    """A worker to a waiting executor: the slot it assigned to the ticket's trajectory."""
+
+    ticket: str
+    lease: Lease | None = Field(
+        default=None, description="None: the trajectory got a lease some other way; read it."
+    )
+
+
+class SlotOfferReply(BaseModel):
+    accepted: bool = Field(
+        description="False: nobody waits for that ticket any more; the worker frees the slot."
+    )
+
+
 class WorkerReleaseRequest(BaseModel):
     trajectory_id: str
     epoch: int | None = Field(default=None, description="Release only this assignment.")

@@ -199,6 +199,19 @@ class PoolStatus(BaseModel):
     started: bool
 
 
+class WaitingStatus(BaseModel):
+    """Trajectories waiting for a slot (all slots in use)."""
+
+    model_config = _REPLY
+
+    trajectories: int = Field(
+        default=0, description="Waiting now, through every executor (the waiting queue's length)."
+    )
+    longest_wait_s: float = Field(
+        default=0.0, description="How long the first in the queue has waited so far."
+    )
+
+
 class CallRates(BaseModel):
     """Calls per second lately, as the answering executor counted them (totals show no trend)."""
 
@@ -227,6 +240,10 @@ class StatusReply(BaseModel):
     rates: CallRates = Field(
         default_factory=CallRates,
         description="Recent call rates; zeros from an executor older than this field.",
+    )
+    waiting: WaitingStatus = Field(
+        default_factory=WaitingStatus,
+        description="Trajectories waiting for a slot; zeros from an executor older than this.",
     )
 
 

@@ -15,6 +15,9 @@ SERVICE_NAME = "toolbus"
 
 LEASES_BUCKET = "toolbus-leases"
 WORKERS_BUCKET = "toolbus-workers"
+# Trajectories waiting for a slot (a work-queue stream), and the workers' one shared consumer.
+WAITING_STREAM = "toolbus-waiting"
+WAITING_CONSUMER = "slot-waiters"
 
 # ADR-32 error headers, and the header that carries a bearer token when auth is on.
 ERROR_HEADER = "Nats-Service-Error"
@@ -82,3 +85,12 @@ class Subjects:
 
     def executor_results(self, executor_id: str) -> str:
         return f"{self.internal}.executor.{executor_id}.results"
+
+    def executor_offers(self, executor_id: str) -> str:
+        """Where workers offer freed slots to the executor's waiting trajectories."""
+        return f"{self.internal}.executor.{executor_id}.offers"
+
+    @property
+    def waiting(self) -> str:
+        """The subject of the waiting stream (``WAITING_STREAM``)."""
+        return f"{self.internal}.waiting"

@@ -26,6 +26,7 @@ import time
 
 import structlog
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -46,6 +47,7 @@ from schemas.subjects import Subjects
 from ._leases import LeaseCache, LeaseStore
 from ._registry import WorkerRegistry
 from ._requests import nats_request
+from ._waiting import SlotQueue
 from .exceptions import NoCapacity, NotFound
 
 log = structlog.get_logger("toolbus.placement")
@@ -76,11 +78,13 @@ class Placement:
         store: LeaseStore,
         *,
         subjects: Subjects,
+        queue: SlotQueue,
         acquire_timeout_s: float,
         release_wait_s: float,
     ) -> None:
         self._nc = nc
         self._registry = registry
+        self._queue = queue
         self._store = store
         self._cache = LeaseCache()
         self._subjects = subjects
@@ -229,15 +233,29 @@ class Placement:
                     return reply.lease
                 if reply.outcome is not AcquireOutcome.FAILED:
                     self._registry.note_full(worker_id)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                alive = self._registry.alive()
+            if self._registry.capacity_version != version:
+                continue  # a slot freed while we asked: look at the hints again
+            # No free slot anywhere: wait in the queue, served in arrival order.
+            try:
+                offered = await self._queue.wait(trajectory_id, deadline - time.monotonic())
+            except TimeoutError:
+                pass
+            except NatsError as exc:
                 raise NoCapacity(
-                    f"no free slot within {self._acquire_timeout_s:g}s "
-                    f"({len(alive)} workers, {sum(w.slots_total for w, _ in alive)} slots, "
-                    "all in use); release finished trajectories or add workers"
-                )
-            await self._registry.wait_for_capacity(version, min(remaining, 0.5))
+                    f"cannot queue for a slot ({type(exc).__name__}); retry",
+                    kind=ErrorKind.WORKER_UNAVAILABLE,
+                ) from None
+            else:
+                if offered is not None:
+                    log.info("slot leased", worker_id=offered.worker_id, slot=offered.slot)
+                    self._cache.put(trajectory_id, offered)
+                return offered
+            alive = self._registry.alive()
+            raise NoCapacity(
+                f"no free slot within {self._acquire_timeout_s:g}s "
+                f"({len(alive)} workers, {sum(w.slots_total for w, _ in alive)} slots, "
+                "all in use); release finished trajectories or add workers"
+            )
 
     async def _ask_acquire(self, worker_id: str, request: bytes) -> AcquireReply | None:
         """The worker's answer; None when it gave none in time (it may have leased a slot)."""

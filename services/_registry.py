@@ -44,10 +44,9 @@ class WorkerRegistry:
     def __init__(self, bucket: KvBucket) -> None:
         self._bucket = bucket
         self._workers: dict[str, _Entry] = {}
-        # Each report of free slots is a new version: a waiter that saw version v before it
-        # asked the workers waits only if nothing was reported since (no wake-up is missed).
+        # Each report of free slots is a new version: an acquisition that saw version v before
+        # it asked the workers queues only if nothing was reported since.
         self._capacity_version = 0
-        self._capacity_changed = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._on_gone: list[GoneCallback] = []
@@ -173,17 +172,7 @@ class WorkerRegistry:
 
     def _capacity_freed(self) -> None:
         self._capacity_version += 1
-        self._capacity_changed.set()
-        self._capacity_changed = asyncio.Event()
 
     @property
     def capacity_version(self) -> int:
         return self._capacity_version
-
-    async def wait_for_capacity(self, since: int, timeout: float) -> None:
-        """Return when a worker reported free slots after version ``since`` (at once if one
-        did already), or after ``timeout`` seconds."""
-        if self._capacity_version != since:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._capacity_changed.wait(), timeout)

@@ -108,6 +108,7 @@ class SlotCalls:
             if queued:
                 ack.queued.append(item.item_id)
             slot.last_used = time.monotonic()
+            slot.calls += 1
             task = asyncio.create_task(
                 self._run(slot, item, header.reply_to, headers, subject, queued)
             )

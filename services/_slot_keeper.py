@@ -71,18 +71,27 @@ class SlotKeeper:
     # -- giving -------------------------------------------------------------------------------
     async def acquire(self, trajectory_id: str) -> AcquireReply:
         """Give the trajectory a free, clean slot and write its lease (the one it has, if any)."""
+        reply, _ = await self.assign(trajectory_id)
+        return reply
+
+    async def assign(self, trajectory_id: str) -> tuple[AcquireReply, bool]:
+        """:meth:`acquire`, and whether the slot was assigned by this call (not held before)."""
         if not self.accepting:
-            return AcquireReply(outcome=AcquireOutcome.STOPPING)
+            return AcquireReply(outcome=AcquireOutcome.STOPPING), False
         if (held := self._held_reply(trajectory_id)) is not None:
-            return held
+            return held, False
         slot = self._table.assign(trajectory_id)
         if slot is None and (dirty := self._table.claim_dirty()) is not None:
             await asyncio.shield(self._cleaner.start_wipe(dirty))  # the deferred wipe, now
             if (held := self._held_reply(trajectory_id)) is not None:
-                return held  # another acquisition of it got a slot meanwhile
+                return held, False  # another acquisition of it got a slot meanwhile
             slot = self._table.assign(trajectory_id) if self.accepting else None
         if slot is None:
-            return AcquireReply(outcome=AcquireOutcome.FULL)
+            return AcquireReply(outcome=AcquireOutcome.FULL), False
+        return await self._lease(trajectory_id, slot), True
+
+    async def _lease(self, trajectory_id: str, slot: Slot) -> AcquireReply:
+        """Write the lease of a slot just assigned (ASSIGNING) to the trajectory."""
         lease = Lease(
             worker_id=self._worker_id,
             incarnation=self._incarnation(),
@@ -154,6 +163,20 @@ class SlotKeeper:
             "slot released", trajectory_id=trajectory_id, slot=slot.index, reset=reset_workspace
         )
         return WorkerReleaseReply(released=True, slot=slot.index, settled=bool(done))
+
+    def release_unused(self, trajectory_id: str, epoch: int) -> bool:
+        """Take back an assignment no call has reached yet (a slot offered to a waiter that
+        was gone): False, and nothing changes, once one has, since the trajectory may be
+        using it through another executor. A call that comes after is told NO_SLOT and its
+        trajectory gets a new slot: nothing ran in this one."""
+        slot = self._table.holding(trajectory_id)
+        if slot is None or slot.state is not SlotState.ASSIGNED or slot.epoch != epoch:
+            return False
+        if slot.calls:
+            return False
+        # The check above and the state change in take_back() are one step (no await between).
+        self._spawn(self.take_back(slot, None, wipe=True))
+        return True
 
     def take_back(
         self, slot: Slot, lost: LostReason | None, *, wipe: bool = True, lease_ours: bool = True

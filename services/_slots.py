@@ -67,6 +67,7 @@ class Slot:
     lease_revision: int = 0  # the lease's revision in KV, as this worker last wrote it
     lease_written_at: float = 0.0  # monotonic
     last_used: float = 0.0  # monotonic time of its last call's start or end
+    calls: int = 0  # calls this assignment has taken
     problem: str = ""  # why it is out of service
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # its calls run one at a time
     # Its lease's writes run one at a time, each from the revision the last one left.
@@ -128,6 +129,7 @@ class SlotTable:
         slot.trajectory_id = trajectory_id
         slot.epoch = next(self._epochs)
         slot.last_used = time.monotonic()
+        slot.calls = 0
         self._by_trajectory[trajectory_id] = slot
         self._on_change()
         return slot

@@ -63,6 +63,7 @@ from ._registry import WorkerRegistry
 from ._replies import parse_request
 from ._serving import CallStats, Handler, RequestServer
 from ._status import pool_status
+from ._waiting import SlotQueue
 from .exceptions import BadRequest, NotFound, PayloadTooLarge
 from .settings import MIN_TIMEOUT_S
 
@@ -100,11 +101,13 @@ class ExecutorService:
         self._results_sub: Subscription | None = None
         js = nc.jetstream()
         self._registry = WorkerRegistry(KvBucket(js, WORKERS_BUCKET))
+        self._queue = SlotQueue(nc, subjects=self._subjects, executor_id=self.executor_id)
         self._placement = Placement(
             nc,
             self._registry,
             LeaseStore(KvBucket(js, LEASES_BUCKET)),
             subjects=self._subjects,
+            queue=self._queue,
             acquire_timeout_s=self._config.acquire_timeout_s,
             release_wait_s=self._config.worker_release_wait_s,
         )
@@ -160,6 +163,11 @@ class ExecutorService:
     def calls_in_flight(self) -> int:
         return self._stats.calls_in_flight
 
+    @property
+    def trajectories_waiting(self) -> int:
+        """This executor's trajectories in the queue for a slot."""
+        return self._queue.waiting
+
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> ExecutorService:
         js = self._nc.jetstream()
@@ -171,6 +179,7 @@ class ExecutorService:
         )
         await open_bucket(js, LEASES_BUCKET, description="toolbus trajectory leases")
         await self._registry.start(workers)
+        await self._queue.start()
         self._results_sub = await self._nc.subscribe(
             self._results_subject, cb=self._dispatcher.on_result
         )
@@ -199,6 +208,7 @@ class ExecutorService:
         # 1. stop accepting, 2. wait for calls in flight, 3. cancel the rest (each replies 503).
         await self._server.stop(self._config.drain_timeout_s)
         # 4. nothing of this executor goes on: no acquisition, no batch, no result wait.
+        await self._queue.stop()  # offers from now on are declined: their slots freed again
         await self._placement.close()
         await self._dispatcher.close()
         if self._results_sub is not None:
@@ -362,7 +372,9 @@ class ExecutorService:
         )
 
     async def _status(self, msg: Msg) -> bytes:
-        return self.status().model_dump_json().encode()
+        reply = self.status()
+        reply.waiting = await self._queue.status()
+        return reply.model_dump_json().encode()
 
     async def _list_tools(self, msg: Msg) -> bytes:
         return self._tool_list

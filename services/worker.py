@@ -60,6 +60,7 @@ from ._sandbox import SandboxFactory
 from ._slot_calls import SlotCalls
 from ._slot_cleanup import SlotCleaner
 from ._slot_keeper import SlotKeeper
+from ._slot_offers import SlotOffers
 from ._slots import Slot, SlotState, SlotTable
 from ._tools import SlotTools, ToolLimits, ToolRunner
 from ._worker_config import WorkerConfig
@@ -131,6 +132,12 @@ class SandboxWorker:
             release_wait_s=config.release_wait_s,
             spawn=self._spawn,
         )
+        self._offers = SlotOffers(
+            nc,
+            self._keeper,
+            subjects=config.subjects,
+            assignable=lambda: self._table.free,
+        )
         self._heartbeat = Heartbeat(
             self._registration,
             heartbeat_s=config.heartbeat_s,
@@ -153,6 +160,7 @@ class SandboxWorker:
     @_accepting.setter
     def _accepting(self, value: bool) -> None:
         self._keeper.accepting = self._calls.accepting = value
+        self._offers.wake()
 
     @property
     def worker_id(self) -> str:
@@ -239,6 +247,7 @@ class SandboxWorker:
         await self._heartbeat.register()
         self._accepting = True
         await self._heartbeat.beat()  # the free slots, now that it takes them
+        self._offers.start()  # free slots go to trajectories waiting for one
         self._loops = [
             asyncio.create_task(self._heartbeat.run(), name=f"heartbeat-{wid}"),
             asyncio.create_task(
@@ -269,6 +278,7 @@ class SandboxWorker:
         #    (waited for, never cancelled: a cancelled lease write leaves the lease in doubt).
         self._stopping = True
         self._accepting = False
+        await _bounded(self._offers.stop(), _STEP_TIMEOUT_S)
         await self._other_tasks(_STEP_TIMEOUT_S)
         # 2. tell executors at once: every workspace of this worker is about to be lost.
         await _bounded(self._keeper.mark_all_lost(LostReason.WORKER_STOPPED), _STEP_TIMEOUT_S)
@@ -339,7 +349,9 @@ class SandboxWorker:
         )
 
     def _announce_change(self) -> None:
-        """Free slots changed: tell executors soon (while taking work)."""
+        """Free slots changed: serve a waiting trajectory, tell executors soon (while taking
+        work)."""
+        self._offers.wake()
         if self._accepting:
             self._heartbeat.soon()
 

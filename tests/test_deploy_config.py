@@ -118,6 +118,14 @@ async def test_each_user_of_the_accounts_file_can_do_its_part(
         await client.fetch_artifact(packed.object, tmp_path / "task.tar.gz")
         status = await client.status()
         assert status.pool.total_slots == 2
+        # Both slots taken: a third trajectory waits in the queue, and gets the slot freed.
+        assert (await client.execute("deploy-t2", "terminal", {"command": "true"})).success
+        waiter = asyncio.create_task(client.execute("deploy-t3", "terminal", {"command": "true"}))
+        while (await client.status()).waiting.trajectories == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await client.release("deploy-t2", reset_workspace=True)
+        assert (await waiter).success
+        await client.release("deploy-t3", reset_workspace=True)
         with pytest.raises(NotFound, match="Unknown tool"):  # asked of tools.external.* first
             await client.execute("deploy-t1", "web_search", {"query": "x"})
         await client.release("deploy-t1", reset_workspace=True)
