@@ -26,6 +26,7 @@ from ._bwrap import _SANDBOX_PYTHON_PREFIX, BwrapOptions, _sandbox_python, bwrap
 from ._command_pipes import _CallPipes
 from ._fd_limits import inherited_limit
 from ._launcher import CALL_TAG, INLINE_MESSAGE_BYTES, format_rlimits
+from ._launcher_code import open_launcher
 from ._sandbox_contract import (
     _BASE_ENV,
     SANDBOX_WORKSPACE,
@@ -38,7 +39,6 @@ from ._sandbox_process import SandboxProcess
 
 log = structlog.get_logger("toolbus.sandbox")
 
-_LAUNCHER_PATH = "/opt/toolbus/launcher.py"
 _READY_TIMEOUT_S = 10.0
 # SIGKILL ends bubblewrap at once; only a process stuck in the kernel (D state) can delay it.
 _STOP_TIMEOUT_S = 5.0
@@ -128,13 +128,13 @@ class BwrapSandbox:
         # The socket is also bubblewrap's stderr (so no pipe is kept per sandbox): what it, the
         # launcher's interpreter or the cgroup's shell write there arrives as non-JSON packets.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        launcher = Path(__file__).with_name("_launcher.py")
+        launcher, launcher_path = open_launcher(python)
         command = [
             python.executable,
             "-I",
             "-S",
             "-B",
-            _LAUNCHER_PATH,
+            launcher_path,
             str(theirs.fileno()),
             format_rlimits(self._rlimits),
         ]
@@ -142,10 +142,10 @@ class BwrapSandbox:
         fds = [
             theirs.fileno(),
             os.open(self.workspace, os.O_PATH | os.O_DIRECTORY),
-            os.open(launcher, os.O_RDONLY),
+            launcher,
         ]
         argv = bwrap_argv(self._options, fds[1], command)
-        extra = ["--file", str(fds[2]), _LAUNCHER_PATH]
+        extra = ["--file", str(fds[2]), launcher_path]
         if python.prefix is not None:
             fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
             extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
