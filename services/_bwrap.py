@@ -70,6 +70,9 @@ def bwrap_argv(options: BwrapOptions, workspace: Path | int, command: list[str])
     tmp_bytes = str(options.limits.max_tmp_mb * 1024 * 1024)
     argv = [str(options.bwrap)]
     argv += ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+    # The command is the namespace's pid 1 (it must reap orphans): no init of bubblewrap's
+    # own beside it, and nothing in the sandbox can kill or stop it.
+    argv += ["--as-pid-1"]
     argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
     argv += ["--cap-drop", "ALL", "--hostname", "sandbox"]
     argv += ["--ro-bind", "/usr", "/usr"]

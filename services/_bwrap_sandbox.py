@@ -14,6 +14,7 @@ import contextlib
 import errno
 import itertools
 import json
+import marshal
 import os
 import signal
 import socket
@@ -22,9 +23,10 @@ from pathlib import Path
 import structlog
 
 from ._bwrap import _SANDBOX_PYTHON_PREFIX, BwrapOptions, _sandbox_python, bwrap_argv
-from ._cgroups import join_cgroup
 from ._command_pipes import _CallPipes
-from ._launcher import CALL_TAG, INLINE_MESSAGE_BYTES
+from ._fd_limits import inherited_limit
+from ._launcher import CALL_TAG, INLINE_MESSAGE_BYTES, format_rlimits
+from ._launcher_code import open_launcher
 from ._sandbox_contract import (
     _BASE_ENV,
     SANDBOX_WORKSPACE,
@@ -33,20 +35,14 @@ from ._sandbox_contract import (
     _SandboxGone,
     check_argv,
 )
+from ._sandbox_process import SandboxProcess
 
 log = structlog.get_logger("toolbus.sandbox")
 
-_LAUNCHER_PATH = "/opt/toolbus/launcher.py"
 _READY_TIMEOUT_S = 10.0
 # SIGKILL ends bubblewrap at once; only a process stuck in the kernel (D state) can delay it.
 _STOP_TIMEOUT_S = 5.0
-
-
-def _drop_to(owner: tuple[int, int]) -> None:
-    """In a child before exec: become the slot's unprivileged user."""
-    os.setgroups([])
-    os.setgid(owner[1])
-    os.setuid(owner[0])
+_SAID_CHARS = 2000  # of what a sandbox writes to its stderr, for the log or a start error
 
 
 class _SandboxCommand:
@@ -99,10 +95,10 @@ class BwrapSandbox:
         self.owner = owner  # (uid, gid) the sandbox runs as, when the worker is root
         self._options = options
         self._cgroup = cgroup
-        self._rlimits = options.limits.rlimits()
+        self._rlimits = {**options.limits.rlimits(), **inherited_limit()}
         self.network_isolated = not options.allow_network
-        self._process: asyncio.subprocess.Process | None = None
-        self._stderr: int | None = None  # bubblewrap's stderr (ours to read), for start errors
+        self._process: SandboxProcess | None = None
+        self._said: list[str] = []  # what the sandbox wrote to its stderr before it was ready
         self._socket: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -121,7 +117,7 @@ class BwrapSandbox:
     def _alive(self) -> bool:
         return (
             self._process is not None
-            and self._process.returncode is None
+            and self._process.poll() is None
             and self._reader is not None
             and not self._reader.done()
         )
@@ -129,72 +125,46 @@ class BwrapSandbox:
     async def _start(self) -> socket.socket:
         resets = self._resets
         python = _sandbox_python()
+        # The socket is also bubblewrap's stderr (so no pipe is kept per sandbox): what it, the
+        # launcher's interpreter or the cgroup's shell write there arrives as non-JSON packets.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        launcher = Path(__file__).with_name("_launcher.py")
+        launcher, launcher_path = open_launcher(python)
         command = [
             python.executable,
             "-I",
             "-S",
             "-B",
-            _LAUNCHER_PATH,
+            launcher_path,
             str(theirs.fileno()),
-            json.dumps(self._rlimits),
+            format_rlimits(self._rlimits),
         ]
         # Sources are passed as open fds: a sandbox user may not be able to walk to them.
         fds = [
             theirs.fileno(),
             os.open(self.workspace, os.O_PATH | os.O_DIRECTORY),
-            os.open(launcher, os.O_RDONLY),
+            launcher,
         ]
         argv = bwrap_argv(self._options, fds[1], command)
-        extra = ["--file", str(fds[2]), _LAUNCHER_PATH]
+        extra = ["--file", str(fds[2]), launcher_path]
         if python.prefix is not None:
             fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
             extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
         argv[1:1] = extra
-        cgroup, owner = self._cgroup, self.owner
-        # Not an asyncio PIPE: Process.wait() would then also wait for every holder of the pipe
-        # to close it, and a command can hand the launcher's stderr to a process outside.
-        stderr_read, stderr_write = os.pipe()
-
-        def before_exec() -> None:
-            if cgroup is not None:  # into the slot's pids cgroup, so nothing escapes it
-                join_cgroup(cgroup)
-            if owner is not None:
-                _drop_to(owner)
-
-        spawn = asyncio.ensure_future(
-            asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=stderr_write,
-                pass_fds=fds,
-                preexec_fn=before_exec,
-            )
-        )
         try:
-            # Shielded: cancelling a process start mid-way can hang on Python 3.11
-            # (CPython gh-103847); a start whose caller went away is killed once it is done.
-            self._process = await asyncio.shield(spawn)
-        except asyncio.CancelledError:
-            spawn.add_done_callback(_kill_started_process)
+            # Synchronous, and quick (a vfork and an exec): nothing to cancel half-way.
+            self._process = SandboxProcess(
+                argv, stderr=theirs.fileno(), pass_fds=fds, cgroup=self._cgroup, owner=self.owner
+            )
+        except OSError as exc:  # bubblewrap (or the shell, setpriv) could not be executed
             ours.close()
-            os.close(stderr_read)
-            raise
-        except OSError as exc:  # bubblewrap could not be executed at all
-            ours.close()
-            os.close(stderr_read)
             raise SandboxError(f"cannot run {self._options.bwrap}: {exc.strerror}") from None
         finally:
-            theirs.close()  # the child has its copies (fork happened before the first await)
-            os.close(stderr_write)
+            theirs.close()  # the child has its copies
             for fd in fds[1:]:
                 os.close(fd)
-        os.set_blocking(stderr_read, False)
-        self._stderr = stderr_read
         ours.setblocking(False)
         self._socket = ours
+        self._said = []
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         # Its outcome is read here, unless this start was given up first: then by nobody.
@@ -206,29 +176,17 @@ class BwrapSandbox:
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), _READY_TIMEOUT_S)
         except (TimeoutError, SandboxError) as exc:
-            detail = await self._stderr_tail()
+            detail = " ".join(self._said)[:_SAID_CHARS]
             await self._stop()
             raise SandboxError(f"the sandbox did not start: {detail or exc}") from None
         return ours
-
-    async def _stderr_tail(self) -> str:
-        process, stderr = self._process, self._stderr
-        if process is None or stderr is None:
-            return ""
-        with contextlib.suppress(TimeoutError):  # once it has exited, all it said is there
-            await asyncio.wait_for(process.wait(), 1.0)
-        try:
-            data = os.read(stderr, 4096)
-        except OSError:  # nothing there (it would block), or gone
-            return ""
-        return data.decode(errors="replace").strip()
 
     async def _read_events(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
             while data := await loop.sock_recv(sock, 65536):
-                self._on_event(json.loads(data))
-        except (OSError, ValueError) as exc:
+                self._on_packet(data)
+        except OSError as exc:
             log.warning("sandbox event stream failed", error=str(exc))
         finally:
             # The sandbox is gone: nothing it ran will report any more.
@@ -238,6 +196,24 @@ class BwrapSandbox:
                 if not call.exited.done():
                     call.exited.set_result(-int(signal.SIGKILL))
             self._calls.clear()
+            if self._process is not None:
+                self._process.poll()  # reaped now if it has exited already
+
+    def _on_packet(self, data: bytes) -> None:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            event = None
+        if isinstance(event, dict) and "event" in event:
+            self._on_event(event)
+            return
+        # Not an event: something written to stderr (bubblewrap's error, a traceback).
+        text = data.decode(errors="replace").strip()
+        if self._ready is not None and not self._ready.done():
+            if sum(map(len, self._said)) < _SAID_CHARS:
+                self._said.append(text)
+        else:
+            log.warning("the sandbox wrote to its stderr", text=text[:_SAID_CHARS])
 
     def _on_event(self, event: object) -> None:
         if not isinstance(event, dict):
@@ -296,7 +272,7 @@ class BwrapSandbox:
             message = {"op": "run", "id": call_id, "argv": argv, "env": env}
             self._calls[call_id] = call
             try:
-                await _send_run(sock, call_id, json.dumps(message).encode(), pipes.for_child)
+                await _send_run(sock, call_id, marshal.dumps(message), pipes.for_child)
             except OSError as exc:
                 raise self._send_error(sock, exc) from None
         except BaseException:
@@ -316,7 +292,7 @@ class BwrapSandbox:
         if self._socket is None:
             return
         with contextlib.suppress(OSError):
-            self._socket.send(json.dumps({"op": "kill", "id": call_id}).encode())
+            self._socket.send(marshal.dumps({"op": "kill", "id": call_id}))
 
     async def reset(self) -> None:
         """End the sandbox and everything in it; the next command starts a fresh one.
@@ -324,9 +300,8 @@ class BwrapSandbox:
         Bounded in time whatever the sandbox is doing: bubblewrap is killed first, so a start
         in progress (which holds the lock while it waits for the launcher) ends at once."""
         self._resets += 1
-        if self._process is not None and self._process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._process.kill()
+        if self._process is not None:
+            self._process.kill()
         async with self._start_lock:
             await self._stop()
 
@@ -334,8 +309,8 @@ class BwrapSandbox:
         await self.reset()
 
     async def _stop(self) -> None:
-        reader, sock, process, stderr = self._reader, self._socket, self._process, self._stderr
-        self._reader = self._socket = self._process = self._stderr = None
+        reader, sock, process = self._reader, self._socket, self._process
+        self._reader = self._socket = self._process = None
         if reader is not None:
             # Before the socket closes: its fd must leave the event loop while it is still its.
             reader.cancel()
@@ -344,20 +319,11 @@ class BwrapSandbox:
             sock.close()
         if process is not None:
             # Killing bubblewrap kills the sandbox's pid 1, and the kernel ends the namespace.
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            process.kill()
             try:
                 await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
-            except TimeoutError:  # stuck in the kernel: the child watcher reaps it later
+            except TimeoutError:  # stuck in the kernel: a later start's Popen reaps it
                 log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
-        if stderr is not None:
-            os.close(stderr)
-
-
-def _kill_started_process(spawn: asyncio.Future[asyncio.subprocess.Process]) -> None:
-    if not spawn.cancelled() and spawn.exception() is None:
-        with contextlib.suppress(ProcessLookupError):
-            spawn.result().kill()
 
 
 async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[int]) -> None:
@@ -375,7 +341,7 @@ async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[in
         view = memoryview(data)
         while view:
             view = view[os.write(memfd, view) :]
-        header = json.dumps({"op": "run", "id": call_id, "via_fd": True}).encode()
+        header = marshal.dumps({"op": "run", "id": call_id, "via_fd": True})
         await _send_with_fds(sock, header, [*fds, memfd])
     finally:
         os.close(memfd)

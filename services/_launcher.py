@@ -1,13 +1,16 @@
 """The in-sandbox launcher: one per slot, it starts each command inside the slot's sandbox.
 
-It runs as the sandbox's main process (``python3 -I -S launcher.py FD RLIMITS_JSON``; the
-rlimits apply to the launcher and so to every command it starts) and speaks a small
-protocol over a SOCK_SEQPACKET socket (one JSON object per packet):
+It runs as the sandbox's pid 1 (``python3 -I -S -B launcher.py FD RLIMITS``, bubblewrap's
+``--as-pid-1``; RLIMITS is ``NAME=SOFT:HARD,...`` and applies to the launcher and so to every
+command it starts) and speaks a small protocol over a SOCK_SEQPACKET socket, one message per
+packet. The worker is the trusted side: what it sends is marshal-encoded (the launcher then
+needs no json, which would pull in ``re``); what the launcher sends is JSON, written here by
+hand, because the worker must never unmarshal data from inside a sandbox.
 
     worker -> launcher  {"op": "run", "id": N, "argv": [...], "env": {...}}
                         with file descriptors attached: the command's stdout and stderr, and
                         optionally its stdin (else /dev/null)
-                        {"op": "run", "id": N, "via_fd": true}   the same, for a message too
+                        {"op": "run", "id": N, "via_fd": True}   the same, for a message too
                                                     big for one packet: the whole message is
                                                     in one more fd, attached last (a memfd)
                         {"op": "kill", "id": N}     kill the call's process group and every
@@ -19,23 +22,28 @@ protocol over a SOCK_SEQPACKET socket (one JSON object per packet):
                         {"event": "rejected", "error": "..."}   a message without a usable id
 
 Whatever a packet holds, the launcher answers it and goes on: its death would end every
-process of the slot.
+process of the slot. As pid 1 it also reaps every orphan of the sandbox, and no process in
+the sandbox can kill or stop it (the kernel drops such signals from inside the namespace).
 
 Forking this small process and exec'ing the command costs about what a plain spawn costs,
-while the namespaces (set up once by bubblewrap) are reused. Only the standard library is used:
-the sandbox sees the system's Python, not the service's packages.
+while the namespaces (set up once by bubblewrap) are reused. Only builtin and C modules are
+imported (no enum, re, json or selectors): they halve the interpreter's start and its memory,
+which every live slot pays. The sandbox sees the system's Python, not the service's packages.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import _signal  # type: ignore[import-not-found]  # no stub; signal would import enum
+import _socket
+import marshal
 import os
 import resource
-import selectors
-import signal
-import socket
+import select
 import sys
+
+TYPE_CHECKING = False  # not typing's: importing typing would cost more than the launcher
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 CALL_TAG = "TOOLBUS_CALL"
 # A run message larger than this goes in a memfd: a packet must fit the socket's send buffer.
@@ -43,6 +51,7 @@ INLINE_MESSAGE_BYTES = 32 * 1024
 _RECEIVE_BYTES = INLINE_MESSAGE_BYTES + 1024
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _MAX_FDS = 4  # stdout, stderr, stdin, the message's memfd
+_ANCILLARY_BYTES = _socket.CMSG_SPACE(_MAX_FDS * 4)
 _MAX_CALL_ID = 1 << 40
 
 # Which processes belong to a call. The process group misses ``setsid``, the environment tag
@@ -50,9 +59,9 @@ _MAX_CALL_ID = 1 << 40
 # costs nothing to set: the launcher sets RLIMIT_RTTIME's soft limit to a per-call value around
 # posix_spawn, so the command inherits it, and a kill reads it back with prlimit(2). RTTIME only
 # limits real-time scheduled tasks, and the values (over 12 days of CPU time) are never reached
-# anyway. (A child subreaper would not do: it learns of an orphan only once its parent is gone,
-# when nothing says any more which call it came from.) A process can still drop all three marks
-# on purpose; the slot's release ends the whole sandbox.
+# anyway. (Reaping orphans as pid 1 would not do: an orphan is seen only once its parent is
+# gone, when nothing says any more which call it came from.) A process can still drop all
+# three marks on purpose; the slot's release ends the whole sandbox.
 _MARK_BASE = 1 << 40
 
 
@@ -60,15 +69,47 @@ class _Rejected(Exception):
     """A message the launcher cannot act on; the text says why."""
 
 
-def _send(sock: socket.socket, message: dict[str, object]) -> None:
-    sock.send(json.dumps(message).encode())
+def json_string(text: str) -> str:
+    """``text`` as a JSON string literal, ASCII only (as ``json.dumps`` writes it)."""
+    out = ['"']
+    for char in text:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:  # outside the BMP: a surrogate pair
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+    out.append('"')
+    return "".join(out)
+
+
+def _send(sock: _socket.socket, event: str) -> None:
+    sock.send(event.encode())
+
+
+def _failed(call_id: int | None, error: str) -> str:
+    if call_id is None:
+        return f'{{"event": "rejected", "error": {json_string(error)}}}'
+    return f'{{"event": "failed", "id": {call_id}, "error": {json_string(error)}}}'
 
 
 def _mark(call_id: int) -> int:
     return _MARK_BASE + call_id
 
 
-def _read_message_fd(fd: int) -> object:
+def _quietly(call: Callable[..., object], *args: int) -> None:
+    """``call(*args)``, an OSError ignored (contextlib would import collections, functools)."""
+    try:
+        call(*args)
+    except OSError:
+        return
+
+
+def _read_message_fd(fd: int) -> dict[object, object]:
     size = os.fstat(fd).st_size
     if size > _MAX_MESSAGE_BYTES:
         raise _Rejected(f"the message is {size} bytes; at most {_MAX_MESSAGE_BYTES}")
@@ -79,10 +120,28 @@ def _read_message_fd(fd: int) -> object:
             break
         chunks.append(chunk)
         offset += len(chunk)
-    return json.loads(b"".join(chunks))
+    return _decode(b"".join(chunks))
 
 
-def _call_id(message: dict[str, object]) -> int:
+def _decode(data: bytes) -> dict[object, object]:
+    try:
+        message = marshal.loads(data)
+    except Exception:  # EOFError, ValueError, TypeError: not marshal data
+        raise _Rejected("the message is not marshal data") from None
+    if not isinstance(message, dict):
+        raise _Rejected("a message must be a dict")
+    return message
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds += memoryview(data[: len(data) - len(data) % 4]).cast("i").tolist()
+    return fds
+
+
+def _call_id(message: dict[object, object]) -> int:
     call_id = message.get("id")
     if not isinstance(call_id, int) or isinstance(call_id, bool):
         raise _Rejected("the id must be an integer")
@@ -91,7 +150,7 @@ def _call_id(message: dict[str, object]) -> int:
     return call_id
 
 
-def _command(message: dict[str, object], fds: list[int]) -> tuple[list[str], dict[str, str]]:
+def _command(message: dict[object, object], fds: list[int]) -> tuple[list[str], dict[str, str]]:
     """The argv and environment of a run message, checked."""
     argv, env = message.get("argv"), message.get("env")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
@@ -99,7 +158,7 @@ def _command(message: dict[str, object], fds: list[int]) -> tuple[list[str], dic
     if not isinstance(env, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
-        raise _Rejected("env must be an object of strings")
+        raise _Rejected("env must be a dict of strings")
     if any("\0" in arg for arg in argv) or any("\0" in f"{k}{v}" for k, v in env.items()):
         raise _Rejected("the command line or environment contains a NUL byte")
     if len(fds) not in (2, 3):
@@ -108,7 +167,7 @@ def _command(message: dict[str, object], fds: list[int]) -> tuple[list[str], dic
 
 
 class _Launcher:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self._sock = sock
         self._running: dict[int, int] = {}  # pid -> call id
         self._pids: dict[int, int] = {}  # call id -> pid
@@ -117,46 +176,43 @@ class _Launcher:
         self._marking = self._rttime[1] == resource.RLIM_INFINITY
 
     def reap(self) -> None:
-        for pid in list(self._running):
+        """Collect every child that exited: the commands, and as pid 1 every orphan too."""
+        while True:
             try:
-                done, status = os.waitpid(pid, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                done, status = pid, 0
-            if done:
-                call_id = self._running.pop(pid)
+                return
+            if pid == 0:
+                return
+            call_id = self._running.pop(pid, None)
+            if call_id is not None:
                 self._pids.pop(call_id, None)
                 code = os.waitstatus_to_exitcode(status)
-                _send(self._sock, {"event": "exited", "id": call_id, "code": code})
+                _send(self._sock, f'{{"event": "exited", "id": {call_id}, "code": {code}}}')
 
     def receive(self) -> bool:
         """Handle one packet; False when the worker has closed the socket."""
-        data, fds, flags, _ = socket.recv_fds(self._sock, _RECEIVE_BYTES, _MAX_FDS)
+        data, ancillary, flags, _ = self._sock.recvmsg(_RECEIVE_BYTES, _ANCILLARY_BYTES)
+        fds = _received_fds(ancillary)
         if not data and not fds:  # the worker closed the socket: end everything
             for pid, running_id in self._running.items():
                 self._kill_call(running_id, pid)
             return False
         call_id: int | None = None
         try:
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
                 raise _Rejected("the packet was cut (too large, or too many fds)")
-            message = json.loads(data)
-            if not isinstance(message, dict):
-                raise _Rejected("a message must be a JSON object")
+            message = _decode(data)
             call_id = _call_id(message)
             self._handle(call_id, message, list(fds))
         except Exception as exc:  # whatever it was, it must not end the launcher
-            error = str(exc) or type(exc).__name__
-            if call_id is None:
-                _send(self._sock, {"event": "rejected", "error": error})
-            else:
-                _send(self._sock, {"event": "failed", "id": call_id, "error": error})
+            _send(self._sock, _failed(call_id, str(exc) or type(exc).__name__))
         finally:
             for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                _quietly(os.close, fd)
         return True
 
-    def _handle(self, call_id: int, message: dict[str, object], fds: list[int]) -> None:
+    def _handle(self, call_id: int, message: dict[object, object], fds: list[int]) -> None:
         op = message.get("op")
         if op == "kill":
             self._kill_call(call_id, self._pids.get(call_id))
@@ -167,14 +223,14 @@ class _Launcher:
             if not fds:
                 raise _Rejected("via_fd is set but no fd came with the message")
             loaded = _read_message_fd(fds.pop())
-            if not isinstance(loaded, dict) or loaded.get("id") != call_id:
+            if loaded.get("id") != call_id:
                 raise _Rejected("the message in the fd is not this call's run message")
             message = loaded
         argv, env = _command(message, fds)
         pid = self._spawn(call_id, argv, env, fds)
         self._running[pid] = call_id
         self._pids[call_id] = pid
-        _send(self._sock, {"event": "started", "id": call_id, "pid": pid})
+        _send(self._sock, f'{{"event": "started", "id": {call_id}, "pid": {pid}}}')
 
     def _spawn(self, call_id: int, argv: list[str], env: dict[str, str], fds: list[int]) -> int:
         """Start the command in its own session with the given stdout, stderr (and stdin).
@@ -198,7 +254,7 @@ class _Launcher:
                 env,
                 file_actions=actions,
                 setsid=True,  # its own session, so a kill of its group reaches its children
-                setsigdef=(signal.SIGCHLD, signal.SIGPIPE),
+                setsigdef=(_signal.SIGCHLD, _signal.SIGPIPE),
             )
         finally:
             if self._marking:
@@ -206,8 +262,7 @@ class _Launcher:
 
     def _kill_call(self, call_id: int, pid: int | None) -> None:
         if pid is not None:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+            _quietly(os.killpg, pid, _signal.SIGKILL)
         # A fork bomb keeps forking while it is being killed: sweep until no new one is found.
         killed: set[int] = set()
         for _ in range(50):
@@ -215,8 +270,7 @@ class _Launcher:
             if not found:
                 return
             for victim in found:
-                with contextlib.suppress(OSError):
-                    os.kill(victim, signal.SIGKILL)
+                _quietly(os.kill, victim, _signal.SIGKILL)
             killed.update(found)
 
     def _marked_pids(self, call_id: int) -> list[int]:
@@ -239,25 +293,44 @@ class _Launcher:
         return found
 
 
+def parse_rlimits(text: str) -> list[tuple[int, tuple[int, int]]]:
+    """``RLIMIT_AS=1:2,RLIMIT_CPU=3:4`` as (resource, (soft, hard)) pairs."""
+    limits = []
+    for item in filter(None, text.split(",")):
+        name, _, values = item.partition("=")
+        soft, _, hard = values.partition(":")
+        limits.append((getattr(resource, name), (int(soft), int(hard))))
+    return limits
+
+
+def format_rlimits(rlimits: dict[str, tuple[int, int]]) -> str:
+    """The launcher's RLIMITS argument (the worker's side of :func:`parse_rlimits`)."""
+    return ",".join(f"{name}={soft}:{hard}" for name, (soft, hard) in rlimits.items())
+
+
 def main() -> None:
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    os.set_inheritable(sock.fileno(), False)  # commands must not get the control socket
-    for name, limit in json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}").items():
-        resource.setrlimit(getattr(resource, name), tuple(limit))
+    # Moved to the lowest free fd number: the worker's number can be over 1023, and commands
+    # must not get the control socket (os.dup makes it non-inheritable).
+    given = int(sys.argv[1])
+    sock = _socket.socket(fileno=os.dup(given))
+    os.close(given)
+    for which, limit in parse_rlimits(sys.argv[2] if len(sys.argv) > 2 else ""):
+        resource.setrlimit(which, limit)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
-    signal.set_wakeup_fd(wake_write)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # epoll, not select(): the control socket's fd number is the worker's, and select() fails
-    # on numbers over 1023 (a worker with ~500 sandboxes has them).
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
-    selector.register(wake_read, selectors.EVENT_READ)
+    _signal.set_wakeup_fd(wake_write)
+    _signal.signal(_signal.SIGCHLD, lambda *_: None)
+    # Default dispositions: as pid 1, the kernel then drops these when sent from inside (the
+    # interpreter's own SIGINT handler would let a command end the sandbox).
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    poller = select.epoll()  # not select(): fd numbers over 1023 must work too
+    poller.register(sock.fileno(), select.EPOLLIN)
+    poller.register(wake_read, select.EPOLLIN)
     launcher = _Launcher(sock)
-    _send(sock, {"event": "ready"})
+    _send(sock, '{"event": "ready"}')
     while True:
-        ready = {key.fd for key, _ in selector.select()}
+        ready = {fd for fd, _ in poller.poll()}
         if wake_read in ready:
             os.read(wake_read, 4096)
         launcher.reap()

@@ -48,6 +48,7 @@ from schemas.subjects import LEASES_BUCKET, WORKERS_BUCKET
 from ._artifacts import ArtifactRunner
 from ._cgroups import CgroupProbe, PidsCgroups
 from ._diskguard import DiskGuard
+from ._fd_limits import check_fd_limit
 from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
 from ._registration import (
@@ -192,6 +193,7 @@ class SandboxWorker:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> SandboxWorker:
+        check_fd_limit(self._config.slots)  # raised to the hard limit; warns if still short
         root = self._config.workspace_root
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o711)  # sandbox users pass through to their own slot; they cannot list it

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import uuid
 from pathlib import Path
 
-from services._sandbox import PlainSandbox, SandboxLimits
+from services._sandbox import BwrapSandbox, PlainSandbox, SandboxLimits
 from tests._sandboxes import RUN, bwrap_sandbox, host_processes, sh
 
 # Bounds for waits that hang without the fixes; each is far above what the step takes.
@@ -52,11 +53,16 @@ socket.recv_fds(connection, 1, 1)
 connection.send(b"k")
 time.sleep(300)
 """
+# The launcher (pid 1) runs as the commands' user: pidfd_getfd (syscall 438 everywhere) takes
+# its fd 2, the control socket that is also bubblewrap's stderr.
 _GIVER = """
-import os, socket, sys
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+taken = libc.syscall(438, os.pidfd_open(1), 2, 0)
+assert taken >= 0, os.strerror(ctypes.get_errno())
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect("\\0" + sys.argv[1])
-socket.send_fds(sock, [b"x"], [os.open("/proc/2/fd/2", os.O_WRONLY)])
+socket.send_fds(sock, [b"x"], [taken])
 sock.recv(1)
 """
 
@@ -65,7 +71,7 @@ async def test_reset_ends_even_when_another_sandbox_holds_bubblewraps_stderr(
     tmp_path: Path,
 ) -> None:
     # Sandboxes with the network share the host's abstract unix sockets: a command in one can
-    # hand an fd of its own sandbox (the launcher's stderr, bubblewrap's pipe) to another.
+    # hand an fd of its own sandbox (the launcher's control socket and stderr) to another.
     name = f"toolbus-test-{uuid.uuid4().hex}"
     async with (
         bwrap_sandbox(tmp_path / "holder", allow_network=True) as holder,
@@ -90,12 +96,35 @@ async def test_a_timeout_ends_the_command_even_when_the_launcher_is_stopped(
     tmp_path: Path,
 ) -> None:
     async with bwrap_sandbox(tmp_path / "ws") as sandbox:
-        # The launcher (pid 2) runs as the commands' user: a command can stop it.
-        stopped = sh(sandbox, f"kill -STOP 2; sleep {RUN}1009.25", timeout_s=1)
-        outcome = await asyncio.wait_for(stopped, _BOUND_S)
+        # The launcher runs as the commands' user: a command that ptraces it can stop it. (A
+        # signal cannot: it is the sandbox's pid 1.) The test stops it from outside instead,
+        # once the command says through a FIFO that it runs.
+        assert (await sh(sandbox, "mkfifo started")).exit_code == 0
+        fifo = os.open(tmp_path / "ws" / "started", os.O_RDONLY | os.O_NONBLOCK)
+        loop = asyncio.get_running_loop()
+        said = loop.create_future()
+        loop.add_reader(fifo, lambda: said.done() or said.set_result(None))
+        try:
+            command = f"echo up > started; exec sleep {RUN}1009.25"
+            stopped = asyncio.ensure_future(sh(sandbox, command, timeout_s=2))
+            await asyncio.wait_for(said, _BOUND_S)
+            os.kill(_launcher_pid(sandbox), signal.SIGSTOP)
+            outcome = await asyncio.wait_for(stopped, _BOUND_S)
+        finally:
+            loop.remove_reader(fifo)
+            os.close(fifo)
         assert outcome.timed_out
         assert host_processes(f"sleep {RUN}1009.25") == []
         assert (await sh(sandbox, "echo fine")).stdout.text == "fine\n"
+
+
+def _launcher_pid(sandbox: BwrapSandbox) -> int:
+    """The host pid of the sandbox's launcher: bubblewrap's only child."""
+    process = sandbox._process
+    assert process is not None
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
 
 
 async def test_an_unsandboxed_command_ends_when_it_exits_not_when_its_children_do(

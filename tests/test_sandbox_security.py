@@ -95,12 +95,12 @@ async def test_host_processes_are_invisible_and_the_worker_cannot_be_killed(
     listing = await stack.client.execute(
         tid, "terminal", {"command": "ls /proc | grep -c '^[0-9]'"}
     )
-    assert int(listing.output) < 10  # bubblewrap's init, the launcher, this shell and ls
+    assert int(listing.output) < 10  # the launcher (pid 1), this shell and ls
     me = os.getpid()  # the worker runs in this test process
     kill = await stack.client.execute(tid, "terminal", {"command": f"kill -9 {me}"})
     assert not kill.success
     assert "No such process" in kill.output
-    # Killing everything it can see ends only the sandbox; the slot gets a new one.
+    # Killing everything it can see ends only the sandbox's other processes (not its pid 1).
     await stack.client.execute(tid, "terminal", {"command": "kill -9 -1"})
     await _still_serving(stack.client, tid)
 
