@@ -88,6 +88,9 @@ class AcquireOutcome(StrEnum):
 class AcquireReply(BaseModel):
     outcome: AcquireOutcome
     lease: Lease | None = None
+    slots_free: int | None = Field(
+        default=None, description="The worker's free slots after this acquisition (a hint)."
+    )
 
 
 class SlotWaiter(BaseModel):

@@ -90,6 +90,13 @@ class Subjects:
         """Where workers offer freed slots to the executor's waiting trajectories."""
         return f"{self.internal}.executor.{executor_id}.offers"
 
+    def is_executor_offers(self, subject: str) -> bool:
+        """Whether ``subject`` is some executor's offers subject (a ticket names one)."""
+        head, _, rest = subject.partition(f"{self.internal}.executor.")
+        executor_id, dot, tail = rest.partition(".")
+        valid_id = bool(executor_id) and not any(c in executor_id for c in " \t\r\n*>")
+        return head == "" and valid_id and dot == "." and tail == "offers"
+
     @property
     def waiting(self) -> str:
         """The subject of the waiting stream (``WAITING_STREAM``)."""

@@ -227,6 +227,8 @@ class Placement:
                 reply = await self._ask_acquire(worker_id, request)
                 if reply is None or reply.outcome is AcquireOutcome.CONFLICT:
                     return None  # the worker may have leased a slot after all: read the lease
+                if reply.slots_free is not None:  # fresher than its last heartbeat
+                    self._registry.note_free(worker_id, reply.slots_free)
                 if reply.outcome is AcquireOutcome.LEASED and reply.lease is not None:
                     log.info("slot leased", worker_id=worker_id, slot=reply.lease.slot)
                     self._cache.put(trajectory_id, reply.lease)
@@ -236,15 +238,18 @@ class Placement:
             if self._registry.capacity_version != version:
                 continue  # a slot freed while we asked: look at the hints again
             # No free slot anywhere: wait in the queue, served in arrival order.
+            remaining = deadline - time.monotonic()
             try:
-                offered = await self._queue.wait(trajectory_id, deadline - time.monotonic())
-            except TimeoutError:
-                pass
-            except NatsError as exc:
+                if remaining <= 0:
+                    raise TimeoutError
+                offered = await self._queue.wait(trajectory_id, remaining)
+            except NatsError as exc:  # before TimeoutError: a publish timeout is both
                 raise NoCapacity(
                     f"cannot queue for a slot ({type(exc).__name__}); retry",
                     kind=ErrorKind.WORKER_UNAVAILABLE,
                 ) from None
+            except TimeoutError:
+                pass
             else:
                 if offered is not None:
                     log.info("slot leased", worker_id=offered.worker_id, slot=offered.slot)

@@ -161,6 +161,11 @@ class WorkerRegistry:
         if entry := self._workers.get(worker_id):
             entry.free_hint = max(entry.free_hint - 1, 0)
 
+    def note_free(self, worker_id: str, free: int) -> None:
+        """The worker said how many slots it has free (in an acquire reply)."""
+        if entry := self._workers.get(worker_id):
+            entry.free_hint = free
+
     def note_full(self, worker_id: str) -> None:
         if entry := self._workers.get(worker_id):
             entry.free_hint = 0

@@ -87,7 +87,7 @@ class SlotKeeper:
                 return held, False  # another acquisition of it got a slot meanwhile
             slot = self._table.assign(trajectory_id) if self.accepting else None
         if slot is None:
-            return AcquireReply(outcome=AcquireOutcome.FULL), False
+            return AcquireReply(outcome=AcquireOutcome.FULL, slots_free=0), False
         return await self._lease(trajectory_id, slot), True
 
     async def _lease(self, trajectory_id: str, slot: Slot) -> AcquireReply:
@@ -115,7 +115,7 @@ class SlotKeeper:
                 return AcquireReply(outcome=AcquireOutcome.FAILED)
             self._table.confirm(slot, lease, revision)
         log.info("slot acquired", trajectory_id=trajectory_id, slot=slot.index, epoch=slot.epoch)
-        return AcquireReply(outcome=AcquireOutcome.LEASED, lease=lease)
+        return AcquireReply(outcome=AcquireOutcome.LEASED, lease=lease, slots_free=self._table.free)
 
     def _held_reply(self, trajectory_id: str) -> AcquireReply | None:
         held = self._table.holding(trajectory_id)

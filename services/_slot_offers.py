@@ -2,7 +2,8 @@
 
 While the worker has a free slot (FREE or DIRTY) and takes work, it keeps one pull request open
 on the waiting stream's shared consumer (``_waiting.py``); every worker does, so a ticket put
-in the stream reaches a worker with a free slot at once, in stream order. For each ticket the
+in the stream reaches a worker with a free slot at once, in stream order. Tickets are served
+concurrently (up to ``MAX_OFFERS_AT_ONCE``, and never more than the free slots). For each ticket the
 worker assigns a slot and writes the lease as for any acquisition (``SlotKeeper``), then offers
 the lease to the waiting executor:
 
@@ -10,7 +11,8 @@ the lease to the waiting executor:
 - declined, or nobody there (the waiter gave up, its executor is gone): the slot is released
   with a wipe, unless a call of the trajectory reached it meanwhile (it came back through
   another executor and found the lease), and the next ticket is served;
-- no answer: the lease stays (the trajectory finds it with its next call, or it expires idle).
+- no answer (the executor may have taken it, its answer lost): the lease stays, and the slot is
+  released as above after ``UNANSWERED_OFFER_GRACE_S`` if no call of the trajectory came.
 
 A ticket that finds no slot after all (a direct acquisition took it meanwhile) goes back to the
 queue at once (``nak``), ahead of later tickets. A ticket whose worker died before answering it
@@ -32,7 +34,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
-from schemas.internal import AcquireOutcome, SlotOffer, SlotOfferReply, SlotWaiter
+from schemas.internal import AcquireOutcome, AcquireReply, SlotOffer, SlotOfferReply, SlotWaiter
 from schemas.subjects import WAITING_CONSUMER, WAITING_STREAM, Subjects
 
 from ._slot_keeper import SlotKeeper
@@ -43,8 +45,14 @@ log = structlog.get_logger("toolbus.worker")
 _FETCH_WAIT_S = 2.0  # one pull request's life; short, so a stopping worker leaves none behind
 _OFFER_TIMEOUT_S = 2.0
 _ACK_WAIT_S = 10.0  # a ticket taken by a worker that died is served again after this
-_CLOCK_SKEW_S = 1.0  # a ticket past its deadline by more than this is skipped unoffered
+# A ticket past its deadline by more than this is skipped unoffered (the server expires
+# tickets anyway; this only spares an offer, so it allows for clocks that disagree).
+_CLOCK_SKEW_S = 30.0
+# An offer that got no answer leaves the lease for this long: a call of the trajectory may come.
+UNANSWERED_OFFER_GRACE_S = 60.0
 _RETRY_AFTER_ERROR_S = 1.0
+# Tickets served at once: offers to a slow executor must not hold up the others' slots.
+MAX_OFFERS_AT_ONCE = 32
 
 
 class SlotOffers:
@@ -64,28 +72,47 @@ class SlotOffers:
         self._assignable = assignable
         self._changed = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
-        self._serving: asyncio.Task[None] | None = None  # the ticket being served
+        self._serving: set[asyncio.Task[None]] = set()  # tickets being served, each on its own
+        self._claims = 0  # of those, the ones that have not taken their slot yet
+        self._grace_timers: set[asyncio.TimerHandle] = set()  # unanswered offers' slots
 
     def wake(self) -> None:
         """Slots or the worker's accepting changed: look again whether to pull a ticket."""
         self._changed.set()
 
     def _can_serve(self) -> bool:
-        return self._keeper.accepting and self._assignable() > 0
+        return (
+            self._keeper.accepting
+            and self._assignable() > self._claims
+            and len(self._serving) < MAX_OFFERS_AT_ONCE
+        )
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._run(), name="slot-offers")
 
     async def stop(self) -> None:
-        """Pull no more tickets; the one being served is finished (answered or put back)."""
+        """Pull no more tickets; those being served are finished (answered or put back)."""
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
-        if self._serving is not None:
-            await asyncio.gather(self._serving, return_exceptions=True)
+        for timer in self._grace_timers:  # the slots are ended with the worker anyway
+            timer.cancel()
+        await self.settled()
+
+    async def settled(self) -> None:
+        """Until the tickets being served now are done (a rejoin waits for their slots)."""
+        await asyncio.gather(*self._serving, return_exceptions=True)
 
     async def _run(self) -> None:
-        """Until stopped: serve tickets while a slot is free."""
+        """Until stopped: serve tickets while a slot is free (and bind again after a failure)."""
+        while True:
+            try:
+                await self._pull()
+            except Exception as exc:  # JetStream away, or restarted: this must never end
+                log.info("serving waiting trajectories failed; again shortly", error=repr(exc))
+                await asyncio.sleep(_RETRY_AFTER_ERROR_S)
+
+    async def _pull(self) -> None:
         js = self._nc.jetstream()
         await open_waiting_stream(js, self._subjects)
         pull = await js.pull_subscribe(
@@ -108,44 +135,78 @@ class SlotOffers:
                     tickets = await pull.fetch(1, timeout=_FETCH_WAIT_S)
                 except NatsTimeoutError:
                     continue  # nobody waits
-                except Exception as exc:  # the server is away: try again shortly
-                    log.info("pulling a waiting trajectory failed", error=repr(exc))
-                    await asyncio.sleep(_RETRY_AFTER_ERROR_S)
-                    continue
+                # Any other error (the server away, or back without the stream or consumer):
+                # _run binds again, making them anew if they are missing.
                 for ticket in tickets:
-                    # Shielded: a ticket taken is answered, or put back, even at shutdown.
-                    self._serving = asyncio.create_task(self._serve(ticket))
-                    await asyncio.shield(self._serving)
+                    # A task of its own, never cancelled: a ticket taken is answered or put
+                    # back, even at shutdown; offers to slow executors do not hold up others.
+                    self._claims += 1
+                    task = asyncio.create_task(self._serve(ticket))
+                    self._serving.add(task)
+                    task.add_done_callback(self._served)
         finally:
             with contextlib.suppress(Exception):
                 await pull.unsubscribe()
 
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("serving a waiting trajectory failed", error=repr(exc))
+        self.wake()
+
     async def _serve(self, ticket: Msg) -> None:
+        try:
+            taken = await self._take_slot(ticket)
+        finally:
+            self._claims -= 1  # it has its slot now, or none
+            self.wake()
+        if taken is None:
+            return
+        waiter, reply, fresh = taken
+        lease = reply.lease if reply.outcome is AcquireOutcome.LEASED else None
+        accepted = await self._offer(waiter, SlotOffer(ticket=waiter.ticket, lease=lease))
+        if fresh and lease is not None and accepted is False:
+            self._free_unused(waiter.trajectory_id, lease.epoch)  # before the ack: then it is
+        elif fresh and lease is not None and accepted is None:
+            # Taken, maybe, with the answer lost: if no call comes within the grace, it was not.
+            handle = asyncio.get_running_loop().call_later(
+                UNANSWERED_OFFER_GRACE_S, self._free_unused, waiter.trajectory_id, lease.epoch
+            )
+            self._grace_timers.add(handle)
+        await _settle(ticket.ack())
+
+    def _free_unused(self, trajectory_id: str, epoch: int) -> None:
+        self._grace_timers = {timer for timer in self._grace_timers if not timer.cancelled()}
+        freed = self._keeper.release_unused(trajectory_id, epoch)
+        log.info(
+            "a waiter gave up before its slot came",
+            trajectory_id=trajectory_id,
+            slot_freed=freed,  # else the trajectory is using it already
+        )
+
+    async def _take_slot(self, ticket: Msg) -> tuple[SlotWaiter, AcquireReply, bool] | None:
+        """The ticket's waiter and the slot assigned to it; None when the ticket is settled
+        without one (malformed, past its deadline, or put back: no slot now)."""
         try:
             waiter = SlotWaiter.model_validate_json(ticket.data)
         except ValidationError:
             log.warning("a malformed waiting ticket", received=ticket.data[:200])
             await _settle(ticket.term())
-            return
+            return None
+        if not self._subjects.is_executor_offers(waiter.offer_to):
+            log.warning("a waiting ticket with a bad offers subject", received=waiter.offer_to)
+            await _settle(ticket.term())
+            return None
         if waiter.deadline + _CLOCK_SKEW_S < time.time():
             await _settle(ticket.ack())  # nobody waits for it any more
-            return
+            return None
         reply, fresh = await self._keeper.assign(waiter.trajectory_id)
         if reply.outcome not in (AcquireOutcome.LEASED, AcquireOutcome.CONFLICT):
             await _settle(ticket.nak())  # no slot after all (or none now): the next worker's
             if reply.outcome is AcquireOutcome.FAILED:  # KV is away: do not spin on the ticket
                 await asyncio.sleep(_RETRY_AFTER_ERROR_S)
-            return
-        lease = reply.lease if reply.outcome is AcquireOutcome.LEASED else None
-        accepted = await self._offer(waiter, SlotOffer(ticket=waiter.ticket, lease=lease))
-        await _settle(ticket.ack())
-        if accepted is False and fresh and lease is not None:
-            freed = self._keeper.release_unused(waiter.trajectory_id, lease.epoch)
-            log.info(
-                "a waiter gave up before its slot came",
-                trajectory_id=waiter.trajectory_id,
-                slot_freed=freed,  # else the trajectory is using it already
-            )
+            return None
+        return waiter, reply, fresh
 
     async def _offer(self, waiter: SlotWaiter, offer: SlotOffer) -> bool | None:
         """Whether the waiting executor took the slot; None when it did not answer."""
@@ -158,11 +219,14 @@ class SlotOffers:
             return False  # its executor is gone
         except (NatsTimeoutError, ValidationError) as exc:
             log.warning(
-                "a slot offer was not answered: the lease stays",
+                "a slot offer was not answered: the lease stays a while",
                 trajectory_id=waiter.trajectory_id,
                 error=repr(exc),
             )
             return None
+        except Exception as exc:  # it never left (a bad subject, the connection closing)
+            log.warning("a slot offer failed", trajectory_id=waiter.trajectory_id, error=repr(exc))
+            return False
 
 
 async def _settle(step: Awaitable[None]) -> None:

@@ -26,7 +26,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import ValidationError
 
 from schemas.internal import Lease, SlotOffer, SlotOfferReply, SlotWaiter
@@ -51,8 +51,9 @@ async def open_waiting_stream(js: JetStreamContext, subjects: Subjects) -> None:
         description="toolbus: trajectories waiting for a slot, first in first served",
         subjects=[subjects.waiting],
         retention=RetentionPolicy.WORK_QUEUE,
-        # A restarted server forgets the waiters, whose executors time them out anyway.
-        storage=StorageType.MEMORY,
+        # On disk, so that the stream (and the workers' consumer) outlive a server restart;
+        # the tickets are small and expire with their waits.
+        storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
         max_age=MAX_TICKET_AGE_S,
         allow_msg_ttl=True,
@@ -108,7 +109,8 @@ class SlotQueue:
 
     async def wait(self, trajectory_id: str, timeout_s: float) -> Lease | None:
         """The lease a worker offered within ``timeout_s`` (None: the trajectory got one some
-        other way; read it). TimeoutError when no slot freed in time."""
+        other way; read it). TimeoutError (the builtin) when no slot freed in time; a NATS
+        error (``nats.errors.TimeoutError`` included) when the ticket could not be queued."""
         ticket = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         waiter = _Waiter(trajectory_id, time.monotonic(), loop.create_future())
@@ -123,15 +125,25 @@ class SlotQueue:
                 enqueued_at=now,
             )
             async with asyncio.timeout(timeout_s):
-                await self._js.publish(
-                    self._subjects.waiting,
-                    message.model_dump_json().encode(),
-                    headers=ttl_header(math.ceil(timeout_s)),
-                )
+                await self._enqueue(message.model_dump_json().encode(), timeout_s)
                 return await waiter.offered
+        except TimeoutError:
+            offered = waiter.offered
+            if offered.done() and not offered.cancelled():
+                return offered.result()  # accepted in the very turn the wait ran out
+            raise
         finally:
             # Whatever happened, nobody waits on this ticket any more: offers are declined.
             self._waiters.pop(ticket, None)
+
+    async def _enqueue(self, ticket: bytes, timeout_s: float) -> None:
+        """Put the ticket in the stream, making the stream again if the server lost it."""
+        headers = ttl_header(math.ceil(timeout_s))
+        try:
+            await self._js.publish(self._subjects.waiting, ticket, headers=headers)
+        except NoStreamResponseError:  # a server that came back without it
+            await open_waiting_stream(self._js, self._subjects)
+            await self._js.publish(self._subjects.waiting, ticket, headers=headers)
 
     async def _on_offer(self, msg: Msg) -> None:
         try:

@@ -367,6 +367,7 @@ class SandboxWorker:
         self._accepting = False
         try:
             await self._other_tasks(_STEP_TIMEOUT_S)  # acquisitions under way finish first
+            await _bounded(self._offers.settled(), _STEP_TIMEOUT_S)  # and slots being offered
             await self._keeper.give_up_all(LostReason.WORKER_EXPIRED)
             await self._heartbeat.register()
         except Exception as exc:  # not registered: the next beat tries again

@@ -9,7 +9,7 @@ import pytest
 from nats.aio.client import Client
 
 from schemas.internal import Lease
-from schemas.subjects import LEASES_BUCKET
+from schemas.subjects import LEASES_BUCKET, WAITING_STREAM
 from services._kv import encode_key
 from services._leases import LeaseCache
 from services.exceptions import NoCapacity
@@ -35,9 +35,17 @@ async def test_a_stopping_executor_ends_its_acquisitions_instead_of_leaving_them
     with pytest.raises((asyncio.CancelledError, NoCapacity)):
         await asyncio.wait_for(waiting, 10)
     await stack.client.release(holder, reset_workspace=True)
-    await asyncio.sleep(1.0)  # time for a leftover acquisition to take the freed slot
+    # Its ticket is still queued: the worker serves it (nobody takes the offer) and frees the
+    # slot again before it acknowledges it; only then is the queue empty.
+    js = nc.jetstream()
+    async with asyncio.timeout(30):
+        while (await js.stream_info(WAITING_STREAM)).state.messages:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        while worker.slots_free != 1:  # noqa: ASYNC110 (worker state with no event to await)
+            await asyncio.sleep(0.05)
     await worker.wait_settled()
     assert worker.slots_free == 1
+    assert worker.slot_states()["free"] == 1
 
 
 async def test_leases_expire_after_their_slot_would_so_abandoned_ones_do_not_pile_up(

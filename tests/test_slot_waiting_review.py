@@ -97,7 +97,6 @@ async def _connected(url: str, name: str) -> AsyncIterator[Client]:
         await connection.close()
 
 
-@pytest.mark.xfail(strict=True, reason="0692d0f: the memory stream is gone after a restart")
 async def test_trajectories_still_queue_for_a_slot_after_the_server_restarted(
     own_server: _RestartableServer, tmp_path: Path, trajectory: Callable[[], str]
 ) -> None:
@@ -142,7 +141,6 @@ async def test_trajectories_still_queue_for_a_slot_after_the_server_restarted(
         assert result.success, result.error
 
 
-@pytest.mark.xfail(strict=True, reason="0692d0f: an exception in _serve ends the offers loop")
 async def test_a_ticket_a_worker_cannot_offer_to_does_not_stop_it_serving_the_queue(
     make_stack: StackFactory, trajectory: Callable[[], str], nats_url: str
 ) -> None:
@@ -183,7 +181,6 @@ async def test_a_ticket_a_worker_cannot_offer_to_does_not_stop_it_serving_the_qu
         await publisher.drain()
 
 
-@pytest.mark.xfail(strict=True, reason="0692d0f: no user may update the waiting stream")
 async def test_executors_start_on_a_waiting_stream_an_operator_made_without_message_ttls(
     secured_server: int, tmp_path: Path
 ) -> None:
