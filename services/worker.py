@@ -62,6 +62,7 @@ from ._slot_cleanup import SlotCleaner
 from ._slot_keeper import SlotKeeper
 from ._slots import Slot, SlotState, SlotTable
 from ._tools import SlotTools, ToolLimits, ToolRunner
+from ._warm_pool import WarmPool
 from ._worker_config import WorkerConfig
 
 __all__ = ["SandboxWorker", "WorkerConfig", "new_worker_id"]
@@ -100,7 +101,8 @@ class SandboxWorker:
             ttl_s=config.artifacts_ttl_s,
             limits=config.artifact_limits,
         )
-        self._table = SlotTable(on_change=self._announce_change)
+        self._table = SlotTable(on_change=self._announce_change, warm=lambda: self._warm.pick())
+        self._warm = WarmPool(self._table, size=config.warm_slots)
         self._cleaner = SlotCleaner(self._table)
         self._calls = SlotCalls(
             nc,
@@ -182,6 +184,10 @@ class SandboxWorker:
         """Until every released slot is clean (or out of service)."""
         await self._cleaner.wait_settled()
 
+    async def wait_warmed(self) -> None:
+        """Until no warm start runs and none is due now."""
+        await self._warm.wait_settled()
+
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> SandboxWorker:
         root = self._config.workspace_root
@@ -239,6 +245,7 @@ class SandboxWorker:
         await self._heartbeat.register()
         self._accepting = True
         await self._heartbeat.beat()  # the free slots, now that it takes them
+        self._warm.start()
         self._loops = [
             asyncio.create_task(self._heartbeat.run(), name=f"heartbeat-{wid}"),
             asyncio.create_task(
@@ -269,6 +276,7 @@ class SandboxWorker:
         #    (waited for, never cancelled: a cancelled lease write leaves the lease in doubt).
         self._stopping = True
         self._accepting = False
+        await self._warm.close(_STEP_TIMEOUT_S)  # no new warm start; warm sandboxes end
         await self._other_tasks(_STEP_TIMEOUT_S)
         # 2. tell executors at once: every workspace of this worker is about to be lost.
         await _bounded(self._keeper.mark_all_lost(LostReason.WORKER_STOPPED), _STEP_TIMEOUT_S)
@@ -331,6 +339,7 @@ class SandboxWorker:
             slots_total=len(self._table),
             slots_free=self._table.free if self._accepting else 0,
             slots_out_of_service=self._table.count(SlotState.OUT_OF_SERVICE),
+            slots_warm=self._warm.warm,
             started_at=self._started_at,
             updated_at=time.time(),
             heartbeat_s=self._config.heartbeat_s,
@@ -339,7 +348,8 @@ class SandboxWorker:
         )
 
     def _announce_change(self) -> None:
-        """Free slots changed: tell executors soon (while taking work)."""
+        """Free slots changed: tell executors soon (while taking work); warm the free ones."""
+        self._warm.wanted()
         if self._accepting:
             self._heartbeat.soon()
 
