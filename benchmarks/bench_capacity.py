@@ -171,7 +171,15 @@ async def capacity_phase(url: str, data_dir: Path, args: argparse.Namespace, run
         full = args.workers * min(args.warm_slots, args.slots)
 
         async def pool_full() -> None:
-            await until(lambda: executor.status().pool.warm_slots >= full, "a full warm pool")
+            # From heartbeats sent after the last call: status is as old as the last beat.
+            since = time.time()
+            await until(
+                lambda: (
+                    all(info.updated_at > since for info, _ in executor.registered_workers())
+                    and executor.status().pool.warm_slots >= full
+                ),
+                "a full warm pool",
+            )
 
         progress(f"warm: {args.samples} new trajectories one at a time, the pool full ...")
         samples = min(args.samples, full) if full else 0
