@@ -125,7 +125,7 @@ class WarmPool:
             await asyncio.gather(*running, return_exceptions=True)
         # A start cancelled half-way may leave a sandbox that is up but not ready.
         ending = {slot for slot in [*self._warmed, *started] if slot.state is SlotState.FREE}
-        await asyncio.gather(*(_end(slot, always=True) for slot in ending))
+        await asyncio.gather(*(_end(slot, always=True) for slot in ending), return_exceptions=True)
         self._settled.set()
 
     # -- the refill ---------------------------------------------------------------------------
