@@ -41,6 +41,9 @@ class WorkerInfo(BaseModel):
     incarnation: str = Field(description="Changes at each (re-)registration of the worker.")
     ttl_s: int = Field(default=0, description="The registration expires this long after a beat.")
     slots_out_of_service: int = Field(default=0, description="Slots whose wipe failed.")
+    slots_warm: int = Field(
+        default=0, description="Free slots whose sandbox is already started (warm_slots)."
+    )
 
 
 class LostReason(StrEnum):

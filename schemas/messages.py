@@ -186,6 +186,7 @@ class WorkerStatus(BaseModel):
     slots_total: int
     slots_free: int
     age_s: float = Field(description="Seconds since the worker's last heartbeat.")
+    slots_warm: int = Field(default=0, description="Free slots whose sandbox is started.")
 
 
 class PoolStatus(BaseModel):
@@ -197,6 +198,9 @@ class PoolStatus(BaseModel):
     containers: int = Field(description="Live sandbox workers (the seed called them containers).")
     slots_by_state: dict[str, int]
     started: bool
+    warm_slots: int = Field(
+        default=0, description="Of the available slots, those whose sandbox is started."
+    )
 
 
 class WaitingStatus(BaseModel):

@@ -122,6 +122,28 @@ class BwrapSandbox:
             and not self._reader.done()
         )
 
+    @property
+    def running(self) -> bool:
+        """Whether the sandbox is up and ready: a command now costs no start."""
+        ready = self._ready
+        return (
+            self._alive()
+            and ready is not None
+            and ready.done()
+            and not ready.cancelled()
+            and ready.exception() is None
+        )
+
+    @property
+    def launcher_pid(self) -> int | None:
+        """bubblewrap's pid while the sandbox is up: a new one at each start."""
+        return self._process.pid if self._process is not None and self.running else None
+
+    async def start(self) -> None:
+        """Start the sandbox now unless it is up (a warm slot's); SandboxError when it cannot,
+        or when a reset began meanwhile."""
+        await self._ensure_started()
+
     async def _start(self) -> socket.socket:
         resets = self._resets
         python = _sandbox_python()

@@ -83,8 +83,11 @@ class SlotTable:
     """The slots of one worker. ``on_change`` is called after every transition that changes
     how many slots are free (the worker announces it)."""
 
-    def __init__(self, *, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self, *, on_change: Callable[[], None], warm: Callable[[], Slot | None] = lambda: None
+    ) -> None:
         self._slots: list[Slot] = []
+        self._warm = warm  # a FREE slot whose sandbox is up, given before a cold one
         self._by_trajectory: dict[str, Slot] = {}
         self._epochs = itertools.count(1)
         self._on_change = on_change
@@ -119,10 +122,13 @@ class SlotTable:
 
     # -- transitions --------------------------------------------------------------------------
     def assign(self, trajectory_id: str) -> Slot | None:
-        """FREE → ASSIGNING for the trajectory, with a new epoch; None when no slot is free."""
+        """FREE → ASSIGNING for the trajectory, with a new epoch (a warm slot before a cold
+        one); None when no slot is free."""
         if trajectory_id in self._by_trajectory:
             raise SlotStateError(f"trajectory {trajectory_id!r} already holds a slot")
-        slot = next((s for s in self._slots if s.state is SlotState.FREE), None)
+        slot = self._warm()
+        if slot is None or slot.state is not SlotState.FREE:
+            slot = next((s for s in self._slots if s.state is SlotState.FREE), None)
         if slot is None:
             return None
         slot.state = SlotState.ASSIGNING

@@ -15,6 +15,7 @@ def pool_status(
     total = sum(info.slots_total for info, _ in workers)
     free = sum(info.slots_free for info, _ in workers)
     broken = sum(info.slots_out_of_service for info, _ in workers)
+    warm = sum(info.slots_warm for info, _ in workers)
     in_use = total - free - broken
     return StatusReply(
         executor_id=executor_id,
@@ -29,6 +30,7 @@ def pool_status(
             containers=len(workers),
             slots_by_state={"free": free, "acquired": in_use, "out_of_service": broken},
             started=bool(workers),
+            warm_slots=warm,
         ),
         workers=[
             WorkerStatus(
@@ -37,6 +39,7 @@ def pool_status(
                 slots_total=info.slots_total,
                 slots_free=info.slots_free,
                 age_s=round(age, 3),
+                slots_warm=info.slots_warm,
             )
             for info, age in sorted(workers, key=lambda pair: pair[0].worker_id)
         ],

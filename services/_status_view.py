@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from schemas.messages import StatusReply
 
-_WORKER_COLUMNS = ("WORKER", "HOST", "SLOTS", "FREE", "IN USE", "LAST SEEN")
+_WORKER_COLUMNS = ("WORKER", "HOST", "SLOTS", "FREE", "WARM", "IN USE", "LAST SEEN")
 _LEFT_ALIGNED = {"WORKER", "HOST"}
 
 
@@ -16,6 +16,8 @@ def render_status(status: StatusReply) -> str:
     pool = status.pool
     rates = status.rates
     states = ", ".join(f"{state} {count}" for state, count in sorted(pool.slots_by_state.items()))
+    if pool.warm_slots:  # of the free ones: their sandbox is started
+        states += f"; {pool.warm_slots} of the free warm"
     lines = [
         f"executor {status.executor_id} | queue {status.queue_size} | "
         f"{status.total_requests} requests, {status.total_errors} errors | "
@@ -33,6 +35,7 @@ def render_status(status: StatusReply) -> str:
             worker.host,
             str(worker.slots_total),
             str(worker.slots_free),
+            str(worker.slots_warm),
             str(worker.slots_total - worker.slots_free),
             f"{worker.age_s:.1f}s ago",
         )

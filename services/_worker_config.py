@@ -18,6 +18,7 @@ from .settings import (
     DEFAULT_MIN_FREE_DISK_MB,
     DEFAULT_SANDBOX_UID_BASE,
     DEFAULT_SLOT_IDLE_TIMEOUT_S,
+    DEFAULT_WARM_SLOTS,
     Settings,
 )
 
@@ -30,6 +31,7 @@ class WorkerConfig:
     worker_id: str
     slots: int
     workspace_root: Path
+    warm_slots: int = DEFAULT_WARM_SLOTS  # free slots whose sandbox is started ahead
     subjects: Subjects = Subjects()
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS
@@ -52,6 +54,7 @@ class WorkerConfig:
         return cls(
             worker_id=worker_id,
             slots=settings.slots,
+            warm_slots=settings.warm_slots,
             workspace_root=settings.data_dir / "workers" / worker_id,
             subjects=Subjects(prefix=settings.prefix),
             heartbeat_s=settings.heartbeat_s,

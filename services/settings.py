@@ -19,6 +19,9 @@ from schemas.subjects import DEFAULT_PREFIX
 
 DEFAULT_PORT = 4222
 DEFAULT_SLOTS = 10
+# Sandboxes started ahead of trajectories, per worker: a burst of new trajectories' first calls
+# start none, at the memory of a few idle sandboxes (README, Configuration).
+DEFAULT_WARM_SLOTS = 8
 DEFAULT_ACQUIRE_TIMEOUT_S = 30.0
 DEFAULT_BATCH_WINDOW_MS = 20
 DEFAULT_MAX_BATCH_SIZE = 200
@@ -118,6 +121,14 @@ class Settings(BaseSettings):
         le=10_000,
         validation_alias=_env("slots", "TOOL_EXECUTOR_SLOTS"),
         description="Slots (workspaces) per worker.",
+    )
+    warm_slots: int = Field(
+        default=DEFAULT_WARM_SLOTS,
+        ge=0,
+        le=10_000,
+        validation_alias=_env("warm_slots"),
+        description="Free slots per worker whose sandbox is started before a trajectory asks "
+        "(0: none), so a new trajectory's first call does not wait for a sandbox to start.",
     )
     worker_id: str | None = Field(
         default=None,

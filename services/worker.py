@@ -64,6 +64,7 @@ from ._slot_keeper import SlotKeeper
 from ._slot_offers import SlotOffers
 from ._slots import Slot, SlotState, SlotTable
 from ._tools import SlotTools, ToolLimits, ToolRunner
+from ._warm_pool import WarmPool
 from ._worker_config import WorkerConfig
 
 __all__ = ["SandboxWorker", "WorkerConfig", "new_worker_id"]
@@ -102,7 +103,8 @@ class SandboxWorker:
             ttl_s=config.artifacts_ttl_s,
             limits=config.artifact_limits,
         )
-        self._table = SlotTable(on_change=self._announce_change)
+        self._table = SlotTable(on_change=self._announce_change, warm=lambda: self._warm.pick())
+        self._warm = WarmPool(self._table, size=config.warm_slots)
         self._cleaner = SlotCleaner(self._table)
         self._calls = SlotCalls(
             nc,
@@ -191,6 +193,10 @@ class SandboxWorker:
         """Until every released slot is clean (or out of service)."""
         await self._cleaner.wait_settled()
 
+    async def wait_warmed(self) -> None:
+        """Until no warm start runs and none is due now."""
+        await self._warm.wait_settled()
+
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> SandboxWorker:
         check_fd_limit(self._config.slots)  # raised to the hard limit; warns if still short
@@ -250,6 +256,7 @@ class SandboxWorker:
         self._accepting = True
         await self._heartbeat.beat()  # the free slots, now that it takes them
         self._offers.start()  # free slots go to trajectories waiting for one
+        self._warm.start()  # and the rest are warmed, up to warm_slots
         self._loops = [
             asyncio.create_task(self._heartbeat.run(), name=f"heartbeat-{wid}"),
             asyncio.create_task(
@@ -281,6 +288,7 @@ class SandboxWorker:
         self._stopping = True
         self._accepting = False
         await _bounded(self._offers.stop(), _STEP_TIMEOUT_S)
+        await self._warm.close(_STEP_TIMEOUT_S)  # no new warm start; warm sandboxes end
         await self._other_tasks(_STEP_TIMEOUT_S)
         # 2. tell executors at once: every workspace of this worker is about to be lost.
         await _bounded(self._keeper.mark_all_lost(LostReason.WORKER_STOPPED), _STEP_TIMEOUT_S)
@@ -343,6 +351,7 @@ class SandboxWorker:
             slots_total=len(self._table),
             slots_free=self._table.free if self._accepting else 0,
             slots_out_of_service=self._table.count(SlotState.OUT_OF_SERVICE),
+            slots_warm=self._warm.warm,
             started_at=self._started_at,
             updated_at=time.time(),
             heartbeat_s=self._config.heartbeat_s,
@@ -351,9 +360,10 @@ class SandboxWorker:
         )
 
     def _announce_change(self) -> None:
-        """Free slots changed: serve a waiting trajectory, tell executors soon (while taking
-        work)."""
+        """Free slots changed: serve a waiting trajectory, warm the free ones, tell executors
+        soon (while taking work)."""
         self._offers.wake()
+        self._warm.wanted()
         if self._accepting:
             self._heartbeat.soon()
 

@@ -36,13 +36,24 @@ def _status(**changes: object) -> StatusReply:
             containers=2,
             slots_by_state={"free": 9, "acquired": 3},
             started=True,
+            warm_slots=5,
         ),
         workers=[
             WorkerStatus(
-                worker_id="worker-b-long-name", host="gpu-7", slots_total=8, slots_free=6, age_s=0.4
+                worker_id="worker-b-long-name",
+                host="gpu-7",
+                slots_total=8,
+                slots_free=6,
+                age_s=0.4,
+                slots_warm=4,
             ),
             WorkerStatus(
-                worker_id="w-a", host="node-12.cluster", slots_total=4, slots_free=3, age_s=12
+                worker_id="w-a",
+                host="node-12.cluster",
+                slots_total=4,
+                slots_free=3,
+                age_s=12,
+                slots_warm=1,
             ),
         ],
         rates=CallRates(calls_per_s_10s=12.34, calls_per_s_60s=150.2, errors_per_s_60s=0.05),
@@ -56,12 +67,12 @@ def test_render_status_shows_executor_rates_slots_and_a_workers_table() -> None:
         "executor exec-1 | queue 3 | 1234 requests, 12 errors | "
         "calls/s 12.3 (10 s) 150 (60 s) | errors/s 0.05 (60 s)"
     )
-    assert lines[1] == "pool: 2 workers, 12 slots (acquired 3, free 9)"
+    assert lines[1] == "pool: 2 workers, 12 slots (acquired 3, free 9; 5 of the free warm)"
     # Sorted by id; columns as wide as their widest cell; names left, numbers right.
     assert lines[2:] == [
-        "WORKER              HOST             SLOTS  FREE  IN USE  LAST SEEN",
-        "w-a                 node-12.cluster      4     3       1  12.0s ago",
-        "worker-b-long-name  gpu-7                8     6       2   0.4s ago",
+        "WORKER              HOST             SLOTS  FREE  WARM  IN USE  LAST SEEN",
+        "w-a                 node-12.cluster      4     3     1       1  12.0s ago",
+        "worker-b-long-name  gpu-7                8     6     4       2   0.4s ago",
     ]
 
 
