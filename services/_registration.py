@@ -78,18 +78,29 @@ class WorkerRegistration:
             with contextlib.suppress(RevisionMismatch):  # expired or replaced already
                 await self._bucket.remove(self._key, expect=self._revision)
 
+    async def stored_age_s(self) -> float | None:
+        """How old the stored registration is, if it is this incarnation's (its revision is
+        adopted: a write whose ack was lost counts); None when it is gone or not ours."""
+        async with self._lock:
+            return await self._adopt_stored()
+
     async def _adopt_own_write(self) -> bool:
+        return await self._adopt_stored() is not None
+
+    async def _adopt_stored(self) -> float | None:
+        """(Under the lock) :meth:`stored_age_s`."""
         entry = await self._bucket.get(self._key)
         if entry is None or entry.value is None:
-            return False
+            return None
         try:
             stored = WorkerInfo.model_validate_json(entry.value)
         except ValidationError:
-            return False
+            return None
         if stored.incarnation != self.incarnation:
-            return False
+            return None
         self._revision = entry.revision
-        return True
+        # Written after it was encoded: it is at most this old, by the worker's own clock.
+        return max(time.time() - stored.updated_at, 0.0)
 
     def _encode(self, info: Callable[[], WorkerInfo]) -> bytes:
         return info().model_dump_json().encode()
@@ -155,9 +166,21 @@ class Heartbeat:
             await self._rejoin()
             return
         except Exception as exc:  # a missed beat is logged; the next one retries ...
-            log.warning("heartbeat failed", error=str(exc))
-            # ... until the registration may have expired.
+            log.warning("heartbeat failed", error=str(exc) or type(exc).__name__)
+            # ... until the registration may have expired. A write whose ack was late or lost
+            # may have landed: the stored registration says (a slow server is not a lost one).
             if time.monotonic() - self._last_stored >= self._registration.ttl_s - 1:
+                age = await self._stored_age_s()
+                if age is not None and age < self._registration.ttl_s - 1:
+                    self._last_stored = time.monotonic() - age
+                    return
                 await self._rejoin()
             return
         self._last_stored = time.monotonic()
+
+    async def _stored_age_s(self) -> float | None:
+        try:
+            return await self._registration.stored_age_s()
+        except Exception as exc:  # unreadable too: it may have expired
+            log.warning("the registration could not be read", error=str(exc) or type(exc).__name__)
+            return None
