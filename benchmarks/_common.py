@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from backends.local import LocalWorkers
 from observability.logging import configure_logging
+from services import _loop
 from services._validation import describe_validation_error
 from services.cli import settings_env
 from services.client import ToolbusClient
@@ -259,6 +260,7 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "event_loop": _loop.loop_name(),
     }
 
 
@@ -283,7 +285,7 @@ def run_and_report(
     configure_logging(level="warning", fmt="json")
     data_dir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        report = asyncio.run(_stop_on_sigterm(run(data_dir)))
+        report = _loop.run(_stop_on_sigterm(run(data_dir)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; child processes stopped", file=sys.stderr)
         return 130

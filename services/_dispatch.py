@@ -219,11 +219,17 @@ class Dispatcher:
 
     # -- what comes back ----------------------------------------------------------------------
     async def on_result(self, msg: Msg) -> None:
-        try:
-            item = ItemResult.model_validate_json(msg.data)
-        except ValueError:
-            log.warning("ignoring malformed result message", size=len(msg.data))
-            return
+        """A message of results: JSON lines of ItemResult (see _result_sender.py), each read
+        on its own."""
+        for line in msg.data.split(b"\n"):
+            try:
+                item = ItemResult.model_validate_json(line)
+            except ValueError:
+                log.warning("ignoring a malformed result", size=len(line))
+                continue
+            self._take_result(item)
+
+    def _take_result(self, item: ItemResult) -> None:
         pending = self._pending.get(item.item_id)
         if pending is None or pending.result.done():
             return
