@@ -61,16 +61,17 @@ class CallRouter:
                 )
             except WorkspaceLost as lost:
                 return workspace_lost(lost.lease, uniq_id)
-            item = BatchItem(
+            # Not validated again: every value comes from a validated request or the lease.
+            item = BatchItem.model_construct(
                 item_id=self._ids.next().decode(),
                 trajectory_id=trajectory_id,
                 epoch=lease.epoch,
                 tool=tool,
                 arguments=arguments,
-                timeout_s=timeout_s,
+                timeout_s=float(timeout_s),
                 uniq_id=uniq_id,
                 allow_network=allow_network,
-                trace_context=tracing.current_trace_headers(),
+                trace_context=tracing.current_trace_headers() if tracing.enabled() else None,
                 created_at=time.time(),
             )
             try:

@@ -302,7 +302,11 @@ class ToolbusClient:
                 subject,
                 body,
                 timeout=timeout_s or self._request_timeout_s,
-                headers=tracing.inject_context(self._headers) or None,
+                headers=(
+                    tracing.inject_context(self._headers) or None
+                    if tracing.enabled()
+                    else self._headers
+                ),
             )
         except NoRespondersError:
             raise NoCapacity(

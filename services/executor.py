@@ -31,6 +31,7 @@ from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 from opentelemetry import trace
 
+from observability import tracing
 from observability.metrics import ToolbusMetrics
 from schemas.artifacts import ARTIFACT_OPERATIONS
 from schemas.errors import ErrorKind
@@ -372,6 +373,8 @@ class ExecutorService:
 
 def _annotate_span(trajectory_id: str, tool: str) -> None:
     """Name the call on the request's span (nothing to build when it does not record)."""
+    if not tracing.enabled():
+        return
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attributes({"toolbus.trajectory_id": trajectory_id, "toolbus.tool": tool})
