@@ -61,14 +61,13 @@ class CallRouter:
                 )
             except WorkspaceLost as lost:
                 return workspace_lost(lost.lease, uniq_id)
-            # Not validated again: every value comes from a validated request or the lease.
-            item = BatchItem.model_construct(
+            item = BatchItem(
                 item_id=self._ids.next().decode(),
                 trajectory_id=trajectory_id,
                 epoch=lease.epoch,
                 tool=tool,
                 arguments=arguments,
-                timeout_s=float(timeout_s),
+                timeout_s=timeout_s,
                 uniq_id=uniq_id,
                 allow_network=allow_network,
                 trace_context=tracing.current_trace_headers() if tracing.enabled() else None,
