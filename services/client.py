@@ -58,7 +58,7 @@ from schemas.subjects import (
 )
 
 from ._objects import StoredObject, fetch_object, put_object
-from ._requests import nats_request
+from ._requests import Requester, nats_request
 from .exceptions import NoCapacity, RequestTimeout, ServiceError
 from .settings import (
     DEFAULT_ACQUIRE_TIMEOUT_S,
@@ -87,6 +87,7 @@ class ToolbusClient:
         artifacts_bucket: str = DEFAULT_ARTIFACTS_BUCKET,
     ) -> None:
         self._nc = nc
+        self._requester = Requester(nc)
         self._artifacts_bucket = artifacts_bucket
         self._subjects = Subjects(prefix=prefix)
         self._headers = {AUTHORIZATION_HEADER: f"Bearer {token}"} if token else None
@@ -314,6 +315,7 @@ class ToolbusClient:
                     if tracing.enabled()
                     else self._headers
                 ),
+                requester=self._requester,
             )
         except NoRespondersError:
             raise NoCapacity(
