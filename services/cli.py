@@ -605,7 +605,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         "archive": lambda: run_archive(settings, args),
     }
     try:
-        code = _loop.run(runners[args.command]())
+        # A worker starts sandboxes: asyncio's loop starts processes faster (see _loop.py).
+        code = _loop.run(runners[args.command](), fast=args.command != "worker")
     except ToolbusError as exc:
         print(f"toolbus: {exc}", file=sys.stderr)
         return 1

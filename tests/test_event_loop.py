@@ -1,7 +1,8 @@
-"""uvloop when installed (``toolbus[fast]``), asyncio's loop when declined.
+"""uvloop when installed (``toolbus[fast]``), asyncio's loop when declined or for a process
+that starts processes (a sandbox worker).
 
 These failed before services/_loop.py existed (shared/issue 10, item 5: an ImportError).
-`toolbus serve` itself runs on the chosen loop in test_cli.py (uvloop is a test dependency).
+`toolbus serve` (its executor) runs on uvloop in test_cli.py: uvloop is a test dependency.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ def test_uvloop_is_used_when_installed_unless_declined(monkeypatch: pytest.Monke
     monkeypatch.delenv(_loop.EVENT_LOOP_ENV, raising=False)
     assert _loop.loop_factory() is uvloop.new_event_loop
     assert _loop.loop_name() == "uvloop"
+    assert _loop.loop_factory(fast=False) is None  # what a sandbox worker runs on
     monkeypatch.setenv(_loop.EVENT_LOOP_ENV, "asyncio")
     assert _loop.loop_factory() is None
     assert _loop.loop_name() == "asyncio"
