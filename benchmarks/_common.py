@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from backends.local import LocalWorkers
 from observability.logging import configure_logging
+from services import _loop
 from services._validation import describe_validation_error
 from services.cli import settings_env
 from services.client import ToolbusClient
@@ -254,11 +255,12 @@ def check_slots(slots: int) -> bool:
     return True
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(*, fast_loop: bool = True) -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "event_loop": _loop.loop_name(fast=fast_loop),
     }
 
 
@@ -276,6 +278,7 @@ def run_and_report(
     prefix: str,
     as_json: bool,
     table: Callable[[Report], str],
+    fast_loop: bool = True,
 ) -> int:
     """Run ``run(data_dir)`` in a temporary directory removed at the end (SIGTERM stops it like
     Ctrl-C), print its report as a table or JSON, and return the exit code; on failure say on
@@ -283,7 +286,7 @@ def run_and_report(
     configure_logging(level="warning", fmt="json")
     data_dir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        report = asyncio.run(_stop_on_sigterm(run(data_dir)))
+        report = _loop.run(_stop_on_sigterm(run(data_dir)), fast=fast_loop)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; child processes stopped", file=sys.stderr)
         return 130

@@ -56,6 +56,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from schemas.messages import ExecuteRequest, ToolCall
+from services import _loop
 from services._children import child_preexec, stop_process
 from services._embedded import EmbeddedNatsServer
 from services.client import ToolbusClient
@@ -308,7 +309,8 @@ def table(report: Report) -> str:
     header = (
         f"toolbus request benchmark: {config['duration_s']:g} s per row after "
         f"{config['warmup_s']:g} s warm-up; {report['machine']['cpus']} CPUs, "
-        f"Python {report['machine']['python']}; {config['workers']} sandbox workers x "
+        f"Python {report['machine']['python']} ({report['machine'].get('event_loop', 'asyncio')} "
+        f"loop); {config['workers']} sandbox workers x "
         f"{config['slots_per_worker']} slots"
     )
     return render_table([Row(**row) for row in report["results"]], header)
@@ -318,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.echo_responder:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(echo_responder(args.echo_responder))
+            _loop.run(echo_responder(args.echo_responder))
         return 0
     if args.duration <= 0 or args.warmup < 0 or args.workers < 1:
         print("bench: --duration must be > 0, --warmup >= 0, --workers >= 1", file=sys.stderr)

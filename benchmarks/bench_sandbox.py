@@ -517,7 +517,7 @@ async def run(args: argparse.Namespace, data_dir: Path) -> Report:
         rows.append(row)
     return {
         "machine": {
-            **machine_info(),
+            **machine_info(fast_loop=False),
             "bwrap": None if bwrap is None else str(bwrap),
             "bwrap_version": None if bwrap is None else _bwrap_version(bwrap),
         },
@@ -562,6 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix="toolbus-bench-sandbox-",
         as_json=args.json,
         table=table,
+        # It starts processes in this process: on asyncio's loop, as sandbox workers do.
+        fast_loop=False,
     )
 
 

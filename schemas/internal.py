@@ -166,7 +166,8 @@ class BatchHeader(BaseModel):
     """First line of a batch message; each further line is one ``BatchItem`` (JSON lines), so
     that a worker reads every item on its own and one it cannot read never spoils the others.
 
-    Results come back one message per item on ``reply_to``; the request's reply is a BatchAck.
+    Results come back on ``reply_to``, several to a message as JSON lines of ``ItemResult`` (a
+    message of one result is that result alone); the request's reply is a BatchAck.
     """
 
     reply_to: str

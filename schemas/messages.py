@@ -40,14 +40,23 @@ MAX_JSON_DEPTH = 32
 JSON_PARSER_MAX_DEPTH = 200
 
 
+_CONTAINERS = (dict, list, tuple)
+
+
 def json_nesting_exceeds(value: object, limit: int) -> bool:
     """Whether arrays and objects in ``value`` nest more than ``limit`` levels (``[]`` is one).
 
     Level by level, without recursion: a value of any depth is safe to check.
     """
+    if limit >= 1 and isinstance(value, dict):
+        for child in value.values():
+            if isinstance(child, _CONTAINERS):
+                break
+        else:
+            return False  # a flat object, as most tool arguments are: one level
     level = [value]
     for _ in range(limit + 1):
-        containers = [node for node in level if isinstance(node, dict | list | tuple)]
+        containers = [node for node in level if isinstance(node, _CONTAINERS)]
         if not containers:
             return False
         level = [

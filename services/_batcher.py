@@ -24,7 +24,7 @@ from enum import Enum
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, Link, Span, SpanContext, SpanKind
 
 from observability import tracing
 from schemas.internal import BatchAck, BatchHeader, BatchItem, RejectReason
@@ -32,6 +32,7 @@ from schemas.internal import BatchAck, BatchHeader, BatchItem, RejectReason
 from ._requests import nats_request
 
 DEFAULT_ACK_TIMEOUT_S = 10.0
+_NO_CONTEXT = INVALID_SPAN_CONTEXT  # tracing off: no span to link to
 
 
 class BatchNotDelivered(Exception):
@@ -106,7 +107,7 @@ class WorkerLink:
             item.item_id,
             loop.create_future(),
             time.monotonic(),
-            trace.get_current_span().get_span_context(),
+            trace.get_current_span().get_span_context() if tracing.enabled() else _NO_CONTEXT,
         )
         self._pending.append(pending)
         self._pending_bytes += len(pending.payload) + 1
@@ -184,7 +185,7 @@ class WorkerLink:
                 self._subject,
                 body,
                 timeout=self._ack_timeout_s,
-                headers=tracing.current_trace_headers(),
+                headers=tracing.current_trace_headers() if tracing.enabled() else None,
             )
             ack = BatchAck.model_validate_json(reply.data)
         except NoRespondersError as exc:

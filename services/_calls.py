@@ -70,7 +70,7 @@ class CallRouter:
                 timeout_s=timeout_s,
                 uniq_id=uniq_id,
                 allow_network=allow_network,
-                trace_context=tracing.current_trace_headers(),
+                trace_context=tracing.current_trace_headers() if tracing.enabled() else None,
                 created_at=time.time(),
             )
             try:

@@ -67,9 +67,24 @@ class _Pending:
     worker_id: str
     incarnation: str
     run_s: float  # timeout_s + grace: how long its run may take before it is given up on
-    result: asyncio.Future[ItemResult]
+    # What the call waits on: its result; None when its deadline passed first (then a fresh
+    # future takes its place, for a result that still comes).
+    result: asyncio.Future[ItemResult | None]
     started: bool = False
-    scope: asyncio.Timeout | None = None
+    waiting: bool = False  # its caller waits for the result (not yet giving up)
+    deadline: asyncio.TimerHandle | None = None
+
+    def run_started(self) -> None:
+        """Its run starts now: while its caller waits, the deadline is ``run_s`` from now."""
+        self.started = True
+        if self.waiting and self.deadline is None:
+            loop = asyncio.get_running_loop()
+            self.deadline = loop.call_at(loop.time() + self.run_s, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        passed, self.result = self.result, asyncio.get_running_loop().create_future()
+        if not passed.done():
+            passed.set_result(None)
 
 
 class Dispatcher:
@@ -135,21 +150,23 @@ class Dispatcher:
             raise
         finally:
             del self._pending[item.item_id]
+            if pending.deadline is not None:
+                pending.deadline.cancel()
 
     async def _await_result(self, item: BatchItem, pending: _Pending) -> ItemResult:
-        loop = asyncio.get_running_loop()
-        while True:
-            # No deadline while it waits behind its trajectory's earlier calls; the worker's
-            # start notice sets one (see on_result).
-            when = loop.time() + pending.run_s if pending.started else None
-            try:
-                async with asyncio.timeout_at(when) as scope:
-                    pending.scope = scope
-                    return await asyncio.shield(pending.result)
-            except TimeoutError:
-                if pending.result.done():
-                    return pending.result.result()
-            return await self._give_up(item, pending, unacknowledged=False)
+        # No deadline while it waits behind its trajectory's earlier calls; the worker's start
+        # notice sets one (see on_result). The future itself is awaited (no shield, no timeout
+        # scope): a result is one loop turn away from its caller, not two.
+        pending.waiting = True
+        if pending.started:
+            pending.run_started()
+        try:
+            result = await pending.result
+        finally:
+            pending.waiting = False
+        if result is not None:
+            return result
+        return await self._give_up(item, pending, unacknowledged=False)
 
     async def _give_up(
         self, item: BatchItem, pending: _Pending, *, unacknowledged: bool
@@ -157,8 +174,8 @@ class Dispatcher:
         """Past its deadline, or its batch unacknowledged: cancel it on the worker, then say
         what happened. Waits as long as the worker is registered but cannot be reached."""
         while True:
-            if pending.result.done():
-                return pending.result.result()
+            if pending.result.done() and (done := pending.result.result()) is not None:
+                return done
             outcome = await self._cancel(pending.worker_id, item.item_id)
             if outcome is CancelOutcome.NOT_FOUND and unacknowledged:
                 raise CallRejected(None)  # it never arrived, and now never runs
@@ -166,10 +183,10 @@ class Dispatcher:
                 return await self._after_cancel(item, pending, outcome)
             if await self._registry.confirm_gone(pending.worker_id, pending.incarnation):
                 raise WorkerGone(pending.worker_id)
-            try:  # registered but not answering: it may yet deliver
-                return await asyncio.wait_for(asyncio.shield(pending.result), _UNREACHABLE_RETRY_S)
-            except TimeoutError:
-                continue
+            # Registered but not answering: it may yet deliver.
+            result = await _result_within(pending, _UNREACHABLE_RETRY_S)
+            if result is not None:
+                return result
 
     async def _after_cancel(
         self, item: BatchItem, pending: _Pending, outcome: CancelOutcome
@@ -180,12 +197,7 @@ class Dispatcher:
             why = "in time: the worker did not acknowledge its batch"
         if outcome is not CancelOutcome.NOT_FOUND:
             # Cancelled: its (cancelled) result is on the way; finished: its result was sent.
-            try:
-                result = await asyncio.wait_for(
-                    asyncio.shield(pending.result), _CANCELLED_RESULT_WAIT_S
-                )
-            except TimeoutError:
-                result = None
+            result = await _result_within(pending, _CANCELLED_RESULT_WAIT_S)
             cancelled = (
                 result is not None and result.result and result.result.metadata.get("cancelled")
             )
@@ -219,19 +231,22 @@ class Dispatcher:
 
     # -- what comes back ----------------------------------------------------------------------
     async def on_result(self, msg: Msg) -> None:
-        try:
-            item = ItemResult.model_validate_json(msg.data)
-        except ValueError:
-            log.warning("ignoring malformed result message", size=len(msg.data))
-            return
+        """A message of results: JSON lines of ItemResult (see _result_sender.py), each read
+        on its own."""
+        for line in msg.data.split(b"\n"):
+            try:
+                item = ItemResult.model_validate_json(line)
+            except ValueError:
+                log.warning("ignoring a malformed result", size=len(line))
+                continue
+            self._take_result(item)
+
+    def _take_result(self, item: ItemResult) -> None:
         pending = self._pending.get(item.item_id)
         if pending is None or pending.result.done():
             return
         if item.started and item.result is None and item.reply is None:
-            pending.started = True  # its run starts now: so does its deadline
-            if pending.scope is not None and pending.scope.when() is None:
-                loop = asyncio.get_running_loop()
-                pending.scope.reschedule(loop.time() + pending.run_s)
+            pending.run_started()  # its run starts now: so does its deadline
             return
         pending.result.set_result(item)
 
@@ -257,6 +272,14 @@ class Dispatcher:
         for worker_id, link in list(self._links.items()):
             if link.idle and worker_id not in registered:
                 del self._links[worker_id]
+
+
+async def _result_within(pending: _Pending, timeout_s: float) -> ItemResult | None:
+    """The call's result if it comes within ``timeout_s``, else None (the wait alone ends)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(pending.result), timeout_s)
+    except TimeoutError:
+        return None
 
 
 _SAID = {

@@ -11,10 +11,10 @@ endpoint's ``$SRV`` stats, the call rates, the metrics).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import structlog
@@ -60,6 +60,7 @@ class CallStats:
         self.calls_in_flight = 0
         self._calls = RateWindow()
         self._errors = RateWindow()
+        self._in_flight = _InFlight(self)
 
     def rates(self) -> CallRates:
         return CallRates(
@@ -68,13 +69,9 @@ class CallStats:
             errors_per_s_60s=round(self._errors.per_second(60), 3),
         )
 
-    @contextlib.contextmanager
-    def in_flight(self) -> Iterator[None]:
-        self.calls_in_flight += 1
-        try:
-            yield
-        finally:
-            self.calls_in_flight -= 1
+    def in_flight(self) -> AbstractContextManager[None]:
+        """Counts a call in flight for the block (a plain object: no generator per call)."""
+        return self._in_flight
 
     def call_finished(
         self,
@@ -126,6 +123,19 @@ class CallStats:
             total_s=(time.perf_counter_ns() - started_ns) / 1e9,
             error_type=error.kind,
         )
+
+
+class _InFlight(AbstractContextManager[None]):
+    __slots__ = ("_stats",)
+
+    def __init__(self, stats: CallStats) -> None:
+        self._stats = stats
+
+    def __enter__(self) -> None:
+        self._stats.calls_in_flight += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stats.calls_in_flight -= 1
 
 
 class RequestServer:

@@ -39,7 +39,7 @@ from schemas.internal import (
 from schemas.messages import ErrorKindOfResult, ToolResult
 
 from ._artifacts import ArtifactRunner
-from ._failures import infra_failure
+from ._result_sender import ResultSender
 from ._slots import Slot, SlotTable
 from ._tools import ToolRunner
 
@@ -47,7 +47,6 @@ log = structlog.get_logger("toolbus.worker")
 
 _ARTIFACTS = "artifacts."  # batch items of artifact operations, e.g. "artifacts.read"
 _REMEMBERED_IDS = 20_000  # finished and cancelled-before-arrival item ids, for cancel answers
-_PAYLOAD_HEADROOM = 1024  # below the server's max_payload, for the protocol line
 
 
 class SlotCalls:
@@ -68,6 +67,7 @@ class SlotCalls:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._results = ResultSender(nc)
         self.accepting = False
         self.calls_completed = 0
 
@@ -164,28 +164,25 @@ class SlotCalls:
         before it the queue wait.
         """
         outcome = ItemResult(item_id=item.item_id)
-        with (
-            tracing.span(
-                f"process {subject}",
-                kind=SpanKind.CONSUMER,
-                parent=item.trace_context or {},
-                links=lambda: tracing.link_to(batch_headers),
-                attributes=lambda: tracing.nats_attributes(
-                    subject,
-                    "process",
-                    **{"toolbus.trajectory_id": item.trajectory_id, "toolbus.slot": slot.index},
-                ),
-            ) as span,
-            structlog.contextvars.bound_contextvars(
-                trajectory_id=item.trajectory_id, tool=item.tool, uniq_id=item.uniq_id
+        # This call's own task (see take_batch): bound until it ends, nothing to undo.
+        structlog.contextvars.bind_contextvars(
+            trajectory_id=item.trajectory_id, tool=item.tool, uniq_id=item.uniq_id
+        )
+        with tracing.span(
+            f"process {subject}",
+            kind=SpanKind.CONSUMER,
+            parent=item.trace_context or {},
+            links=lambda: tracing.link_to(batch_headers),
+            attributes=lambda: tracing.nats_attributes(
+                subject,
+                "process",
+                **{"toolbus.trajectory_id": item.trajectory_id, "toolbus.slot": slot.index},
             ),
-        ):
+        ) as span:
             try:
                 async with slot.lock:
                     if queued:  # the executor's deadline for its run starts now
-                        await self._publish(
-                            reply_to, ItemResult(item_id=item.item_id, started=True)
-                        )
+                        self._results.send(reply_to, ItemResult(item_id=item.item_id, started=True))
                     started = time.time()
                     if item.created_at is not None:
                         outcome.queue_wait_s = max(started - item.created_at, 0.0)
@@ -200,7 +197,7 @@ class SlotCalls:
                     metadata={"error_kind": str(ErrorKindOfResult.INFRA), "cancelled": True},
                 )
                 tracing.mark_error(span, "cancelled")
-                await self._publish_outcome(item, outcome, reply_to, slot)
+                self._publish_outcome(item, outcome, reply_to, slot)
                 raise
             except Exception as exc:
                 log.exception("tool crashed")
@@ -213,8 +210,8 @@ class SlotCalls:
             else:
                 if not _succeeded(outcome):
                     tracing.mark_error(span, _error_type(outcome))
-            # Shielded: a cancel that comes now must not lose the result of a finished call.
-            await asyncio.shield(self._publish_outcome(item, outcome, reply_to, slot))
+            # No await from here on: a cancel that comes now cannot lose a finished call's result.
+            self._publish_outcome(item, outcome, reply_to, slot)
 
     async def _run_tool(self, slot: Slot, item: BatchItem, outcome: ItemResult) -> None:
         with tracing.span(
@@ -252,7 +249,7 @@ class SlotCalls:
         return reply
 
     # -- answering ----------------------------------------------------------------------------
-    async def _publish_outcome(
+    def _publish_outcome(
         self, item: BatchItem, outcome: ItemResult, reply_to: str, slot: Slot
     ) -> None:
         slot.last_used = time.monotonic()
@@ -261,68 +258,11 @@ class SlotCalls:
             outcome.result.metadata.update(worker_id=self._worker_id, slot=slot.index)
         log.debug("call done", success=_succeeded(outcome), slot=slot.index)
         self.calls_completed += 1
-        await self._publish(reply_to, outcome)
+        self._results.send(reply_to, outcome)
 
-    async def _publish(self, reply_to: str, outcome: ItemResult) -> None:
-        payload = fit_result(outcome, self._nc.max_payload - _PAYLOAD_HEADROOM)
-        try:
-            await self._nc.publish(reply_to, payload)
-        except Exception as exc:
-            log.error("publishing a result failed", item_id=outcome.item_id, error=repr(exc))
-            if outcome.started and outcome.result is None:
-                return  # a start notice: the result itself follows
-            fallback = ItemResult(
-                item_id=outcome.item_id,
-                result=infra_failure(
-                    f"The worker could not send this call's result ({type(exc).__name__})"
-                ),
-            )
-            try:
-                await self._nc.publish(reply_to, fallback.model_dump_json().encode())
-            except Exception as again:  # the connection is gone: the executor sees the worker go
-                log.error("publishing a failure failed too", error=repr(again))
-
-
-def fit_result(outcome: ItemResult, budget: int) -> bytes:
-    """The result as one message of at most ``budget`` bytes: a tool's output is cut (flagged
-    ``truncated`` and ``output_cut_to_fit``), anything else too large becomes an infra failure."""
-    payload = outcome.model_dump_json().encode()
-    if len(payload) <= budget:
-        return payload
-    result = outcome.result
-    original = len(payload)
-    if result is not None and result.output:
-        fitted = outcome.model_copy(deep=True)
-        assert fitted.result is not None
-        fitted.result.metadata.update(truncated=True, output_cut_to_fit=True)
-        output = result.output
-        for _ in range(8):  # each round scales the output down by how far it is over
-            over = len(payload) - budget
-            if over <= 0:
-                return payload
-            keep = max(int(len(output) * (1 - over / max(len(payload), 1))) - 64, 0)
-            output = output[:keep]
-            fitted.result.output = output
-            payload = fitted.model_dump_json().encode()
-        if len(payload) <= budget:
-            return payload
-    log.error("a result too large for one message", item_id=outcome.item_id, size=original)
-    return (
-        ItemResult(
-            item_id=outcome.item_id,
-            result=infra_failure(
-                f"The call's result ({original} bytes) does not fit in one NATS message "
-                f"({budget} bytes)"
-            ),
-            reply=(
-                {"success": False, "error": f"The reply ({original} bytes) is too large to send"}
-                if outcome.reply is not None
-                else None
-            ),
-        )
-        .model_dump_json()
-        .encode()
-    )
+    async def results_sent(self) -> None:
+        """Until every result of a finished call has left (before the connection closes)."""
+        await self._results.flush()
 
 
 def _remember(ids: collections.OrderedDict[str, None], item_id: str) -> None:

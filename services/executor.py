@@ -31,6 +31,7 @@ from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 from opentelemetry import trace
 
+from observability import tracing
 from observability.metrics import ToolbusMetrics
 from schemas.artifacts import ARTIFACT_OPERATIONS
 from schemas.errors import ErrorKind
@@ -233,23 +234,25 @@ class ExecutorService:
         tool = canonical_tool_name(request.tool.name)
         requested = request.timeout_s or _number(request.tool.arguments.get("timeout"))
         _annotate_span(request.trajectory_id, tool or request.tool.name)
-        with structlog.contextvars.bound_contextvars(
+        # Bound for the rest of this request's own task (see _serving.py), so nothing to undo:
+        # bound_contextvars would copy the whole context twice per call to restore it.
+        structlog.contextvars.bind_contextvars(
             trajectory_id=request.trajectory_id,
             tool=tool or request.tool.name,
             uniq_id=request.tool.uniq_id,
-        ):
-            if tool is None:
-                return await self._execute_external(request, requested)
-            _check_runnable(tool, request.tool.arguments)
-            result = await self.execute(
-                request.trajectory_id,
-                tool,
-                request.tool.arguments,
-                timeout_s=self._config.clamp_timeout(requested),
-                uniq_id=request.tool.uniq_id,
-                allow_network=request.allow_network is not False,
-            )
-            log.debug("call answered", success=result.success)
+        )
+        if tool is None:
+            return await self._execute_external(request, requested)
+        _check_runnable(tool, request.tool.arguments)
+        result = await self.execute(
+            request.trajectory_id,
+            tool,
+            request.tool.arguments,
+            timeout_s=self._config.clamp_timeout(requested),
+            uniq_id=request.tool.uniq_id,
+            allow_network=request.allow_network is not False,
+        )
+        log.debug("call answered", success=result.success)
         return result.model_dump_json().encode()
 
     async def _execute_external(self, request: ExecuteRequest, requested: float | None) -> bytes:
@@ -382,6 +385,8 @@ class ExecutorService:
 
 def _annotate_span(trajectory_id: str, tool: str) -> None:
     """Name the call on the request's span (nothing to build when it does not record)."""
+    if not tracing.enabled():
+        return
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attributes({"toolbus.trajectory_id": trajectory_id, "toolbus.tool": tool})

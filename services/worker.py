@@ -299,6 +299,7 @@ class SandboxWorker:
             for task in pending:
                 task.cancel()
             await _bounded(asyncio.gather(*pending, return_exceptions=True), _STEP_TIMEOUT_S)
+        await _bounded(self._calls.results_sent(), _STEP_TIMEOUT_S)  # before the link goes
         # 5. end every sandbox and what still runs in it (the next start wipes the files).
         self._keeper.end_all()
         await self._cleaner.close(self._config.drain_timeout_s)
