@@ -111,13 +111,14 @@ async def test_the_http_tool_server_gets_what_no_nats_service_provides(
     config = ExecutorConfig(tool_server_url=tool_server + "/", tool_server_token="tok")
     stack = await make_stack(executor_config=config)
     tid = trajectory()
-    await stack.client.execute(tid, "terminal", {"command": "true"})  # now it has a slot
+    ran = await stack.client.execute(tid, "terminal", {"command": "true"})  # now it has a slot
     extracted = await stack.client.execute(tid, "web_extract", {"url": "http://x"}, uniq_id="u")
     assert extracted.success and extracted.output == "page text" and extracted.uniq_id == "u"
     body = _ToolServer.received[0]
     assert body["trajectory_id"] == tid
     assert body["tool"] == {"name": "web_extract", "arguments": {"url": "http://x"}, "uniq_id": "u"}
-    assert body["slot"] == {"worker_id": stack.workers[0].worker_id, "slot": 0}
+    # Whichever slot it got (a warm one goes first, not necessarily slot 0).
+    assert body["slot"] == {"worker_id": stack.workers[0].worker_id, "slot": ran.metadata["slot"]}
     with pytest.raises(NotFound, match="Unknown tool: nope"):
         await stack.client.execute(tid, "nope", {})
 
