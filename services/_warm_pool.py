@@ -130,9 +130,12 @@ class WarmPool:
 
     # -- the refill ---------------------------------------------------------------------------
     async def _refill(self) -> None:
-        while True:
+        while not self._closing:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+            # comes as the event is set, and this loop would then run on after close().
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wanted.wait(), RESCAN_S)
+                async with asyncio.timeout(RESCAN_S):
+                    await self._wanted.wait()
             self._wanted.clear()
             slots = self._to_warm()
             if slots and self._pause_s:  # after failures: slower, until one works

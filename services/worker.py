@@ -288,7 +288,8 @@ class SandboxWorker:
         self._stopping = True
         self._accepting = False
         await _bounded(self._offers.stop(), _STEP_TIMEOUT_S)
-        await self._warm.close(_STEP_TIMEOUT_S)  # no new warm start; warm sandboxes end
+        # No new warm start; warm sandboxes end (bounded: SIGTERM always ends a worker).
+        await _bounded(self._warm.close(_STEP_TIMEOUT_S), 2 * _STEP_TIMEOUT_S)
         await self._other_tasks(_STEP_TIMEOUT_S)
         # 2. tell executors at once: every workspace of this worker is about to be lost.
         await _bounded(self._keeper.mark_all_lost(LostReason.WORKER_STOPPED), _STEP_TIMEOUT_S)

@@ -292,3 +292,21 @@ async def test_status_counts_the_warm_slots(make_stack: StackFactory) -> None:
     await _until(lambda: (status := ours()) is not None and status.slots_warm == 2)
     status = ours()
     assert status is not None and status.slots_free == 3
+
+
+async def test_a_pool_closed_as_it_is_asked_to_refill_ends_its_refill_and_its_sandboxes(
+    make_stack: StackFactory,
+) -> None:
+    # On Python 3.11, asyncio.wait_for returns the awaited result when a cancel comes in the
+    # very turn the awaited event is set, swallowing the cancel: the refill loop then ran on,
+    # and the worker's shutdown waited for it for ever (a hang seen in a full suite run).
+    stack = await make_stack(slots=2, worker_options={"warm_slots": 2})
+    worker = stack.workers[0]
+    await _until(lambda: len(_warm(worker)) == 2)
+    await worker.wait_warmed()
+    pool = worker._warm
+    pool.wanted()  # the refill's event is set ...
+    async with asyncio.timeout(30):
+        await pool.close(5)  # ... and the cancel comes in the same turn
+    assert pool._loop is not None and pool._loop.done()
+    assert _warm(worker) == []  # every warm sandbox was ended
