@@ -204,11 +204,12 @@ async def test_a_root_workers_sandboxes_run_as_their_own_unprivileged_users(
     base = WorkerConfig.__dataclass_fields__["sandbox_uid_base"].default
     assert uids == {base, base + 1}  # one host user per slot, neither of them root
     # Files the worker writes for the model stay writable by the sandbox's user.
-    await stack.client.execute(first, "write_file", {"path": "d/e/f.txt", "content": "a"})
+    wrote = await stack.client.execute(first, "write_file", {"path": "d/e/f.txt", "content": "a"})
     appended = await stack.client.execute(first, "terminal", {"command": "echo b >> d/e/f.txt"})
     assert appended.success, appended.output
-    workspace = tmp_path / stack.workers[0].worker_id / "slot_0"
-    assert (workspace / "d" / "e" / "f.txt").stat().st_uid == base
+    slot = wrote.metadata["slot"]  # whichever it got (a warm slot goes first)
+    workspace = tmp_path / stack.workers[0].worker_id / f"slot_{slot}"
+    assert (workspace / "d" / "e" / "f.txt").stat().st_uid == base + slot
     await _still_serving(stack.client, first)
 
 
