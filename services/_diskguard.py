@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from ._tasks import cancel_and_wait
+
 _POLL_S = 0.2
 
 
@@ -54,5 +56,4 @@ class DiskGuard:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from schemas.internal import WorkerInfo
 
 from ._kv import KvBucket
+from ._tasks import cancel_and_wait
 
 log = structlog.get_logger("toolbus.registry")
 
@@ -63,8 +64,7 @@ class WorkerRegistry:
 
     async def stop(self) -> None:
         if self._watch_task:
-            self._watch_task.cancel()
-            await asyncio.gather(self._watch_task, return_exceptions=True)
+            await cancel_and_wait([self._watch_task])
 
     async def _watch(self, watched: KeyValue) -> None:
         """For ever: a watch that ends or fails (a reconnect, a JetStream hiccup) is started

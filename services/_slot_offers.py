@@ -38,6 +38,7 @@ from schemas.internal import AcquireOutcome, AcquireReply, SlotOffer, SlotOfferR
 from schemas.subjects import WAITING_CONSUMER, WAITING_STREAM, Subjects
 
 from ._slot_keeper import SlotKeeper
+from ._tasks import cancel_and_wait
 from ._waiting import open_waiting_stream
 
 log = structlog.get_logger("toolbus.worker")
@@ -93,8 +94,7 @@ class SlotOffers:
     async def stop(self) -> None:
         """Pull no more tickets; those being served are finished (answered or put back)."""
         if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+            await cancel_and_wait([self._loop])
         for timer in self._grace_timers:  # the slots are ended with the worker anyway
             timer.cancel()
         await self.settled()

@@ -35,6 +35,7 @@ import structlog
 
 from ._sandbox import BwrapSandbox
 from ._slots import Slot, SlotState, SlotTable
+from ._tasks import cancel_and_wait
 
 log = structlog.get_logger("toolbus.slots")
 
@@ -114,8 +115,7 @@ class WarmPool:
         ``timeout_s``, then are cancelled; the warm sandboxes of FREE slots are ended."""
         self._closing = True
         if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+            await cancel_and_wait([self._loop])
         started = list(self._starting)
         running = list(self._starting.values())
         if running:

@@ -63,6 +63,7 @@ from ._slot_cleanup import SlotCleaner
 from ._slot_keeper import SlotKeeper
 from ._slot_offers import SlotOffers
 from ._slots import Slot, SlotState, SlotTable
+from ._tasks import cancel_and_wait
 from ._tools import SlotTools, ToolLimits, ToolRunner
 from ._warm_pool import WarmPool
 from ._worker_config import WorkerConfig
@@ -305,9 +306,7 @@ class SandboxWorker:
         self._keeper.end_all()
         await self._cleaner.close(self._config.drain_timeout_s)
         # 6. stop beating, deregister, unsubscribe.
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await cancel_and_wait(self._loops, timeout_s=_STEP_TIMEOUT_S)
         self._heartbeat.cancel()
         if self._nc.is_connected:
             await _bounded(self._registration.deregister(), _STEP_TIMEOUT_S)
@@ -316,9 +315,7 @@ class SandboxWorker:
                 await sub.unsubscribe()
         self._subscriptions.clear()
         await self._other_tasks(_STEP_TIMEOUT_S)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks, timeout_s=_STEP_TIMEOUT_S)
         await self._disk_guard.close()
         if self._cgroups is not None:
             await self._cgroups.remove()
