@@ -176,7 +176,8 @@ class SlotOffers:
         await _settle(ticket.ack())
 
     def _free_unused(self, trajectory_id: str, epoch: int) -> None:
-        self._grace_timers = {timer for timer in self._grace_timers if not timer.cancelled()}
+        now = asyncio.get_running_loop().time()  # the timers that fired are dropped
+        self._grace_timers = {timer for timer in self._grace_timers if timer.when() > now}
         freed = self._keeper.release_unused(trajectory_id, epoch)
         log.info(
             "a waiter gave up before its slot came",
