@@ -150,36 +150,36 @@ class BwrapSandbox:
         # The socket is also bubblewrap's stderr (so no pipe is kept per sandbox): what it, the
         # launcher's interpreter or the cgroup's shell write there arrives as non-JSON packets.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        launcher, launcher_path = open_launcher(python)
-        command = [
-            python.executable,
-            "-I",
-            "-S",
-            "-B",
-            launcher_path,
-            str(theirs.fileno()),
-            format_rlimits(self._rlimits),
-        ]
-        # Sources are passed as open fds: a sandbox user may not be able to walk to them.
-        fds = [
-            theirs.fileno(),
-            os.open(self.workspace, os.O_PATH | os.O_DIRECTORY),
-            launcher,
-        ]
-        argv = bwrap_argv(self._options, fds[1], command)
-        extra = ["--file", str(fds[2]), launcher_path]
-        if python.prefix is not None:
-            fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
-            extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
-        argv[1:1] = extra
+        fds = [theirs.fileno()]
         try:
+            launcher, launcher_path = open_launcher(python)
+            fds.append(launcher)
+            command = [
+                python.executable,
+                "-I",
+                "-S",
+                "-B",
+                launcher_path,
+                str(theirs.fileno()),
+                format_rlimits(self._rlimits),
+            ]
+            # Sources are passed as open fds: a sandbox user may not be able to walk to them.
+            fds.insert(1, os.open(self.workspace, os.O_PATH | os.O_DIRECTORY))
+            argv = bwrap_argv(self._options, fds[1], command)
+            extra = ["--file", str(fds[2]), launcher_path]
+            if python.prefix is not None:
+                fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
+                extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
+            argv[1:1] = extra
             # Synchronous, and quick (a vfork and an exec): nothing to cancel half-way.
             self._process = SandboxProcess(
                 argv, stderr=theirs.fileno(), pass_fds=fds, cgroup=self._cgroup, owner=self.owner
             )
-        except OSError as exc:  # bubblewrap (or the shell, setpriv) could not be executed
-            ours.close()
-            raise SandboxError(f"cannot run {self._options.bwrap}: {exc.strerror}") from None
+        except BaseException as exc:
+            ours.close()  # whatever failed, no socket of a sandbox that never was stays open
+            if isinstance(exc, OSError):  # bubblewrap (or the shell, setpriv) could not run
+                raise SandboxError(f"cannot run {self._options.bwrap}: {exc.strerror}") from None
+            raise
         finally:
             theirs.close()  # the child has its copies
             for fd in fds[1:]:
@@ -333,19 +333,27 @@ class BwrapSandbox:
     async def _stop(self) -> None:
         reader, sock, process = self._reader, self._socket, self._process
         self._reader = self._socket = self._process = None
-        if reader is not None:
-            # Before the socket closes: its fd must leave the event loop while it is still its.
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        if sock is not None:
-            sock.close()
-        if process is not None:
-            # Killing bubblewrap kills the sandbox's pid 1, and the kernel ends the namespace.
-            process.kill()
-            try:
-                await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
-            except TimeoutError:  # stuck in the kernel: a later start's Popen reaps it
-                log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
+        # Shielded: a caller cancelled meanwhile (a call stopped by a release) must not leave
+        # the socket open, nor close it before its reader has left the event loop.
+        await asyncio.shield(_end_sandbox(reader, sock, process))
+
+
+async def _end_sandbox(
+    reader: asyncio.Task[None] | None, sock: socket.socket | None, process: SandboxProcess | None
+) -> None:
+    if reader is not None:
+        # Before the socket closes: its fd must leave the event loop while it is still its.
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    if sock is not None:
+        sock.close()
+    if process is not None:
+        # Killing bubblewrap kills the sandbox's pid 1, and the kernel ends the namespace.
+        process.kill()
+        try:
+            await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
+        except TimeoutError:  # stuck in the kernel: a later start's Popen reaps it
+            log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
 
 
 async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[int]) -> None:
