@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from ._slots import Slot, SlotTable
+from ._tasks import finish_or_cancel
 
 log = structlog.get_logger("toolbus.slots")
 
@@ -64,12 +65,7 @@ class SlotCleaner:
 
     async def close(self, timeout_s: float) -> None:
         """At shutdown: let running clean-ups finish for a while, then cancel them."""
-        running = list(self._running.values())
-        if running:
-            _, pending = await asyncio.wait(running, timeout=timeout_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_or_cancel(self._running.values(), wait_s=timeout_s)
 
     # -- the steps ----------------------------------------------------------------------------
     def _start(self, slot: Slot, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

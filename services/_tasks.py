@@ -31,3 +31,15 @@ async def cancel_and_wait(
             if wait <= 0:
                 return
         _, pending = await asyncio.wait(pending, timeout=wait)
+
+
+async def finish_or_cancel(
+    tasks: Iterable[asyncio.Future[Any]], *, wait_s: float, cancel_timeout_s: float | None = None
+) -> None:
+    """Let ``tasks`` finish for ``wait_s``, then cancel what is left and wait for it to end
+    (at most ``cancel_timeout_s``, if given): the drain of a graceful shutdown."""
+    running = [task for task in tasks if not task.done()]
+    if not running:
+        return
+    _, pending = await asyncio.wait(running, timeout=wait_s)
+    await cancel_and_wait(pending, timeout_s=cancel_timeout_s)

@@ -35,7 +35,7 @@ import structlog
 
 from ._sandbox import BwrapSandbox
 from ._slots import Slot, SlotState, SlotTable
-from ._tasks import cancel_and_wait
+from ._tasks import cancel_and_wait, finish_or_cancel
 
 log = structlog.get_logger("toolbus.slots")
 
@@ -117,12 +117,7 @@ class WarmPool:
         if self._loop is not None:
             await cancel_and_wait([self._loop])
         started = list(self._starting)
-        running = list(self._starting.values())
-        if running:
-            _, pending = await asyncio.wait(running, timeout=timeout_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+        await finish_or_cancel(self._starting.values(), wait_s=timeout_s)
         # A start cancelled half-way may leave a sandbox that is up but not ready.
         ending = {slot for slot in [*self._warmed, *started] if slot.state is SlotState.FREE}
         await asyncio.gather(*(_end(slot, always=True) for slot in ending), return_exceptions=True)

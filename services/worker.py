@@ -63,7 +63,7 @@ from ._slot_cleanup import SlotCleaner
 from ._slot_keeper import SlotKeeper
 from ._slot_offers import SlotOffers
 from ._slots import Slot, SlotState, SlotTable
-from ._tasks import cancel_and_wait
+from ._tasks import cancel_and_wait, finish_or_cancel
 from ._tools import SlotTools, ToolLimits, ToolRunner
 from ._warm_pool import WarmPool
 from ._worker_config import WorkerConfig
@@ -295,12 +295,11 @@ class SandboxWorker:
         # 2. tell executors at once: every workspace of this worker is about to be lost.
         await _bounded(self._keeper.mark_all_lost(LostReason.WORKER_STOPPED), _STEP_TIMEOUT_S)
         # 3. wait for running calls, 4. then cancel what is left (their processes are killed).
-        running = self._calls.running
-        if running:
-            _, pending = await asyncio.wait(running, timeout=self._config.drain_timeout_s)
-            for task in pending:
-                task.cancel()
-            await _bounded(asyncio.gather(*pending, return_exceptions=True), _STEP_TIMEOUT_S)
+        await finish_or_cancel(
+            self._calls.running,
+            wait_s=self._config.drain_timeout_s,
+            cancel_timeout_s=_STEP_TIMEOUT_S,
+        )
         await _bounded(self._calls.results_sent(), _STEP_TIMEOUT_S)  # before the link goes
         # 5. end every sandbox and what still runs in it (the next start wipes the files).
         self._keeper.end_all()

@@ -66,9 +66,17 @@ async def worker_process(
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 worker.resume()
-                process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+            await stop_process(process)
+
+
+async def stop_process(process: asyncio.subprocess.Process, *, grace_s: float = 20) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within ``grace_s``."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), grace_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()

@@ -17,6 +17,7 @@ from services._cgroups import PidsCgroups
 from services._fd_limits import FDS_MARGIN, FDS_PER_SLOT
 from services._sandbox import BwrapOptions, BwrapSandbox, SandboxError, SandboxFactory
 from services._sandbox_contract import SandboxLimits
+from tests._processes import stop_process
 from tests._sandboxes import bwrap_sandbox, sh
 
 _BOUND_S = 30.0
@@ -189,9 +190,4 @@ async def test_a_worker_raises_its_open_file_limit_and_says_how_many_slots_it_ho
             for line in limits.splitlines()
         ), limits
     finally:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 20)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await stop_process(process)
