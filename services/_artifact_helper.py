@@ -46,6 +46,9 @@ Paths in results are relative to root and normalized: ``src/a.py``, ``.`` for ro
 The last line on stderr is the outcome, one JSON object, and nothing else is written there:
 ``{"ok": true, ...summary}`` with exit code 0, or ``{"ok": false, "error": "..."}`` with exit
 code 1; the error is meant for the agent (no traceback, no path the caller did not give).
+
+One file, past the house's 400 lines, because it has to be: the sandbox can import nothing of
+toolbus, so the source ``_artifact_process.py`` passes to ``-c`` is the whole program.
 """
 
 from __future__ import annotations
