@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from backends.local import LocalWorkers
 from observability.logging import configure_logging
 from services import _loop
+from services._children import child_preexec, stop_process
 from services._validation import describe_validation_error
 from services.cli import settings_env
 from services.client import ToolbusClient
@@ -62,6 +63,7 @@ class Row:
     p50_ms: float | None
     p99_ms: float | None
     error_kinds: dict[str, int] = field(default_factory=dict)
+    cpu_us_per_call: dict[str, float] = field(default_factory=dict)  # by role, see _cpu.py
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float | None:
@@ -195,6 +197,48 @@ async def toolbus_client(
         executor = await stack.enter_async_context(ExecutorService(executor_nc, config))
         await local.wait_registered(lambda: executor.status().pool.containers)
         yield ToolbusClient(client_nc)
+
+
+@contextlib.asynccontextmanager
+async def toolbus_serve(
+    url: str, settings: Settings, workers: int
+) -> AsyncIterator[tuple[ToolbusClient, int]]:
+    """``toolbus serve`` as a user runs it (the executor in a process of its own, ``workers``
+    sandbox workers as its children), joined to the server at ``url``; yields a client on its
+    own connection and the pid of ``serve`` once every worker is registered. SIGTERM stops it
+    at the end."""
+    env = settings_env(settings.model_copy(update={"nats_url": url, "workers": workers}))
+    progress(f"starting toolbus serve: {workers} sandbox workers x {settings.slots} slots ...")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services",
+        "serve",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        preexec_fn=child_preexec,  # own session; SIGTERM if this process dies
+    )
+    try:
+        async with ToolbusClient.connect(url) as client:
+            await _wait_for_workers(client, process, workers)
+            yield client, process.pid
+    finally:
+        await stop_process(process, timeout=STRAGGLER_TIMEOUT_S)
+
+
+async def _wait_for_workers(
+    client: ToolbusClient, process: asyncio.subprocess.Process, workers: int
+) -> None:
+    deadline = time.monotonic() + SETUP_TIMEOUT_S
+    while True:
+        if process.returncode is not None:
+            raise BenchError(f"toolbus serve exited with {process.returncode} (see above)")
+        with contextlib.suppress(ServiceError, nats.errors.Error):
+            if (await client.status()).pool.containers >= workers:
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"toolbus serve did not register {workers} workers in time")
+        await asyncio.sleep(0.2)
 
 
 async def release_all(

@@ -1,11 +1,13 @@
 """Calls per second and latency: raw NATS request/reply next to toolbus ``read_file``.
 
     .venv/bin/python benchmarks/bench_requests.py [--duration 5] [--concurrency 1,100,1000]
-                                                  [--workers 2] [--json]
+                                                  [--workers 2] [--executor process] [--json]
 
 Everything is started here and stopped at the end (also on Ctrl-C): an embedded nats-server,
-an echo responder in a child process (the baseline), the toolbus executor in this process and
-sandbox workers as child processes, as ``toolbus serve`` runs them.
+an echo responder in a child process (the baseline), and ``toolbus serve`` in a child process
+(the executor, and the sandbox workers as its children), as a user runs it; the client is in
+this process. ``--executor in-process`` runs the executor in this process instead, beside the
+client, which one py-spy then profiles together.
 
 - baseline: N requesters on one connection call ``nc.request`` against a queue subscription
   that replies at once with the request's body, on its own connection in its own process.
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
@@ -51,7 +54,9 @@ from _common import (
     release_all,
     run_and_report,
     toolbus_client,
+    toolbus_serve,
 )
+from _cpu import ROLES, CpuWindow
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -140,7 +145,8 @@ async def run_baseline(url: str, levels: Sequence[int], args: argparse.Namespace
     )
     rows = []
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(echo_responder_process(url))
+        responder = await stack.enter_async_context(echo_responder_process(url))
+        roots = {os.getpid(): "client", responder.pid: "responder"}
         nc = await nats.connect(url, name="bench-client")
         stack.push_async_callback(nc.close)
         await _wait_for_echo(nc, payload)
@@ -152,9 +158,15 @@ async def run_baseline(url: str, levels: Sequence[int], args: argparse.Namespace
 
         for level in levels:
             progress(f"baseline, {level} concurrent requesters ...")
+            cpu = CpuWindow(lambda: roots)
             row = await measure(
-                "baseline", [call] * level, warmup_s=args.warmup, duration_s=args.duration
+                "baseline",
+                [call] * level,
+                warmup_s=args.warmup,
+                duration_s=args.duration,
+                on_window=cpu.mark,
             )
+            row.cpu_us_per_call = cpu.per_call_us(row.calls)
             progress(f"  {describe_row(row)}")
             rows.append(row)
     return rows
@@ -162,7 +174,7 @@ async def run_baseline(url: str, levels: Sequence[int], args: argparse.Namespace
 
 # -- toolbus: read_file through the whole stack -------------------------------------------------
 async def toolbus_row(
-    client: ToolbusClient, level: int, run_id: str, args: argparse.Namespace
+    client: ToolbusClient, level: int, run_id: str, args: argparse.Namespace, cpu: CpuWindow
 ) -> Row:
     trajectories = [f"bench-{run_id}-c{level}-{i}" for i in range(level)]
     contents = {tid: f"toolbus benchmark file of trajectory {tid}\n" for tid in trajectories}
@@ -203,12 +215,15 @@ async def toolbus_row(
 
             return call
 
-        return await measure(
+        row = await measure(
             "toolbus",
             [reader(tid) for tid in trajectories],
             warmup_s=args.warmup,
             duration_s=args.duration,
+            on_window=cpu.mark,
         )
+        row.cpu_us_per_call = cpu.per_call_us(row.calls)
+        return row
     finally:
         async with asyncio.timeout(SETUP_TIMEOUT_S):
             await release_all(client, trajectories, limit=100)
@@ -221,10 +236,20 @@ async def run_toolbus(
     settings = Settings(nats_url=url, slots=slots, data_dir=data_dir, log_level="warning")
     run_id = make_run_id()
     rows = []
-    async with toolbus_client(url, settings, args.workers, ExecutorConfig()) as client:
+    async with AsyncExitStack() as stack:
+        if args.executor == "process":
+            client, serve_pid = await stack.enter_async_context(
+                toolbus_serve(url, settings, args.workers)
+            )
+            roots = {os.getpid(): "client", serve_pid: "executor"}
+        else:
+            client = await stack.enter_async_context(
+                toolbus_client(url, settings, args.workers, ExecutorConfig())
+            )
+            roots = {os.getpid(): "client+executor"}
         for level in levels:
             progress(f"toolbus, {level} concurrent trajectories ...")
-            row = await toolbus_row(client, level, run_id, args)
+            row = await toolbus_row(client, level, run_id, args, CpuWindow(lambda: roots))
             progress(f"  {describe_row(row)}")
             rows.append(row)
     return rows
@@ -253,6 +278,18 @@ def render_table(rows: Sequence[Row], header: str) -> str:
                 f"{row.calls:>8,} {row.errors:>5} "
             )
         lines.append(f"{level:>11} " + "  ".join(cells))
+    lines += ["", "CPU per call, µs (utime+stime from /proc over the timed window):"]
+    roles = [role for role in ROLES if any(role in row.cpu_us_per_call for row in rows)]
+    lines.append(
+        f"{'':>11} {'system':<9}" + "".join(f"{role:>17}" for role in roles) + f"{'all':>10}"
+    )
+    for row in sorted(rows, key=lambda r: (r.concurrency, r.system)):
+        cpu = "".join(
+            f"{row.cpu_us_per_call[role]:>17,.0f}" if role in row.cpu_us_per_call else f"{'-':>17}"
+            for role in roles
+        )
+        total = sum(row.cpu_us_per_call.values())
+        lines.append(f"{row.concurrency:>11} {row.system:<9}{cpu}{total:>10,.0f}")
     errors = [row for row in rows if row.errors]
     if errors:
         lines.append("")
@@ -278,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only", choices=("baseline", "toolbus"), help="run one side of the table only"
     )
+    parser.add_argument(
+        "--executor",
+        choices=("process", "in-process"),
+        default="process",
+        help="process: `toolbus serve` runs the executor and the workers, as a user runs it; "
+        "in-process: the executor runs in this process beside the client (to profile both "
+        "with one py-spy) [default: process]",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--echo-responder", metavar="URL", help=argparse.SUPPRESS)
     return parser
@@ -298,10 +343,14 @@ async def run(args: argparse.Namespace, data_dir: Path) -> Report:
             "warmup_s": args.warmup,
             "concurrency": levels,
             "workers": args.workers,
+            "executor": args.executor,
             "slots_per_worker": max(math.ceil(max(levels) / args.workers), 1),
         },
         "results": [asdict(row) for row in rows],
     }
+
+
+_WHERE = {"process": "in its own process (toolbus serve)", "in-process": "in the client's process"}
 
 
 def table(report: Report) -> str:
@@ -311,7 +360,7 @@ def table(report: Report) -> str:
         f"{config['warmup_s']:g} s warm-up; {report['machine']['cpus']} CPUs, "
         f"Python {report['machine']['python']} ({report['machine'].get('event_loop', 'asyncio')} "
         f"loop); {config['workers']} sandbox workers x "
-        f"{config['slots_per_worker']} slots"
+        f"{config['slots_per_worker']} slots; executor {_WHERE[config.get('executor', '')]}"
     )
     return render_table([Row(**row) for row in report["results"]], header)
 

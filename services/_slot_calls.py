@@ -19,6 +19,7 @@ import asyncio
 import collections
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -76,17 +77,31 @@ class SlotCalls:
         return list(self._running.values())
 
     # -- intake -------------------------------------------------------------------------------
-    def take_batch(self, data: bytes, subject: str, headers: dict[str, str] | None) -> BatchAck:
-        """Start every item of the batch that may run; the ack says what happened to the rest."""
+    def take_batch(
+        self, data: bytes, subject: str, headers: dict[str, str] | None
+    ) -> tuple[BatchAck, Callable[[], None]]:
+        """Take in every item of the batch that may run; the ack says what happened to the rest.
+
+        The items' tasks exist (and can be cancelled) from here on, but their runs begin only
+        when the returned ``open_gate`` is called, which the caller does once the ack is on its
+        way: the executor then sends its next batch while this one runs, instead of waiting for
+        the whole batch to finish before it hears that it arrived."""
         first, _, rest = data.partition(b"\n")
         lines = rest.split(b"\n") if rest else []
         ack = BatchAck()
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[None] = loop.create_future()
+
+        def open_gate() -> None:
+            # From the loop's queue, behind the connection's flusher that the ack's publish woke.
+            loop.call_soon(_set_done, gate)
+
         try:
             header = BatchHeader.model_validate_json(first)
         except (ValidationError, ValueError, RecursionError):
             log.error("unreadable batch header", size=len(data))
             ack.unreadable = list(range(len(lines)))
-            return ack
+            return ack, open_gate
         for index, line in enumerate(lines):
             try:
                 item = BatchItem.model_validate_json(line)
@@ -110,12 +125,12 @@ class SlotCalls:
             slot.last_used = time.monotonic()
             slot.calls += 1
             task = asyncio.create_task(
-                self._run(slot, item, header.reply_to, headers, subject, queued)
+                self._run(slot, item, header.reply_to, headers, subject, queued, gate)
             )
             slot.tasks.add(task)
             self._running[item.item_id] = task
             task.add_done_callback(functools.partial(self._done, slot, item.item_id))
-        return ack
+        return ack, open_gate
 
     def _admit(self, item: BatchItem) -> tuple[Slot | None, RejectReason]:
         if not self.accepting:
@@ -156,6 +171,7 @@ class SlotCalls:
         batch_headers: dict[str, str] | None,
         subject: str,
         queued: bool,
+        gate: asyncio.Future[None],
     ) -> None:
         """Run one call in its slot (after the calls before it) and publish its result.
 
@@ -180,6 +196,7 @@ class SlotCalls:
             ),
         ) as span:
             try:
+                await gate  # its batch's ack is on its way
                 async with slot.lock:
                     if queued:  # the executor's deadline for its run starts now
                         self._results.send(reply_to, ItemResult(item_id=item.item_id, started=True))
@@ -263,6 +280,11 @@ class SlotCalls:
     async def results_sent(self) -> None:
         """Until every result of a finished call has left (before the connection closes)."""
         await self._results.flush()
+
+
+def _set_done(gate: asyncio.Future[None]) -> None:
+    if not gate.done():
+        gate.set_result(None)
 
 
 def _remember(ids: collections.OrderedDict[str, None], item_id: str) -> None:

@@ -429,8 +429,13 @@ class SandboxWorker:
         task.add_done_callback(self._tasks.discard)
 
     async def _on_batch(self, msg: Msg) -> None:
-        ack = self._calls.take_batch(msg.data, msg.subject, msg.headers)
-        await msg.respond(ack.model_dump_json().encode())
+        ack, open_gate = self._calls.take_batch(msg.data, msg.subject, msg.headers)
+        try:
+            await msg.respond(ack.model_dump_json().encode())
+        finally:
+            # After the publish, so the ack is written before the first of the batch's runs
+            # (the connection's flusher was woken first); and whatever happened to the ack.
+            open_gate()
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
