@@ -67,6 +67,7 @@ from services.executor import ExecutorConfig
 from services.settings import DEFAULT_MAX_OUTPUT_CHARS, Settings
 
 COMMAND = "true"
+TOOLBUS_OVER_PLAIN_TARGET = 0.9  # issue 10: sandboxed terminal calls at 16 concurrent
 ROWS = ("plain", "bwrap", "sandbox", "toolbus")
 TITLES = {
     "plain": "plain: bash -c true (create_subprocess_exec)",
@@ -439,7 +440,8 @@ def render_table(rows: Sequence[SandboxRow], header: str) -> str:
         lines.extend(f"errors ({r.system}): {r.error_kinds}" for r in errors)
     share = ratio(rows, "toolbus")
     if share is not None:
-        lines += ["", f"toolbus sandboxed / plain = {share:.2f} (target >= 0.80)"]
+        target = f"target >= {TOOLBUS_OVER_PLAIN_TARGET:.2f}"
+        lines += ["", f"toolbus sandboxed / plain = {share:.2f} ({target})"]
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -531,7 +533,7 @@ async def run(args: argparse.Namespace, data_dir: Path) -> Report:
         },
         "results": [asdict(row) for row in rows],
         "ratios_to_plain": {row.system: ratio(rows, row.system) for row in rows},
-        "target": {"toolbus_over_plain": 0.8},
+        "target": {"toolbus_over_plain": TOOLBUS_OVER_PLAIN_TARGET},
     }
 
 
