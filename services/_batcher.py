@@ -20,7 +20,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
+import pydantic_core
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from opentelemetry import trace
@@ -49,6 +51,51 @@ class Accepted(Enum):
 
 
 Acceptance = Accepted | RejectReason
+
+
+@dataclass(slots=True, frozen=True)
+class OutgoingItem:
+    """A call on its way to a worker: its ``BatchItem`` JSON, written once, and the fields the
+    executor reads of it. No model on this path: building and validating a BatchItem, then
+    dumping it, cost more than the rest of the call's batching (the worker validates it)."""
+
+    item_id: str
+    timeout_s: float
+    uniq_id: str | None
+    payload: bytes  # a BatchItem's JSON
+
+    @classmethod
+    def encode(
+        cls,
+        *,
+        item_id: str,
+        trajectory_id: str,
+        epoch: int,
+        tool: str,
+        arguments: dict[str, Any],
+        timeout_s: float,
+        uniq_id: str | None,
+        allow_network: bool,
+        trace_context: dict[str, str] | None,
+        created_at: float,
+    ) -> OutgoingItem:
+        fields = {
+            "item_id": item_id,
+            "trajectory_id": trajectory_id,
+            "epoch": epoch,
+            "tool": tool,
+            "arguments": arguments,
+            "timeout_s": timeout_s,
+            "uniq_id": uniq_id,
+            "allow_network": allow_network,
+            "trace_context": trace_context,
+            "created_at": created_at,
+        }
+        return cls(item_id, timeout_s, uniq_id, pydantic_core.to_json(fields))
+
+    @classmethod
+    def of(cls, item: BatchItem) -> OutgoingItem:
+        return cls(item.item_id, item.timeout_s, item.uniq_id, item.model_dump_json().encode())
 
 
 @dataclass(slots=True)
@@ -98,12 +145,12 @@ class WorkerLink:
         """Nothing queued and no batch in flight: the link can be dropped without loss."""
         return not self._pending and self._in_flight == 0
 
-    def submit(self, item: BatchItem) -> asyncio.Future[Acceptance]:
+    def submit(self, item: OutgoingItem) -> asyncio.Future[Acceptance]:
         """Queue a call; the future says whether the worker accepted it, or why not; or raises
         BatchNotDelivered or BatchUnconfirmed."""
         loop = asyncio.get_running_loop()
         pending = _Pending(
-            item.model_dump_json().encode(),
+            item.payload,
             item.item_id,
             loop.create_future(),
             time.monotonic(),

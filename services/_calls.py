@@ -13,13 +13,12 @@ import asyncio
 import time
 from typing import Any
 
-from nats.nuid import NUID
-
 from observability import tracing
 from schemas.errors import ErrorKind
-from schemas.internal import BatchItem, ItemResult, Lease, LostReason, RejectReason
+from schemas.internal import ItemResult, Lease, LostReason, RejectReason
 from schemas.messages import ToolResult
 
+from ._batcher import OutgoingItem
 from ._dispatch import CallRejected, Dispatcher, WorkerGone
 from ._failures import infra_failure, workspace_lost
 from ._placement import Placement, WorkspaceLost
@@ -30,8 +29,22 @@ _UNDELIVERED_RETRY_S = 0.2  # a batch that reached no worker: wait, then try aga
 _UNDELIVERED_PATIENCE_S = 20.0  # ... for this long (more than a registration's TTL)
 
 
+class ItemIds:
+    """Ids of the calls an executor sends: its own id and a count, unique among executors
+    (a worker remembers ids to answer cancels, and refuses one it has seen); cheaper than a
+    random id per call."""
+
+    def __init__(self, executor_id: str) -> None:
+        self._prefix = f"{executor_id}."
+        self._count = 0
+
+    def next(self) -> str:
+        self._count += 1
+        return f"{self._prefix}{self._count}"
+
+
 class CallRouter:
-    def __init__(self, placement: Placement, dispatcher: Dispatcher, *, ids: NUID) -> None:
+    def __init__(self, placement: Placement, dispatcher: Dispatcher, *, ids: ItemIds) -> None:
         self._placement = placement
         self._dispatcher = dispatcher
         self._ids = ids
@@ -61,8 +74,8 @@ class CallRouter:
                 )
             except WorkspaceLost as lost:
                 return workspace_lost(lost.lease, uniq_id)
-            item = BatchItem(
-                item_id=self._ids.next().decode(),
+            item = OutgoingItem.encode(
+                item_id=self._ids.next(),
                 trajectory_id=trajectory_id,
                 epoch=lease.epoch,
                 tool=tool,

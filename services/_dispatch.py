@@ -27,7 +27,6 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from schemas.internal import (
-    BatchItem,
     CancelOutcome,
     CancelReply,
     CancelRequest,
@@ -37,7 +36,7 @@ from schemas.internal import (
 )
 from schemas.subjects import Subjects
 
-from ._batcher import Accepted, BatchNotDelivered, BatchUnconfirmed, WorkerLink
+from ._batcher import Accepted, BatchNotDelivered, BatchUnconfirmed, OutgoingItem, WorkerLink
 from ._failures import infra_failure
 from ._registry import WorkerRegistry
 from ._requests import nats_request
@@ -115,7 +114,7 @@ class Dispatcher:
             await link.close()
 
     # -- a call -------------------------------------------------------------------------------
-    async def run(self, lease: Lease, item: BatchItem) -> ItemResult:
+    async def run(self, lease: Lease, item: OutgoingItem) -> ItemResult:
         """The worker's result for the call; CallRejected when it did not take it; WorkerGone
         when its worker incarnation went away before the result came."""
         loop = asyncio.get_running_loop()
@@ -153,7 +152,7 @@ class Dispatcher:
             if pending.deadline is not None:
                 pending.deadline.cancel()
 
-    async def _await_result(self, item: BatchItem, pending: _Pending) -> ItemResult:
+    async def _await_result(self, item: OutgoingItem, pending: _Pending) -> ItemResult:
         # No deadline while it waits behind its trajectory's earlier calls; the worker's start
         # notice sets one (see on_result). The future itself is awaited (no shield, no timeout
         # scope): a result is one loop turn away from its caller, not two.
@@ -169,7 +168,7 @@ class Dispatcher:
         return await self._give_up(item, pending, unacknowledged=False)
 
     async def _give_up(
-        self, item: BatchItem, pending: _Pending, *, unacknowledged: bool
+        self, item: OutgoingItem, pending: _Pending, *, unacknowledged: bool
     ) -> ItemResult:
         """Past its deadline, or its batch unacknowledged: cancel it on the worker, then say
         what happened. Waits as long as the worker is registered but cannot be reached."""
@@ -189,7 +188,7 @@ class Dispatcher:
                 return result
 
     async def _after_cancel(
-        self, item: BatchItem, pending: _Pending, outcome: CancelOutcome
+        self, item: OutgoingItem, pending: _Pending, outcome: CancelOutcome
     ) -> ItemResult:
         if pending.started:
             why = f"within {pending.run_s:g}s of its start (its timeout and {self._grace_s:g}s)"

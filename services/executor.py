@@ -49,7 +49,7 @@ from schemas.tools import BUILTIN_TOOLS, TOOL_ALIASES, canonical_tool_name
 
 from . import __version__
 from ._batcher import WorkerLink
-from ._calls import CallRouter
+from ._calls import CallRouter, ItemIds
 from ._discovery import EndpointStats, ServiceDiscovery
 from ._dispatch import Dispatcher
 from ._executor_config import ExecutorConfig
@@ -96,8 +96,7 @@ class ExecutorService:
             server_url=self._config.tool_server_url,
             server_token=self._config.tool_server_token,
         )
-        self._nuid = NUID()
-        self.executor_id = self._nuid.next().decode()
+        self.executor_id = NUID().next().decode()
         self._results_subject = self._subjects.executor_results(self.executor_id)
         self._results_sub: Subscription | None = None
         js = nc.jetstream()
@@ -119,7 +118,7 @@ class ExecutorService:
             make_link=self._make_link,
             result_grace_s=self._config.result_grace_s,
         )
-        self._calls = CallRouter(self._placement, self._dispatcher, ids=self._nuid)
+        self._calls = CallRouter(self._placement, self._dispatcher, ids=ItemIds(self.executor_id))
         self._tool_list = (
             ToolListReply(
                 tools=[tool.spec() for tool in BUILTIN_TOOLS.values()], aliases=TOOL_ALIASES

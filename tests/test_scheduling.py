@@ -12,7 +12,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from schemas.internal import BatchAck, BatchItem
-from services._batcher import Accepted, WorkerLink
+from services._batcher import Accepted, OutgoingItem, WorkerLink
 from services._requests import nats_request
 from services.exceptions import NoCapacity, Overloaded
 from services.executor import ExecutorConfig
@@ -222,9 +222,16 @@ async def test_worker_link_sends_at_once_when_idle_and_coalesces_while_in_flight
         nc, subject=subject, reply_to="unused", window_s=1.0, max_items=8, max_bytes=1 << 20
     )
 
-    def item(i: int) -> BatchItem:
-        return BatchItem(
-            item_id=str(i), trajectory_id="t", epoch=1, tool="terminal", arguments={}, timeout_s=1
+    def item(i: int) -> OutgoingItem:
+        return OutgoingItem.of(
+            BatchItem(
+                item_id=str(i),
+                trajectory_id="t",
+                epoch=1,
+                tool="terminal",
+                arguments={},
+                timeout_s=1,
+            )
         )
 
     started = time.monotonic()

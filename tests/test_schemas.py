@@ -20,6 +20,7 @@ from schemas.tools import (
     TmuxArgs,
     WriteFileArgs,
 )
+from services._batcher import OutgoingItem
 from services._replies import parse_request
 from services._validation import describe_validation_error
 from services.exceptions import BadRequest
@@ -149,20 +150,28 @@ def test_arguments_as_a_string_are_parsed_like_the_body_lone_surrogates_refused(
 
 
 def test_what_the_executor_accepts_the_worker_batch_parser_reads() -> None:
-    arguments = {"command": "ls", "deep": _nested(MAX_JSON_DEPTH - 1)}
+    arguments = {"command": "ls\nls", "deep": _nested(MAX_JSON_DEPTH - 1), "n": 1.5}
     request = parse_request(ExecuteRequest, _execute_body(arguments), max_bytes=1_000_000)
-    item = BatchItem(
-        item_id="i",
-        trajectory_id=request.trajectory_id,
-        epoch=1,
-        tool="terminal",
-        arguments=request.tool.arguments,
-        timeout_s=1.0,
-    )
+    fields: dict[str, Any] = {
+        "item_id": "executor.1",
+        "trajectory_id": request.trajectory_id,
+        "epoch": 3,
+        "tool": "terminal",
+        "arguments": request.tool.arguments,
+        "timeout_s": 1.0,
+        "uniq_id": "u-1",
+        "allow_network": False,
+        "trace_context": {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+        "created_at": 1_700_000_000.25,
+    }
+    # The executor writes a BatchItem's JSON itself (no model on the hot path): it must read
+    # back, in the worker, as the very BatchItem the same fields make.
+    outgoing = OutgoingItem.encode(**fields)
+    assert BatchItem.model_validate_json(outgoing.payload) == BatchItem(**fields)
+    assert (outgoing.item_id, outgoing.timeout_s, outgoing.uniq_id) == ("executor.1", 1.0, "u-1")
     # A batch is JSON lines: the worker reads each item on its own line.
-    line = item.model_dump_json()
-    assert "\n" not in line
-    assert BatchItem.model_validate_json(line).arguments == arguments
+    assert b"\n" not in outgoing.payload
+    assert BatchItem.model_validate_json(outgoing.payload).arguments == arguments
 
 
 # Smallest valid body of each public input model, to which one numeric field is added.
