@@ -4,7 +4,8 @@ The worker is the one authority on its slots (``_slots.py`` holds their states).
 slot to a trajectory and writes the trajectory's lease, and takes the slot back on release,
 after ``slot_idle_timeout_s`` without a call, or when it has to give up its slots
 (``_slot_keeper.py``); it runs the calls of each assignment (``_slot_calls.py``) and cleans a
-slot before anyone else gets it (``_slot_cleanup.py``). Its registration (``_registration.py``)
+slot before anyone else gets it (``_slot_cleanup.py``). What it answers on NATS (batches,
+acquire, release, cancel) is ``_worker_endpoints.py``. Its registration (``_registration.py``)
 expires unless refreshed, and that is how executors learn it is gone.
 
 Lifecycle (``async with SandboxWorker(...)``): enter prepares the workspaces, registers and
@@ -16,33 +17,19 @@ deregisters. Every step has a deadline, so SIGTERM always ends a worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from types import TracebackType
 
 import structlog
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from pydantic import BaseModel
 
-from schemas.internal import (
-    AcquireOutcome,
-    AcquireReply,
-    AcquireRequest,
-    CancelReply,
-    CancelRequest,
-    LostReason,
-    WorkerInfo,
-    WorkerReleaseReply,
-    WorkerReleaseRequest,
-)
+from schemas.internal import LostReason, WorkerInfo
 from schemas.subjects import LEASES_BUCKET, WORKERS_BUCKET
 
 from ._artifacts import ArtifactRunner
@@ -67,6 +54,7 @@ from ._tasks import cancel_and_wait, finish_or_cancel
 from ._tools import SlotTools, ToolLimits, ToolRunner
 from ._warm_pool import WarmPool
 from ._worker_config import WorkerConfig
+from ._worker_endpoints import WorkerEndpoints
 
 __all__ = ["SandboxWorker", "WorkerConfig", "new_worker_id"]
 
@@ -142,6 +130,14 @@ class SandboxWorker:
             subjects=config.subjects,
             assignable=lambda: self._table.free,
         )
+        self._endpoints = WorkerEndpoints(
+            nc,
+            subjects=config.subjects,
+            worker_id=config.worker_id,
+            calls=self._calls,
+            keeper=self._keeper,
+            spawn=self._spawn,
+        )
         self._heartbeat = Heartbeat(
             self._registration,
             heartbeat_s=config.heartbeat_s,
@@ -149,7 +145,6 @@ class SandboxWorker:
             rejoin=self._rejoin,
             spawn=self._spawn,
         )
-        self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()  # request handlers and lease writes
         self._loops: list[asyncio.Task[None]] = []
         self._started_at = time.time()
@@ -232,26 +227,7 @@ class SandboxWorker:
         await open_bucket(js, LEASES_BUCKET, description="toolbus trajectory leases")
         await self._artifacts.start()
         wid = self.worker_id
-        subjects = self._config.subjects
-        for subject, handler in (
-            (subjects.worker_batch(wid), self._on_batch),
-            (
-                subjects.worker_acquire(wid),
-                self._handled(
-                    self._on_acquire, lambda _: AcquireReply(outcome=AcquireOutcome.FAILED)
-                ),
-            ),
-            (
-                subjects.worker_release(wid),
-                self._handled(
-                    self._on_release,
-                    lambda exc: WorkerReleaseReply(released=False, error=type(exc).__name__),
-                ),
-            ),
-            (subjects.worker_cancel(wid), self._on_cancel),
-        ):
-            self._subscriptions.append(await self._nc.subscribe(subject, cb=handler))
-        await self._nc.flush()
+        await self._endpoints.subscribe()
         # Registered before it takes work: a lease names an incarnation executors can see.
         await self._heartbeat.register()
         self._accepting = True
@@ -309,10 +285,7 @@ class SandboxWorker:
         self._heartbeat.cancel()
         if self._nc.is_connected:
             await _bounded(self._registration.deregister(), _STEP_TIMEOUT_S)
-        for sub in self._subscriptions:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subscriptions.clear()
+        await self._endpoints.unsubscribe()
         await self._other_tasks(_STEP_TIMEOUT_S)
         await cancel_and_wait(self._tasks, timeout_s=_STEP_TIMEOUT_S)
         await self._disk_guard.close()
@@ -394,29 +367,7 @@ class SandboxWorker:
         if others:
             await asyncio.wait(others, timeout=timeout_s)
 
-    # -- requests -----------------------------------------------------------------------------
-    def _handled(
-        self,
-        handler: Callable[[Msg], Awaitable[BaseModel]],
-        failed: Callable[[Exception], BaseModel],
-    ) -> Callable[[Msg], Awaitable[None]]:
-        """A request answered from a task of its own (nats-py runs one callback of a
-        subscription at a time, and a slow release must not hold back the next one), and
-        always answered: ``failed(error)`` when the handler failed."""
-
-        async def on_request(msg: Msg) -> None:
-            async def answer() -> None:
-                try:
-                    reply = await handler(msg)
-                except Exception as exc:
-                    log.exception("a worker request failed", subject=msg.subject)
-                    reply = failed(exc)
-                await msg.respond(reply.model_dump_json().encode())
-
-            self._spawn(answer())
-
-        return on_request
-
+    # -- tasks ------------------------------------------------------------------------------
     def _spawn(self, work: Awaitable[object]) -> None:
         async def run() -> None:
             try:
@@ -427,33 +378,6 @@ class SandboxWorker:
         task = asyncio.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _on_batch(self, msg: Msg) -> None:
-        ack, open_gate = self._calls.take_batch(msg.data, msg.subject, msg.headers)
-        try:
-            await msg.respond(ack.model_dump_json().encode())
-        finally:
-            # After the publish, so the ack is written before the first of the batch's runs
-            # (the connection's flusher was woken first); and whatever happened to the ack.
-            open_gate()
-
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            reply = self._calls.cancel(CancelRequest.model_validate_json(msg.data).item_ids)
-        except Exception:  # answered all the same: no outcome is "ask again"
-            log.exception("a cancel request failed")
-            reply = CancelReply()
-        await msg.respond(reply.model_dump_json().encode())
-
-    async def _on_acquire(self, msg: Msg) -> AcquireReply:
-        request = AcquireRequest.model_validate_json(msg.data)
-        return await self._keeper.acquire(request.trajectory_id)
-
-    async def _on_release(self, msg: Msg) -> WorkerReleaseReply:
-        request = WorkerReleaseRequest.model_validate_json(msg.data)
-        return await self._keeper.release(
-            request.trajectory_id, epoch=request.epoch, reset_workspace=request.reset_workspace
-        )
 
 
 async def _bounded(work: Awaitable[object], timeout_s: float) -> None:
