@@ -98,6 +98,11 @@ class BwrapSandbox:
         self._rlimits = {**options.limits.rlimits(), **inherited_limit()}
         self.network_isolated = not options.allow_network
         self._process: SandboxProcess | None = None
+        # The host pid of the sandbox's pid 1 (the launcher), as bubblewrap said it: a stop
+        # waits for its end, which the kernel lets come only after every other process of the
+        # namespace has ended.
+        self._pid1: int | None = None
+        self._info_fd: int | None = None  # bubblewrap's info pipe, until it is read
         self._said: list[str] = []  # what the sandbox wrote to its stderr before it was ready
         self._socket: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -147,6 +152,7 @@ class BwrapSandbox:
     async def _start(self) -> socket.socket:
         resets = self._resets
         python = _sandbox_python()
+        info: int | None = None
         # The socket is also bubblewrap's stderr (so no pipe is kept per sandbox): what it, the
         # launcher's interpreter or the cgroup's shell write there arrives as non-JSON packets.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -167,6 +173,11 @@ class BwrapSandbox:
             fds.insert(1, os.open(self.workspace, os.O_PATH | os.O_DIRECTORY))
             argv = bwrap_argv(self._options, fds[1], command)
             extra = ["--file", str(fds[2]), launcher_path]
+            # bubblewrap says its child's pid (the namespace's pid 1) on a pipe of its own.
+            info, info_theirs = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(info, False)
+            fds.append(info_theirs)
+            extra += ["--info-fd", str(info_theirs)]
             if python.prefix is not None:
                 fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
                 extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
@@ -177,6 +188,8 @@ class BwrapSandbox:
             )
         except BaseException as exc:
             ours.close()  # whatever failed, no socket of a sandbox that never was stays open
+            if info is not None:
+                os.close(info)
             if isinstance(exc, OSError):  # bubblewrap (or the shell, setpriv) could not run
                 raise SandboxError(f"cannot run {self._options.bwrap}: {exc.strerror}") from None
             raise
@@ -192,6 +205,7 @@ class BwrapSandbox:
         # Its outcome is read here, unless this start was given up first: then by nobody.
         self._ready.add_done_callback(lambda ready: ready.cancelled() or ready.exception())
         self._reader = asyncio.create_task(self._read_events(ours), name="sandbox-events")
+        self._read_info(info)
         if self._resets != resets:  # a reset began while bubblewrap started: it wants none
             await self._stop()
             raise SandboxError("the sandbox was reset while it started")
@@ -236,6 +250,40 @@ class BwrapSandbox:
                 self._said.append(text)
         else:
             log.warning("the sandbox wrote to its stderr", text=text[:_SAID_CHARS])
+
+    def _read_info(self, fd: int) -> None:
+        """bubblewrap's JSON about the sandbox, on ``fd`` until it closes it (right after
+        making the namespace): the pid of its pid 1, held from then on as a pidfd."""
+        loop = asyncio.get_running_loop()
+        process = self._process
+        chunks: list[bytes] = []
+
+        def on_readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data and sum(map(len, chunks)) < 65536:
+                chunks.append(data)
+                return
+            loop.remove_reader(fd)
+            os.close(fd)
+            if process is self._process:  # still this start's sandbox
+                self._on_info(b"".join(chunks))
+
+        loop.add_reader(fd, on_readable)
+        self._info_fd = fd
+
+    def _on_info(self, data: bytes) -> None:
+        self._info_fd = None
+        try:
+            pid = json.loads(data).get("child-pid")
+        except (ValueError, AttributeError):
+            pid = None
+        if isinstance(pid, int) and pid > 1:
+            self._pid1 = pid
 
     def _on_event(self, event: object) -> None:
         if not isinstance(event, dict):
@@ -331,29 +379,83 @@ class BwrapSandbox:
         await self.reset()
 
     async def _stop(self) -> None:
-        reader, sock, process = self._reader, self._socket, self._process
-        self._reader = self._socket = self._process = None
+        reader, sock, process, pid1 = self._reader, self._socket, self._process, self._pid1
+        self._reader = self._socket = self._process = self._pid1 = None
+        if self._info_fd is not None:  # stopped before bubblewrap said its child's pid
+            asyncio.get_running_loop().remove_reader(self._info_fd)
+            os.close(self._info_fd)
+            self._info_fd = None
         # Shielded: a caller cancelled meanwhile (a call stopped by a release) must not leave
         # the socket open, nor close it before its reader has left the event loop.
-        await asyncio.shield(_end_sandbox(reader, sock, process))
+        await asyncio.shield(_end_sandbox(reader, sock, process, pid1))
 
 
 async def _end_sandbox(
-    reader: asyncio.Task[None] | None, sock: socket.socket | None, process: SandboxProcess | None
+    reader: asyncio.Task[None] | None,
+    sock: socket.socket | None,
+    process: SandboxProcess | None,
+    pid1: int | None,
 ) -> None:
+    """Until nothing of the sandbox runs: its pid 1 is killed, and with it, by the kernel, every
+    process of its namespace; bubblewrap, which exits as its child does, is killed too.
+
+    The pid 1 is found by a pidfd opened here, first: pids are handed out in turn up to
+    pid_max, so the pid of a launcher that ended a moment ago is not another process's yet (and
+    one that cannot be opened has ended, with its namespace). One fd less per idle sandbox than
+    a pidfd held from the start."""
+    pidfd = _pidfd_or_none(pid1)
     if reader is not None:
         # Before the socket closes: its fd must leave the event loop while it is still its.
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
     if sock is not None:
         sock.close()
-    if process is not None:
-        # Killing bubblewrap kills the sandbox's pid 1, and the kernel ends the namespace.
-        process.kill()
-        try:
-            await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
-        except TimeoutError:  # stuck in the kernel: a later start's Popen reaps it
-            log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
+    try:
+        if pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if process is not None:
+            # Without a pidfd (none yet at an early stop) this alone ends the namespace, its pid
+            # 1 killed by --die-with-parent; the wait below is then bubblewrap's only.
+            process.kill()
+            try:
+                await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
+            except TimeoutError:  # stuck in the kernel: a later start's Popen reaps it
+                log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
+        if pidfd is not None and not await _exited(pidfd, _STOP_TIMEOUT_S):
+            log.warning("the sandbox's processes did not all end after SIGKILL", pid=pid1)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _pidfd_or_none(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # ended already (or no pidfds: then bubblewrap's end is all we wait for)
+        return None
+
+
+async def _exited(pidfd: int, timeout_s: float) -> bool:
+    """Whether the process ended within ``timeout_s``. For a namespace's pid 1 that is once the
+    kernel has ended every other process of the namespace: its exit waits for theirs."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
+    try:
+        await asyncio.wait_for(exited, timeout_s)
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+    return True
 
 
 async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[int]) -> None:
