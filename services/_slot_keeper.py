@@ -1,9 +1,12 @@
 """A worker's authority over its slots: it gives them to trajectories and takes them back.
 
-Giving: a free, clean slot is assigned (``_slots.py``), then the trajectory's lease is created
-in KV with compare-and-set. If the trajectory has a lease already (another worker or executor
-won the race), the slot goes back to FREE untouched; if the write failed some other way (it may
-have landed), the slot is cleaned up like a released one. No slot is held without a lease.
+Giving: to a waiting trajectory's ticket (``_slot_offers.py``), or to a direct acquisition (a
+new trajectory's executor asking this worker) only when the worker knows nobody waits
+(``QueueView``; else the newcomer joins the queue's tail). A free, clean slot is assigned
+(``_slots.py``), then the trajectory's lease is created in KV with compare-and-set. If the
+trajectory has a lease already (another worker or executor won the race), the slot goes back
+to FREE untouched; if the write failed some other way (it may have landed), the slot is cleaned
+up like a released one. No slot is held without a lease.
 
 Holding: while a slot is assigned its lease's TTL is renewed on a timer, so that a lease never
 expires under a trajectory that is still working; a lease found changed or gone (an executor took
@@ -38,11 +41,15 @@ from ._kv import RevisionMismatch
 from ._leases import TOMBSTONE_TTL_S, LeaseExists, LeaseStore
 from ._slot_cleanup import SlotCleaner
 from ._slots import Slot, SlotState, SlotTable
+from ._waiting import DirectTurn, QueueView
 
 log = structlog.get_logger("toolbus.worker")
 
 KV_STEP_TIMEOUT_S = 5.0  # one lease write
 OUT_OF_SERVICE_RETRY_S = 60.0  # a slot whose clean-up failed is tried again this often
+# A direct acquisition that finds a slot free before the worker has looked at the queue waits
+# this long for the look (one JetStream round trip), then joins the queue.
+QUEUE_LOOK_WAIT_S = 1.0
 
 
 class SlotKeeper:
@@ -67,12 +74,26 @@ class SlotKeeper:
         self._release_wait_s = release_wait_s
         self._spawn = spawn
         self.accepting = False
+        self.queue = QueueView()  # what the worker knows of the waiting queue
 
     # -- giving -------------------------------------------------------------------------------
     async def acquire(self, trajectory_id: str) -> AcquireReply:
-        """Give the trajectory a free, clean slot and write its lease (the one it has, if any)."""
+        """A direct acquisition: give the trajectory a free, clean slot and write its lease
+        (the one it has, if any); FULL while trajectories wait for a slot (they come first)."""
+        newcomer = self.accepting and self._table.holding(trajectory_id) is None
+        if newcomer and not await self._direct_turn():
+            return AcquireReply(outcome=AcquireOutcome.FULL, slots_free=0)
+        # No await since the turn was given: assign() takes the slot in this step.
         reply, _ = await self.assign(trajectory_id)
         return reply
+
+    async def _direct_turn(self) -> bool:
+        """Whether a newcomer may take a free slot now: nobody waits for one."""
+        deadline = time.monotonic() + QUEUE_LOOK_WAIT_S
+        while (turn := self.queue.direct_turn(self._table.free)) is DirectTurn.ASK:
+            if not await self.queue.looked(deadline - time.monotonic()):
+                return False  # no look in time (JetStream slow or away): the queue decides
+        return turn is DirectTurn.TAKE
 
     async def assign(self, trajectory_id: str) -> tuple[AcquireReply, bool]:
         """:meth:`acquire`, and whether the slot was assigned by this call (not held before)."""
@@ -81,10 +102,11 @@ class SlotKeeper:
         if (held := self._held_reply(trajectory_id)) is not None:
             return held, False
         slot = self._table.assign(trajectory_id)
-        if slot is None and (dirty := self._table.claim_dirty()) is not None:
+        while slot is None and self.accepting and (dirty := self._table.claim_dirty()) is not None:
             await asyncio.shield(self._cleaner.start_wipe(dirty))  # the deferred wipe, now
             if (held := self._held_reply(trajectory_id)) is not None:
                 return held, False  # another acquisition of it got a slot meanwhile
+            # Another acquisition may have taken the slot wiped here: then wipe the next one.
             slot = self._table.assign(trajectory_id) if self.accepting else None
         if slot is None:
             return AcquireReply(outcome=AcquireOutcome.FULL, slots_free=0), False

@@ -3,9 +3,9 @@
 While the worker has a free slot (FREE or DIRTY) and takes work, it keeps one pull request open
 on the waiting stream's shared consumer (``_waiting.py``); every worker does, so a ticket put
 in the stream reaches a worker with a free slot at once, in stream order. Tickets are served
-concurrently (up to ``MAX_OFFERS_AT_ONCE``, and never more than the free slots). For each ticket the
-worker assigns a slot and writes the lease as for any acquisition (``SlotKeeper``), then offers
-the lease to the waiting executor:
+concurrently (up to ``MAX_OFFERS_AT_ONCE``, and never more than the free slots). For each
+ticket the worker assigns a slot and writes the lease as for any acquisition (``SlotKeeper``),
+then offers the lease to the waiting executor:
 
 - accepted: the ticket is done (acknowledged);
 - declined, or nobody there (the waiter gave up, its executor is gone): the slot is released
@@ -14,9 +14,31 @@ the lease to the waiting executor:
 - no answer (the executor may have taken it, its answer lost): the lease stays, and the slot is
   released as above after ``UNANSWERED_OFFER_GRACE_S`` if no call of the trajectory came.
 
-A ticket that finds no slot after all (a direct acquisition took it meanwhile) goes back to the
-queue at once (``nak``), ahead of later tickets. A ticket whose worker died before answering it
-is delivered again after the consumer's ack wait.
+**Newcomers queue behind waiters.** A new trajectory's executor asks a worker for a slot
+directly (no queue round trip while slots are free). The worker gives one only when it knows
+nobody waits, from its ``QueueView``, which only this module changes:
+
+- a ticket taken is a claim on a free slot from that moment (before its serving task runs), so
+  a direct acquisition never takes the slot a fetched ticket is about to get;
+- while the worker has no slot to give it keeps no pull open, and tickets may queue unseen: the
+  view is UNKNOWN. When a slot frees, the first look is a pull that answers at once (no_wait):
+  a ticket (and how many wait behind it, ``num_pending``), or "none". A direct acquisition that
+  finds a free slot meanwhile waits for that answer (one JetStream round trip, on the newcomer's
+  path, never the hand-off's) and then takes the slot (EMPTY) or joins the queue's tail;
+- EMPTY holds while a pull of this worker is open: a ticket put in the stream then is delivered
+  to it (or to another worker with a free slot). So a stale "nobody waits" lets a newcomer in
+  only when the queue was empty at the time, give or take one message in flight; a stale
+  "somebody waits" (WAITING, the ticket taken by another worker or expired) costs a newcomer one
+  queue round trip, and the next look (no_wait again) corrects it: no slot is held back for a
+  waiter that is gone.
+
+Why here and not in the executor (a look at the queue before every direct acquisition): that
+is a JetStream round trip on every new trajectory's path, and still racy, while the worker is
+the one that gives the slot and learns the queue's state from its pulls anyway.
+
+A ticket that finds no slot after all (a pull delivered it while none was free) goes back to the
+head of the queue at once with a nak JetStream confirms, and the view says somebody waits. A
+ticket whose worker died before answering it is delivered again after the consumer's ack wait.
 """
 
 from __future__ import annotations
@@ -29,9 +51,12 @@ from collections.abc import Awaitable, Callable
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js import JetStreamContext
+from nats.js.api import DEFAULT_PREFIX, AckPolicy, ConsumerConfig, DeliverPolicy, Header, StatusCode
+from nats.js.errors import APIError
 from pydantic import ValidationError
 
 from schemas.internal import AcquireOutcome, AcquireReply, SlotOffer, SlotOfferReply, SlotWaiter
@@ -39,11 +64,14 @@ from schemas.subjects import WAITING_CONSUMER, WAITING_STREAM, Subjects
 
 from ._slot_keeper import SlotKeeper
 from ._tasks import cancel_and_wait
-from ._waiting import open_waiting_stream
+from ._waiting import QueueLook, open_waiting_stream
 
 log = structlog.get_logger("toolbus.worker")
 
 _FETCH_WAIT_S = 2.0  # one pull request's life; short, so a stopping worker leaves none behind
+_PROBE_TIMEOUT_S = 5.0  # a no_wait pull's answer (JetStream answers at once)
+_NEXT_TICKET = f"{DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{WAITING_STREAM}.{WAITING_CONSUMER}"
+_NO_WAIT = b'{"batch":1,"no_wait":true}'
 _OFFER_TIMEOUT_S = 2.0
 _ACK_WAIT_S = 10.0  # a ticket taken by a worker that died is served again after this
 # A ticket past its deadline by more than this is skipped unoffered (the server expires
@@ -74,7 +102,7 @@ class SlotOffers:
         self._changed = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._serving: set[asyncio.Task[None]] = set()  # tickets being served, each on its own
-        self._claims = 0  # of those, the ones that have not taken their slot yet
+        self._view = keeper.queue  # this worker's look at the queue; changed here only
         self._grace_timers: set[asyncio.TimerHandle] = set()  # unanswered offers' slots
 
     def wake(self) -> None:
@@ -84,7 +112,7 @@ class SlotOffers:
     def _can_serve(self) -> bool:
         return (
             self._keeper.accepting
-            and self._assignable() > self._claims
+            and self._assignable() > self._view.claims
             and len(self._serving) < MAX_OFFERS_AT_ONCE
         )
 
@@ -109,6 +137,7 @@ class SlotOffers:
             try:
                 await self._pull()
             except Exception as exc:  # JetStream away, or restarted: this must never end
+                self._view.unknown()
                 log.info("serving waiting trajectories failed; again shortly", error=repr(exc))
                 await asyncio.sleep(_RETRY_AFTER_ERROR_S)
 
@@ -126,27 +155,45 @@ class SlotOffers:
                 max_deliver=-1,
             ),
         )
+        probes = await self._nc.subscribe(self._nc.new_inbox())  # no_wait pulls' answers
         try:
             while True:
-                while not self._can_serve():
-                    self._changed.clear()
-                    await self._changed.wait()
-                try:
-                    tickets = await pull.fetch(1, timeout=_FETCH_WAIT_S)
-                except NatsTimeoutError:
-                    continue  # nobody waits
-                # Any other error (the server away, or back without the stream or consumer):
-                # _run binds again, making them anew if they are missing.
+                if not self._can_serve():
+                    self._view.unknown()  # no pull of ours stays open: tickets queue unseen
+                    while not self._can_serve():
+                        self._changed.clear()
+                        await self._changed.wait()
+                # Any error (the server away, or back without the stream or consumer): _run
+                # binds again, making them anew if they are missing.
+                if self._view.look is QueueLook.EMPTY:
+                    tickets = await _long_pull(pull)
+                else:  # first a look that answers at once: a newcomer may be waiting for it
+                    tickets = await self._probe(probes)
+                if not tickets:
+                    self._view.saw(0)
                 for ticket in tickets:
                     # A task of its own, never cancelled: a ticket taken is answered or put
                     # back, even at shutdown; offers to slow executors do not hold up others.
-                    self._claims += 1
+                    self._view.claim(_pending_after(ticket))
                     task = asyncio.create_task(self._serve(ticket))
                     self._serving.add(task)
                     task.add_done_callback(self._served)
         finally:
             with contextlib.suppress(Exception):
                 await pull.unsubscribe()
+            with contextlib.suppress(Exception):
+                await probes.unsubscribe()
+
+    async def _probe(self, probes: Subscription) -> list[Msg]:
+        """The next ticket if one waits now, else none: a pull that does not wait (no_wait)."""
+        await self._nc.publish(_NEXT_TICKET, _NO_WAIT, reply=probes.subject)
+        answer = await probes.next_msg(timeout=_PROBE_TIMEOUT_S)
+        status = answer.headers.get(Header.STATUS) if answer.headers else None
+        if not status:
+            return [answer]
+        if status in (StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT):
+            return []
+        raise APIError.from_msg(answer)
 
     def _served(self, task: asyncio.Task[None]) -> None:
         self._serving.discard(task)
@@ -158,7 +205,7 @@ class SlotOffers:
         try:
             taken = await self._take_slot(ticket)
         finally:
-            self._claims -= 1  # it has its slot now, or none
+            self._view.unclaim()  # it has its slot now, or none
             self.wake()
         if taken is None:
             return
@@ -203,11 +250,21 @@ class SlotOffers:
             return None
         reply, fresh = await self._keeper.assign(waiter.trajectory_id)
         if reply.outcome not in (AcquireOutcome.LEASED, AcquireOutcome.CONFLICT):
-            await _settle(ticket.nak())  # no slot after all (or none now): the next worker's
+            await self._put_back(ticket)  # no slot after all (or none now): the next worker's
             if reply.outcome is AcquireOutcome.FAILED:  # KV is away: do not spin on the ticket
                 await asyncio.sleep(_RETRY_AFTER_ERROR_S)
             return None
         return waiter, reply, fresh
+
+    async def _put_back(self, ticket: Msg) -> None:
+        """The ticket back at the head of the queue, and known to wait: a nak that JetStream
+        confirms (a plain one is applied a little later, and a look meanwhile finds the queue
+        empty, or later tickets first)."""
+        try:
+            await self._nc.request(ticket.reply, b"-NAK", timeout=_OFFER_TIMEOUT_S)
+        except Exception as exc:  # served again after the ack wait
+            log.info("putting a waiting ticket back failed", error=repr(exc))
+        self._view.saw(1)  # it waits, whatever this worker's last look found
 
     async def _offer(self, waiter: SlotWaiter, offer: SlotOffer) -> bool | None:
         """Whether the waiting executor took the slot; None when it did not answer."""
@@ -228,6 +285,22 @@ class SlotOffers:
         except Exception as exc:  # it never left (a bad subject, the connection closing)
             log.warning("a slot offer failed", trajectory_id=waiter.trajectory_id, error=repr(exc))
             return False
+
+
+async def _long_pull(pull: JetStreamContext.PullSubscription) -> list[Msg]:
+    """The next ticket, waiting for one to come for ``_FETCH_WAIT_S``."""
+    try:
+        return await pull.fetch(1, timeout=_FETCH_WAIT_S)
+    except NatsTimeoutError:
+        return []  # nobody came
+
+
+def _pending_after(ticket: Msg) -> int:
+    """Tickets waiting behind this one when it was delivered (one, when that is unknown)."""
+    try:
+        return ticket.metadata.num_pending
+    except Exception:  # not a JetStream delivery: assume a waiter, the next look tells
+        return 1
 
 
 async def _settle(step: Awaitable[None]) -> None:

@@ -9,6 +9,10 @@ decides that in one step (no ``await`` between the check and the hand-over): a w
 up (503 at ``acquire_timeout_s``), or an executor that is gone, makes the worker free the slot
 again and serve the next ticket. A ticket expires with its wait (a per-message TTL), so the
 stream holds exactly the trajectories waiting now.
+
+A worker gives a free slot to a direct acquisition (a new trajectory's executor asking it,
+without a ticket) only when it knows nobody waits: a newcomer must not overtake the head of the
+queue. Its ``QueueView`` says what it knows; see ``_slot_offers.py`` for how it looks.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 
 import structlog
 from nats.aio.client import Client
@@ -67,6 +72,68 @@ async def open_waiting_stream(js: JetStreamContext, subjects: Subjects) -> None:
         await js.update_stream(
             StreamConfig.from_response({**info.config.as_dict(), "allow_msg_ttl": True})
         )
+
+
+class QueueLook(StrEnum):
+    """What a worker's last look at the waiting queue found."""
+
+    UNKNOWN = "unknown"  # no pull of its was open for a while: tickets may wait unseen
+    EMPTY = "empty"  # no ticket waited, and its pull is open: a new one is delivered to it
+    WAITING = "waiting"  # tickets waited beyond those it took
+
+
+class DirectTurn(StrEnum):
+    """What a direct acquisition (a newcomer, no ticket) may do with a worker's free slot."""
+
+    TAKE = "take"  # nobody waits, and a free slot is nobody's ticket's
+    QUEUE = "queue"  # waiters come first (or no slot is left): join the queue's tail
+    ASK = "ask"  # a slot is free but the worker has not looked at the queue yet: wait for it
+
+
+class QueueView:
+    """A worker's view of the waiting queue: what its last look found, and the tickets it has
+    taken that have no slot yet (``claims``). Only ``SlotOffers`` changes it, each change one
+    method call with no ``await``; direct acquisitions read it (``SlotKeeper.acquire``)."""
+
+    def __init__(self) -> None:
+        self.look = QueueLook.UNKNOWN
+        self.claims = 0
+        self._looked = asyncio.Event()
+
+    def unknown(self) -> None:
+        """The worker stops pulling (no slot to give): tickets may queue unseen from now."""
+        self.look = QueueLook.UNKNOWN
+        self._looked.clear()
+
+    def saw(self, pending: int) -> None:
+        """A look found ``pending`` tickets waiting beyond those taken."""
+        self.look = QueueLook.WAITING if pending > 0 else QueueLook.EMPTY
+        self._looked.set()
+
+    def claim(self, pending: int) -> None:
+        """A ticket was taken (its slot is assigned later), ``pending`` more waiting after it."""
+        self.claims += 1
+        self.saw(pending)
+
+    def unclaim(self) -> None:
+        """A ticket taken has its slot now, or none."""
+        self.claims -= 1
+
+    def direct_turn(self, free: int) -> DirectTurn:
+        """Whether a newcomer may take one of ``free`` slots now (the caller assigns it in the
+        same step, no ``await`` between)."""
+        if free <= self.claims or self.look is QueueLook.WAITING:
+            return DirectTurn.QUEUE
+        return DirectTurn.TAKE if self.look is QueueLook.EMPTY else DirectTurn.ASK
+
+    async def looked(self, timeout_s: float) -> bool:
+        """Until the worker has looked at the queue (False: not within ``timeout_s``)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._looked.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 @dataclass(slots=True)
