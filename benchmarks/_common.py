@@ -329,6 +329,9 @@ def run_and_report(
     stderr what went wrong."""
     configure_logging(level="warning", fmt="json")
     data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    # Passable by others (not listable), as /var/lib/toolbus is: a root worker's sandboxes then
+    # run as their slots' own users, as in a deployment, not as root.
+    data_dir.chmod(0o711)
     try:
         report = _loop.run(_stop_on_sigterm(run(data_dir)), fast=fast_loop)
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -8,9 +8,11 @@ interpreter is reached in there. ``_bwrap_sandbox.py`` runs the sandbox.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,43 @@ _ETC_SECRET_FILES = (
     "/etc/machine-id",
 )
 _ETC_SECRET_DIRS = ("/etc/ssh", "/etc/ssl/private", "/etc/sudoers.d", "/etc/credstore")
+
+
+SANDBOX_USER = "sandbox"  # the slot user's name in the sandbox's /etc/passwd and /etc/group
+
+
+def identity_files(owner: tuple[int, int]) -> list[tuple[str, bytes]]:
+    """The sandbox's /etc/passwd and /etc/group: the host's, with the slot's user and group as
+    ``sandbox``. Found in ``files``, the first NSS source, so a lookup of it (bash does one
+    at each start, ``id`` and ``whoami`` too) ends there instead of trying every NSS module
+    (systemd's costs about 1 ms per process) and failing ("I have no name!")."""
+    uid, gid = owner
+    home = SANDBOX_WORKSPACE
+    passwd = _without_id(_host_file("/etc/passwd"), 2, uid)
+    passwd += f"{SANDBOX_USER}:x:{uid}:{gid}:toolbus sandbox:{home}:/bin/bash\n"
+    group = _without_id(_host_file("/etc/group"), 2, gid)
+    group += f"{SANDBOX_USER}:x:{gid}:\n"
+    return [("/etc/passwd", passwd.encode()), ("/etc/group", group.encode())]
+
+
+@functools.cache
+def _host_file(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _without_id(text: str, field: int, value: int) -> str:
+    """The lines of a passwd/group file, but those whose ``field`` is ``value`` (or named
+    ``sandbox``), ending with a newline."""
+    kept = []
+    for line in text.splitlines():
+        parts = line.split(":")
+        if parts[0] == SANDBOX_USER or (len(parts) > field and parts[field] == str(value)):
+            continue
+        kept.append(line + "\n")
+    return "".join(kept)
 
 
 def find_bwrap() -> Path | None:
@@ -65,8 +104,15 @@ class BwrapOptions:
     limits: SandboxLimits = SandboxLimits()
 
 
-def bwrap_argv(options: BwrapOptions, workspace: Path | int, command: list[str]) -> list[str]:
-    """The bubblewrap command line of a slot's sandbox (workspace: a path or an open fd)."""
+def bwrap_argv(
+    options: BwrapOptions,
+    workspace: Path | int,
+    command: list[str],
+    *,
+    etc_files: Sequence[tuple[int, str]] = (),
+) -> list[str]:
+    """The bubblewrap command line of a slot's sandbox (workspace: a path or an open fd);
+    ``etc_files``: (fd, path) files over the host's in /etc (see :func:`identity_files`)."""
     tmp_bytes = str(options.limits.max_tmp_mb * 1024 * 1024)
     argv = [str(options.bwrap)]
     argv += ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
@@ -91,6 +137,8 @@ def bwrap_argv(options: BwrapOptions, workspace: Path | int, command: list[str])
     for secret in _ETC_SECRET_DIRS:
         if Path(secret).is_dir():
             argv += ["--tmpfs", secret, "--remount-ro", secret]
+    for fd, destination in etc_files:  # after /etc is bound: bubblewrap mounts in order
+        argv += ["--ro-bind-data", str(fd), destination]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--size", tmp_bytes, "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/var/tmp"]
     if isinstance(workspace, int):  # an fd: bubblewrap need not be able to walk to it

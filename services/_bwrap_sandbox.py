@@ -22,7 +22,13 @@ from pathlib import Path
 
 import structlog
 
-from ._bwrap import _SANDBOX_PYTHON_PREFIX, BwrapOptions, _sandbox_python, bwrap_argv
+from ._bwrap import (
+    _SANDBOX_PYTHON_PREFIX,
+    BwrapOptions,
+    _sandbox_python,
+    bwrap_argv,
+    identity_files,
+)
 from ._command_pipes import _CallPipes
 from ._fd_limits import inherited_limit
 from ._launcher import CALL_TAG, INLINE_MESSAGE_BYTES, format_rlimits
@@ -171,7 +177,12 @@ class BwrapSandbox:
             ]
             # Sources are passed as open fds: a sandbox user may not be able to walk to them.
             fds.insert(1, os.open(self.workspace, os.O_PATH | os.O_DIRECTORY))
-            argv = bwrap_argv(self._options, fds[1], command)
+            etc_files: list[tuple[int, str]] = []
+            if self.owner is not None:  # the slot's user has a name in there
+                for path, data in identity_files(self.owner):
+                    fds.append(_memfd(data))
+                    etc_files.append((fds[-1], path))
+            argv = bwrap_argv(self._options, fds[1], command, etc_files=etc_files)
             extra = ["--file", str(fds[2]), launcher_path]
             # bubblewrap says its child's pid (the namespace's pid 1) on a pipe of its own.
             info, info_theirs = os.pipe2(os.O_CLOEXEC)
@@ -456,6 +467,20 @@ async def _exited(pidfd: int, timeout_s: float) -> bool:
     finally:
         loop.remove_reader(pidfd)
     return True
+
+
+def _memfd(data: bytes) -> int:
+    """An fd to read ``data`` from, from its start."""
+    fd = os.memfd_create("toolbus-sandbox-file", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[int]) -> None:

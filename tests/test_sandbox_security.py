@@ -213,6 +213,25 @@ async def test_a_root_workers_sandboxes_run_as_their_own_unprivileged_users(
     await _still_serving(stack.client, first)
 
 
+async def test_a_sandbox_user_has_a_name_so_lookups_end_in_etc_passwd(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    # Without an entry, whoami failed ("cannot find name for user ID") and every bash start
+    # tried each NSS module (systemd's too: about 1 ms per command) before failing.
+    if os.geteuid() != 0:
+        pytest.fail("this test checks the root worker's user separation; run the suite as root")
+    stack = await make_stack(slots=1)
+    tid = trajectory()
+    probe = "whoami; id -gn; getent passwd sandbox | cut -d: -f6; id -un 0; grep -c . /etc/passwd"
+    result = await stack.client.execute(tid, "terminal", {"command": probe})
+    assert result.success, result.output
+    name, group, home, root, lines = result.output.split()
+    assert (name, group, home, root) == ("sandbox", "sandbox", "/workspace", "root")
+    host_lines = len([line for line in Path("/etc/passwd").read_text().splitlines() if line])
+    assert int(lines) in (host_lines, host_lines + 1)  # the host's users, and this one
+    await _still_serving(stack.client, tid)
+
+
 async def test_a_call_can_ask_for_no_network_where_the_service_allows_it(
     make_stack: StackFactory, trajectory: Callable[[], str], nats_url: str
 ) -> None:
