@@ -91,7 +91,9 @@ class OutgoingItem:
             "trace_context": trace_context,
             "created_at": created_at,
         }
-        return cls(item_id, timeout_s, uniq_id, pydantic_core.to_json(fields))
+        # As BatchItem.model_dump_json writes it: infinities and NaN (which requests may hold
+        # in their arguments) as null, never as JavaScript's bare Infinity and NaN.
+        return cls(item_id, timeout_s, uniq_id, pydantic_core.to_json(fields, inf_nan_mode="null"))
 
     @classmethod
     def of(cls, item: BatchItem) -> OutgoingItem:

@@ -104,9 +104,9 @@ class BwrapSandbox:
         self._rlimits = {**options.limits.rlimits(), **inherited_limit()}
         self.network_isolated = not options.allow_network
         self._process: SandboxProcess | None = None
-        # The host pid of the sandbox's pid 1 (the launcher), as bubblewrap said it: a stop
-        # waits for its end, which the kernel lets come only after every other process of the
-        # namespace has ended.
+        # A pidfd of the sandbox's pid 1 (the launcher), opened when bubblewrap says its pid: a
+        # stop kills it and waits for its end, which the kernel lets come only after every
+        # other process of the namespace has ended.
         self._pid1: int | None = None
         self._info_fd: int | None = None  # bubblewrap's info pipe, until it is read
         self._said: list[str] = []  # what the sandbox wrote to its stderr before it was ready
@@ -281,6 +281,7 @@ class BwrapSandbox:
                 return
             loop.remove_reader(fd)
             os.close(fd)
+            self._info_fd = None
             if process is self._process:  # still this start's sandbox
                 self._on_info(b"".join(chunks))
 
@@ -288,13 +289,21 @@ class BwrapSandbox:
         self._info_fd = fd
 
     def _on_info(self, data: bytes) -> None:
-        self._info_fd = None
+        """The pidfd is opened now, while bubblewrap (which reaps its child before it exits)
+        still runs: the pid cannot be another process's. (Opened later, at a stop, a pid 1
+        that died long before could have passed its number on: pid_max may be 32768.)"""
         try:
             pid = json.loads(data).get("child-pid")
         except (ValueError, AttributeError):
             pid = None
-        if isinstance(pid, int) and pid > 1:
-            self._pid1 = pid
+        if not isinstance(pid, int) or pid <= 1 or self._pid1 is not None:
+            return
+        if self._process is None or self._process.poll() is not None:
+            return  # bubblewrap has ended, and with it its child
+        try:
+            self._pid1 = os.pidfd_open(pid)
+        except OSError as exc:  # ended meanwhile, or no pidfds: a stop waits for bubblewrap
+            log.debug("no pidfd of the sandbox's pid 1", error=repr(exc))
 
     def _on_event(self, event: object) -> None:
         if not isinstance(event, dict):
@@ -405,16 +414,11 @@ async def _end_sandbox(
     reader: asyncio.Task[None] | None,
     sock: socket.socket | None,
     process: SandboxProcess | None,
-    pid1: int | None,
+    pidfd: int | None,
 ) -> None:
-    """Until nothing of the sandbox runs: its pid 1 is killed, and with it, by the kernel, every
-    process of its namespace; bubblewrap, which exits as its child does, is killed too.
-
-    The pid 1 is found by a pidfd opened here, first: pids are handed out in turn up to
-    pid_max, so the pid of a launcher that ended a moment ago is not another process's yet (and
-    one that cannot be opened has ended, with its namespace). One fd less per idle sandbox than
-    a pidfd held from the start."""
-    pidfd = _pidfd_or_none(pid1)
+    """Until nothing of the sandbox runs: its pid 1 is killed (``pidfd``), and with it, by the
+    kernel, every process of its namespace; bubblewrap, which exits as its child does, is
+    killed too. The pidfd is closed here."""
     if reader is not None:
         # Before the socket closes: its fd must leave the event loop while it is still its.
         reader.cancel()
@@ -423,7 +427,7 @@ async def _end_sandbox(
         sock.close()
     try:
         if pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         if process is not None:
             # Without a pidfd (none yet at an early stop) this alone ends the namespace, its pid
@@ -434,19 +438,10 @@ async def _end_sandbox(
             except TimeoutError:  # stuck in the kernel: a later start's Popen reaps it
                 log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
         if pidfd is not None and not await _exited(pidfd, _STOP_TIMEOUT_S):
-            log.warning("the sandbox's processes did not all end after SIGKILL", pid=pid1)
+            log.warning("the sandbox's processes did not all end after SIGKILL")
     finally:
         if pidfd is not None:
             os.close(pidfd)
-
-
-def _pidfd_or_none(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        return os.pidfd_open(pid)
-    except OSError:  # ended already (or no pidfds: then bubblewrap's end is all we wait for)
-        return None
 
 
 async def _exited(pidfd: int, timeout_s: float) -> bool:

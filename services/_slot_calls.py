@@ -68,6 +68,9 @@ class SlotCalls:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Calls taken in whose outcome is not published yet: what a call cancelled before its
+        # first step (its coroutine never ran) is answered from when its task ends.
+        self._unanswered: dict[str, tuple[BatchItem, str]] = {}
         self._results = ResultSender(nc)
         self.accepting = False
         self.calls_completed = 0
@@ -90,11 +93,13 @@ class SlotCalls:
         lines = rest.split(b"\n") if rest else []
         ack = BatchAck()
         loop = asyncio.get_running_loop()
-        gate: asyncio.Future[None] = loop.create_future()
+        # An event, not a future: each call waits on a future of its own, so a cancel of one
+        # (which cancels the future it awaits) leaves the others of the batch waiting.
+        gate = asyncio.Event()
 
         def open_gate() -> None:
             # From the loop's queue, behind the connection's flusher that the ack's publish woke.
-            loop.call_soon(_set_done, gate)
+            loop.call_soon(gate.set)
 
         try:
             header = BatchHeader.model_validate_json(first)
@@ -129,6 +134,7 @@ class SlotCalls:
             )
             slot.tasks.add(task)
             self._running[item.item_id] = task
+            self._unanswered[item.item_id] = (item, header.reply_to)
             task.add_done_callback(functools.partial(self._done, slot, item.item_id))
         return ack, open_gate
 
@@ -146,6 +152,12 @@ class SlotCalls:
         slot.tasks.discard(task)
         self._running.pop(item_id, None)
         _remember(self._finished, item_id)
+        if (unanswered := self._unanswered.pop(item_id, None)) is not None:
+            # Cancelled before its first step: none of its code ran, nor published.
+            item, reply_to = unanswered
+            self._publish_outcome(
+                item, ItemResult(item_id=item_id, result=_cancelled()), reply_to, slot
+            )
 
     # -- cancel -------------------------------------------------------------------------------
     def cancel(self, item_ids: list[str]) -> CancelReply:
@@ -171,7 +183,7 @@ class SlotCalls:
         batch_headers: dict[str, str] | None,
         subject: str,
         queued: bool,
-        gate: asyncio.Future[None],
+        gate: asyncio.Event,
     ) -> None:
         """Run one call in its slot (after the calls before it) and publish its result.
 
@@ -196,7 +208,7 @@ class SlotCalls:
             ),
         ) as span:
             try:
-                await gate  # its batch's ack is on its way
+                await gate.wait()  # its batch's ack is on its way
                 async with slot.lock:
                     if queued:  # the executor's deadline for its run starts now
                         self._results.send(reply_to, ItemResult(item_id=item.item_id, started=True))
@@ -207,12 +219,7 @@ class SlotCalls:
                     await self._run_tool(slot, item, outcome)
                     outcome.execution_s = time.time() - started
             except asyncio.CancelledError:
-                outcome.result = ToolResult(
-                    success=False,
-                    error="Call cancelled: the trajectory was released, the call was given up "
-                    "on, or the worker stopped",
-                    metadata={"error_kind": str(ErrorKindOfResult.INFRA), "cancelled": True},
-                )
+                outcome.result = _cancelled()
                 tracing.mark_error(span, "cancelled")
                 self._publish_outcome(item, outcome, reply_to, slot)
                 raise
@@ -269,6 +276,7 @@ class SlotCalls:
     def _publish_outcome(
         self, item: BatchItem, outcome: ItemResult, reply_to: str, slot: Slot
     ) -> None:
+        self._unanswered.pop(item.item_id, None)
         slot.last_used = time.monotonic()
         if outcome.result is not None:
             outcome.result.uniq_id = item.uniq_id
@@ -282,9 +290,13 @@ class SlotCalls:
         await self._results.flush()
 
 
-def _set_done(gate: asyncio.Future[None]) -> None:
-    if not gate.done():
-        gate.set_result(None)
+def _cancelled() -> ToolResult:
+    return ToolResult(
+        success=False,
+        error="Call cancelled: the trajectory was released, the call was given up on, or the "
+        "worker stopped",
+        metadata={"error_kind": str(ErrorKindOfResult.INFRA), "cancelled": True},
+    )
 
 
 def _remember(ids: collections.OrderedDict[str, None], item_id: str) -> None:
