@@ -55,18 +55,20 @@ def raise_fd_limit() -> FdLimit:
     return FdLimit(target, hard, soft)
 
 
-def check_fd_limit(slots: int) -> FdLimit:
-    """At worker start: raise the limit, and warn when it cannot hold ``slots`` slots."""
+def check_fd_limit(slots: int, spare_slots: int = 0) -> FdLimit:
+    """At worker start: raise the limit, and warn when it cannot hold ``slots`` slots and the
+    ``spare_slots`` beside them (saying how many trajectories it can hold)."""
     limit = raise_fd_limit()
-    if limit.slots_held < slots:
+    if limit.slots_held < slots + spare_slots:
         log.warning(
             "the open-file limit cannot hold every slot: raise RLIMIT_NOFILE's hard limit "
             "(ulimit -Hn, LimitNOFILE=) or run fewer slots",
             slots=slots,
-            slots_held=limit.slots_held,
+            spare_slots=spare_slots,
+            slots_held=max(limit.slots_held - spare_slots, 0),
             nofile_soft=limit.soft,
             nofile_hard=limit.hard,
-            fds_needed=slots * FDS_PER_SLOT + FDS_MARGIN,
+            fds_needed=(slots + spare_slots) * FDS_PER_SLOT + FDS_MARGIN,
         )
     return limit
 

@@ -10,6 +10,7 @@ DEFAULT_SLOTS = 10
 # Sandboxes started ahead of trajectories, per worker: a burst of new trajectories' first calls
 # start none, at the memory of a few idle sandboxes (README, Configuration).
 DEFAULT_WARM_SLOTS = 8
+DEFAULT_SPARE_SLOTS = 4
 DEFAULT_ACQUIRE_TIMEOUT_S = 30.0
 DEFAULT_BATCH_WINDOW_MS = 20
 DEFAULT_MAX_BATCH_SIZE = 200
@@ -67,6 +68,7 @@ __all__ = [
     "DEFAULT_SANDBOX_UID_BASE",
     "DEFAULT_SLOTS",
     "DEFAULT_SLOT_IDLE_TIMEOUT_S",
+    "DEFAULT_SPARE_SLOTS",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_WARM_SLOTS",
     "MAX_TIMEOUT_S",

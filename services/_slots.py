@@ -11,6 +11,11 @@
                            └──────────── claim_dirty ◀──── DIRTY ◀──────────┘
     any clean-up that fails ──▶ OUT_OF_SERVICE ──claim_out_of_service──▶ RELEASING (a retry)
 
+A table may hold more slots than trajectories may hold at once (``capacity``: a worker's
+``slots``; the rest are its spare slots, free and warm while the released ones are wiped):
+``assign`` gives none while ``capacity`` slots are ASSIGNING or ASSIGNED, and ``free`` counts
+no more than that leaves.
+
 Every transition is a plain method call with no ``await`` inside, so no other task can see a
 slot half-way: a slot is either free and clean, or it belongs to exactly one trajectory, or it
 is being cleaned and belongs to nobody. ``assign`` takes only a FREE slot, and a slot becomes
@@ -81,11 +86,17 @@ class Slot:
 
 class SlotTable:
     """The slots of one worker. ``on_change`` is called after every transition that changes
-    how many slots are free (the worker announces it)."""
+    how many slots are free (the worker announces it); at most ``capacity`` are held at once
+    (None: all of them)."""
 
     def __init__(
-        self, *, on_change: Callable[[], None], warm: Callable[[], Slot | None] = lambda: None
+        self,
+        *,
+        on_change: Callable[[], None],
+        warm: Callable[[], Slot | None] = lambda: None,
+        capacity: int | None = None,
     ) -> None:
+        self._capacity = capacity
         self._slots: list[Slot] = []
         self._warm = warm  # a FREE slot whose sandbox is up, given before a cold one
         self._by_trajectory: dict[str, Slot] = {}
@@ -116,9 +127,20 @@ class SlotTable:
         return sum(1 for slot in self._slots if slot.state in states)
 
     @property
+    def capacity(self) -> int:
+        """How many trajectories may hold a slot at once."""
+        return len(self._slots) if self._capacity is None else self._capacity
+
+    @property
+    def room(self) -> int:
+        """How many more trajectories may be given a slot now, free slots permitting."""
+        return max(self.capacity - self.count(SlotState.ASSIGNING, SlotState.ASSIGNED), 0)
+
+    @property
     def free(self) -> int:
-        """Slots a new trajectory can get: FREE now, or DIRTY (wiped first)."""
-        return self.count(SlotState.FREE, SlotState.DIRTY)
+        """Slots a new trajectory can get: FREE now, or DIRTY (wiped first); no more than
+        ``room``."""
+        return min(self.count(SlotState.FREE, SlotState.DIRTY), self.room)
 
     # -- transitions --------------------------------------------------------------------------
     def assign(self, trajectory_id: str) -> Slot | None:
@@ -126,6 +148,8 @@ class SlotTable:
         one); None when no slot is free."""
         if trajectory_id in self._by_trajectory:
             raise SlotStateError(f"trajectory {trajectory_id!r} already holds a slot")
+        if not self.room:
+            return None  # as many trajectories hold a slot as may: the spare ones stay free
         slot = self._warm()
         if slot is None or slot.state is not SlotState.FREE:
             slot = next((s for s in self._slots if s.state is SlotState.FREE), None)
@@ -161,12 +185,14 @@ class SlotTable:
         self._expect(slot, SlotState.ASSIGNING)
         self._unhold(slot)
         slot.state = SlotState.RELEASING
+        self._on_change()  # room for one more trajectory: a spare slot may be free for it
 
     def begin_release(self, slot: Slot) -> str:
         """ASSIGNED → RELEASING: from here no new call reaches it. Returns the trajectory."""
         self._expect(slot, SlotState.ASSIGNED)
         trajectory_id = self._unhold(slot)
         slot.state = SlotState.RELEASING
+        self._on_change()  # as in fail_assignment
         return trajectory_id
 
     def ended(self, slot: Slot, *, wipe: bool) -> None:
@@ -177,7 +203,10 @@ class SlotTable:
             self._on_change()
 
     def claim_dirty(self) -> Slot | None:
-        """DIRTY → WIPING: a slot whose wipe was deferred, to be wiped now."""
+        """DIRTY → WIPING: a slot whose wipe was deferred, to be wiped now (none while there
+        is no room for another trajectory: it could not be given)."""
+        if not self.room:
+            return None
         slot = next((s for s in self._slots if s.state is SlotState.DIRTY), None)
         if slot is not None:
             slot.state = SlotState.WIPING

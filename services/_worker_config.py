@@ -18,6 +18,7 @@ from .settings import (
     DEFAULT_MIN_FREE_DISK_MB,
     DEFAULT_SANDBOX_UID_BASE,
     DEFAULT_SLOT_IDLE_TIMEOUT_S,
+    DEFAULT_SPARE_SLOTS,
     DEFAULT_WARM_SLOTS,
     Settings,
 )
@@ -32,6 +33,7 @@ class WorkerConfig:
     slots: int
     workspace_root: Path
     warm_slots: int = DEFAULT_WARM_SLOTS  # free slots whose sandbox is started ahead
+    spare_slots: int = DEFAULT_SPARE_SLOTS  # slots beyond ``slots``: at most ``slots`` held
     subjects: Subjects = Subjects()
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS
@@ -55,6 +57,7 @@ class WorkerConfig:
             worker_id=worker_id,
             slots=settings.slots,
             warm_slots=settings.warm_slots,
+            spare_slots=settings.spare_slots,
             workspace_root=settings.data_dir / "workers" / worker_id,
             subjects=Subjects(prefix=settings.prefix),
             heartbeat_s=settings.heartbeat_s,

@@ -102,6 +102,15 @@ class Settings(BaseSettings):
         description="Free slots per worker whose sandbox is started before a trajectory asks "
         "(0: none), so a new trajectory's first call does not wait for a sandbox to start.",
     )
+    spare_slots: int = Field(
+        default=DEFAULT_SPARE_SLOTS,
+        ge=0,
+        le=1_000,
+        validation_alias=_env("spare_slots"),
+        description="Slots per worker beyond --slots, kept free (and warm): a trajectory that "
+        "takes a released slot's place gets one at once while the released slot is wiped. At "
+        "most --slots trajectories hold a slot at once (0: none).",
+    )
     worker_id: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9_-]+$",

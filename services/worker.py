@@ -92,7 +92,11 @@ class SandboxWorker:
             ttl_s=config.artifacts_ttl_s,
             limits=config.artifact_limits,
         )
-        self._table = SlotTable(on_change=self._announce_change, warm=lambda: self._warm.pick())
+        self._table = SlotTable(
+            on_change=self._announce_change,
+            warm=lambda: self._warm.pick(),
+            capacity=config.slots,  # and spare_slots more, kept free for the next trajectory
+        )
         self._warm = WarmPool(self._table, size=config.warm_slots)
         self._cleaner = SlotCleaner(self._table)
         self._calls = SlotCalls(
@@ -195,7 +199,9 @@ class SandboxWorker:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> SandboxWorker:
-        check_fd_limit(self._config.slots)  # raised to the hard limit; warns if still short
+        slots = self._config.slots + self._config.spare_slots
+        # Raised to the hard limit; warns if still short.
+        check_fd_limit(self._config.slots, self._config.spare_slots)
         root = self._config.workspace_root
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o711)  # sandbox users pass through to their own slot; they cannot list it
@@ -207,7 +213,7 @@ class SandboxWorker:
                 await self._cgroups.remove()
             raise
         self._warn_about_setup()
-        for index in range(self._config.slots):
+        for index in range(slots):
             workspace = root / f"slot_{index}"
             workspace.mkdir(parents=True, exist_ok=True)
             workspace = workspace.resolve()  # once, not on every file call
@@ -243,7 +249,8 @@ class SandboxWorker:
         log.info(
             "worker started",
             worker_id=wid,
-            slots=len(self._table),
+            slots=self._table.capacity,
+            spare_slots=len(self._table) - self._table.capacity,
             workspace_root=str(root),
             sandboxed=self._sandboxes.sandboxed,
             network_isolated=self._sandboxes.sandboxed and not self._config.allow_network,
@@ -319,7 +326,7 @@ class SandboxWorker:
             worker_id=self.worker_id,
             host=socket.gethostname(),
             pid=os.getpid(),
-            slots_total=len(self._table),
+            slots_total=self._table.capacity,
             slots_free=self._table.free if self._accepting else 0,
             slots_out_of_service=self._table.count(SlotState.OUT_OF_SERVICE),
             slots_warm=self._warm.warm,

@@ -114,7 +114,7 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
                     workspace_root=tmp_path / worker_id,
                     heartbeat_s=0.5,
                     # The disk guard has its own test; others must not depend on free space.
-                    **{"min_free_disk_mb": 0, **(worker_options or {})},
+                    **{"min_free_disk_mb": 0, "spare_slots": 0, **(worker_options or {})},
                 )
                 connection = await connect(worker_id)
                 worker = SandboxWorker(connection, config)
