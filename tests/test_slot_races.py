@@ -204,6 +204,7 @@ async def test_a_worker_starts_over_a_deeply_nested_workspace_left_by_its_last_r
     config = WorkerConfig(
         worker_id=f"rv-{uuid.uuid4().hex[:6]}",
         slots=1,
+        spare_slots=0,  # slot_0 alone: the one its last run left
         workspace_root=root,
         heartbeat_s=0.5,
         min_free_disk_mb=0,
