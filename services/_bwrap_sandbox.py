@@ -41,7 +41,7 @@ from ._sandbox_contract import (
     _SandboxGone,
     check_argv,
 )
-from ._sandbox_process import SandboxProcess
+from ._sandbox_process import SandboxProcess, pidfd_exited
 
 log = structlog.get_logger("toolbus.sandbox")
 
@@ -437,31 +437,12 @@ async def _end_sandbox(
                 await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
             except TimeoutError:  # stuck in the kernel: a later start's Popen reaps it
                 log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
-        if pidfd is not None and not await _exited(pidfd, _STOP_TIMEOUT_S):
+        # A namespace's pid 1 ends once the kernel has ended every other process in it.
+        if pidfd is not None and not await pidfd_exited(pidfd, _STOP_TIMEOUT_S):
             log.warning("the sandbox's processes did not all end after SIGKILL")
     finally:
         if pidfd is not None:
             os.close(pidfd)
-
-
-async def _exited(pidfd: int, timeout_s: float) -> bool:
-    """Whether the process ended within ``timeout_s``. For a namespace's pid 1 that is once the
-    kernel has ended every other process of the namespace: its exit waits for theirs."""
-    loop = asyncio.get_running_loop()
-    exited: asyncio.Future[None] = loop.create_future()
-
-    def on_exit() -> None:
-        if not exited.done():
-            exited.set_result(None)
-
-    loop.add_reader(pidfd, on_exit)
-    try:
-        await asyncio.wait_for(exited, timeout_s)
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(pidfd)
-    return True
 
 
 def _memfd(data: bytes) -> int:

@@ -86,21 +86,33 @@ class SandboxProcess:
         """Its exit code, once it has exited; the pidfd is open only while waiting."""
         if (code := self._popen.poll()) is not None:
             return code
-        loop = asyncio.get_running_loop()
         try:
             pidfd = os.pidfd_open(self.pid)
         except OSError:  # no pidfds (Linux < 5.3): a thread waits instead
-            return await loop.run_in_executor(None, self._popen.wait)
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(pidfd, on_exit)
+            return await asyncio.get_running_loop().run_in_executor(None, self._popen.wait)
         try:
-            await exited
+            await pidfd_exited(pidfd)
         finally:
-            loop.remove_reader(pidfd)
             os.close(pidfd)
         return self._popen.wait()
+
+
+async def pidfd_exited(pidfd: int, timeout_s: float | None = None) -> bool:
+    """Whether the process of ``pidfd`` has ended (within ``timeout_s``, if given): a pidfd is
+    readable from then on. The event loop watches it only while this waits."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await exited
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+    return True

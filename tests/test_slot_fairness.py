@@ -20,13 +20,8 @@ from nats.js.errors import NotFoundError
 from schemas.subjects import WAITING_STREAM, Subjects
 from services.executor import ExecutorConfig
 from services.worker import SandboxWorker
+from tests._waits import until
 from tests.conftest import Stack, StackFactory
-
-
-async def _until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 (the state is another object's, with no event)
-            await asyncio.sleep(0.01)
 
 
 def _waiting(stack: Stack) -> int:
@@ -83,7 +78,7 @@ async def _newcomer_waits_behind_first(
     stack: Stack, order: _Order, newcomer: asyncio.Task[None]
 ) -> None:
     """The newcomer joins the queue behind the first waiter (its executor queues it)."""
-    await _until(lambda: newcomer.done() or _waiting(stack) == 2)
+    await until(lambda: newcomer.done() or _waiting(stack) == 2)
     assert not newcomer.done(), f"the newcomer was served first: {order.served}"
 
 
@@ -120,7 +115,7 @@ async def test_a_newcomer_does_not_take_a_freed_slot_whose_ticket_is_being_serve
         monkeypatch.setattr(offers, "_take_slot", gated_take_slot)
         first, newcomer = trajectory(), trajectory()
         first_call = order.start(first)
-        await _until(lambda: _waiting(stack) == 1)
+        await until(lambda: _waiting(stack) == 1)
         await stack.client.release(holder, reset_workspace=True)
         async with asyncio.timeout(30):
             await fetched.wait()
@@ -141,7 +136,7 @@ async def test_a_newcomer_does_not_take_a_freed_slot_before_the_worker_looked_at
     async with _holding_the_only_slot(make_stack, trajectory) as (stack, worker, holder, order):
         first, newcomer = trajectory(), trajectory()
         first_call = order.start(first)
-        await _until(lambda: _waiting(stack) == 1)
+        await until(lambda: _waiting(stack) == 1)
         # The worker's ticket serving does not hear that a slot freed (it pulls no ticket)
         # until the test lets it: the slot is free, the first waiter's ticket in the stream.
         offers = worker._offers

@@ -1,6 +1,6 @@
 """Races a review of the slot and lease redesign found: each test failed before its fix.
 
-They poll the worker's state with a bound (``_until``) where there is no event to await.
+They poll the worker's state with a bound (``until``) where there is no event to await.
 """
 
 from __future__ import annotations
@@ -19,15 +19,10 @@ from schemas.subjects import LEASES_BUCKET
 from services._kv import KvBucket
 from services._leases import LeaseStore
 from services.worker import SandboxWorker, WorkerConfig
+from tests._waits import until
 from tests.conftest import StackFactory
 
 _MANY_FILES = "mkdir d && cd d && seq 1 40000 | xargs touch"
-
-
-async def _until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - worker state that has no event to await
-            await asyncio.sleep(0.02)
 
 
 async def test_two_acquires_of_one_trajectory_over_two_dirty_slots_both_get_an_answer(
@@ -73,7 +68,7 @@ async def test_a_rejoin_under_way_when_the_worker_stops_does_not_reopen_it(
     await worker.__aenter__()
     try:
         busy = trajectory()
-        await _until(
+        await until(
             lambda: any(
                 i.worker_id == worker_id for i, _ in stack.executors[0].registered_workers()
             )
@@ -81,7 +76,7 @@ async def test_a_rejoin_under_way_when_the_worker_stops_does_not_reopen_it(
         running = asyncio.create_task(
             stack.client.execute(busy, "terminal", {"command": "sleep 3"}, timeout_s=30)
         )
-        await _until(lambda: bool(worker._calls.running))
+        await until(lambda: bool(worker._calls.running))
         rejoin = asyncio.create_task(worker._rejoin())  # as a beat that found its registration gone
         await asyncio.sleep(0)
         stopping = asyncio.create_task(worker.__aexit__(None, None, None))
@@ -148,7 +143,7 @@ async def test_a_tombstone_written_at_shutdown_stays_a_tombstone(
     await worker.__aenter__()
     try:
         t = trajectory()
-        await _until(
+        await until(
             lambda: any(
                 i.worker_id == worker_id for i, _ in stack.executors[0].registered_workers()
             )
@@ -158,13 +153,13 @@ async def test_a_tombstone_written_at_shutdown_stays_a_tombstone(
                 stack.client.execute(t, "terminal", {"command": "sleep 1.5"}, timeout_s=30)
             ),
         ]
-        await _until(lambda: len(worker._calls.running) == 1)
+        await until(lambda: len(worker._calls.running) == 1)
         calls.append(
             asyncio.create_task(
                 stack.client.execute(t, "terminal", {"command": "true"}, timeout_s=30)
             )
         )
-        await _until(lambda: len(worker._calls.running) == 2)  # the second waits behind it
+        await until(lambda: len(worker._calls.running) == 2)  # the second waits behind it
         await worker.__aexit__(None, None, None)
         await asyncio.gather(*calls)
         leases = LeaseStore(KvBucket(connection.jetstream(), LEASES_BUCKET))
@@ -227,10 +222,10 @@ async def test_a_call_an_executor_stops_waiting_for_is_not_left_running(
     call = asyncio.create_task(
         stack.client.execute(t, "terminal", {"command": "sleep 2; echo done > f"}, timeout_s=30)
     )
-    await _until(lambda: bool(worker._calls.running))
+    await until(lambda: bool(worker._calls.running))
     await executor.__aexit__(None, None, None)
     answer = (await asyncio.gather(call, return_exceptions=True))[0]
-    await _until(lambda: not worker._calls.running)
+    await until(lambda: not worker._calls.running)
     slot = next(s for s in worker._table if s.trajectory_id == t)
     ran = (slot.workspace / "f").exists()
     await connection.drain()

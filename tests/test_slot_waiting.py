@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import nats
 import pytest
@@ -21,13 +21,12 @@ from services._kv import KvBucket, ttl_header
 from services._leases import LeaseStore
 from services.exceptions import NoCapacity
 from services.executor import ExecutorConfig
+from tests._waits import until
 from tests.conftest import Stack, StackFactory
 
 
-async def _until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 (the state is another object's, with no event)
-            await asyncio.sleep(0.01)
+def _until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> Awaitable[None]:
+    return until(predicate, timeout_s, every_s=0.01)
 
 
 def _waiting(stack: Stack) -> int:

@@ -28,16 +28,11 @@ from services._kv import ttl_header
 from services.client import ToolbusClient
 from services.executor import ExecutorConfig, ExecutorService
 from services.worker import SandboxWorker, WorkerConfig
+from tests._waits import until
 from tests.conftest import StackFactory
 from tests.test_deploy_config import secured_server
 
 __all__ = ["secured_server"]  # a fixture: a nats-server with the deployment's accounts
-
-
-async def _until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 (the state is another object's, with no event)
-            await asyncio.sleep(0.01)
 
 
 class _RestartableServer:
@@ -132,7 +127,7 @@ async def test_trajectories_still_queue_for_a_slot_after_the_server_restarted(
                         break
                 await asyncio.sleep(0.2)
         waiting = asyncio.create_task(client.execute(trajectory(), "terminal", {"command": "pwd"}))
-        await _until(lambda: waiting.done() or executor.trajectories_waiting == 1)
+        await until(lambda: waiting.done() or executor.trajectories_waiting == 1)
         if waiting.done():
             waiting.result()  # on 0692d0f: NoCapacity "cannot queue for a slot (...)"
         await client.release(holder, reset_workspace=True)
@@ -166,7 +161,7 @@ async def test_a_ticket_a_worker_cannot_offer_to_does_not_stop_it_serving_the_qu
     )
     try:
         waiting = asyncio.create_task(client.execute(trajectory(), "terminal", {"command": "pwd"}))
-        await _until(lambda: executor.trajectories_waiting == 1)
+        await until(lambda: executor.trajectories_waiting == 1)
         for holder in holders:  # the first freed slot meets the bad ticket, the second the waiter
             await client.release(holder, reset_workspace=True)
         async with asyncio.timeout(60):

@@ -17,13 +17,8 @@ from services._slot_cleanup import SlotCleaner
 from services._slots import Slot
 from services.executor import ExecutorConfig
 from services.worker import SandboxWorker
+from tests._waits import until
 from tests.conftest import StackFactory
-
-
-async def _until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - worker state that has no event to await
-            await asyncio.sleep(0.02)
 
 
 def _warm_free(worker: SandboxWorker) -> int:
@@ -42,7 +37,7 @@ async def test_a_waiter_gets_a_warm_spare_while_the_released_slot_is_still_wiped
     first, second = trajectory(), trajectory()
     held = await stack.client.execute(first, "terminal", {"command": "echo a > mine.txt"})
     assert held.success, held.error
-    await _until(lambda: _warm_free(worker) == 1)  # the spare is up, before anyone asks
+    await until(lambda: _warm_free(worker) == 1)  # the spare is up, before anyone asks
 
     # The released slot's wipe waits at a gate of this test: the waiter must not.
     gate, wiping = asyncio.Event(), asyncio.Event()
@@ -58,7 +53,7 @@ async def test_a_waiter_gets_a_warm_spare_while_the_released_slot_is_still_wiped
         stack.client.execute(second, "terminal", {"command": "ls -A; whoami"})
     )
     try:
-        await _until(lambda: stack.executors[0].trajectories_waiting == 1)  # one slot at a time
+        await until(lambda: stack.executors[0].trajectories_waiting == 1)  # one slot at a time
         # The release answers once its slot is clean, so not before the gate opens.
         releasing = asyncio.create_task(stack.client.release(first, reset_workspace=True))
         async with asyncio.timeout(30):
@@ -92,7 +87,7 @@ async def test_spare_slots_do_not_raise_how_many_trajectories_hold_a_slot(
     assert worker.slots_free == 0 and worker.info().slots_free == 0
     waiting = asyncio.create_task(stack.client.execute(second, "terminal", {"command": "true"}))
     try:
-        await _until(lambda: stack.executors[0].trajectories_waiting == 1)
+        await until(lambda: stack.executors[0].trajectories_waiting == 1)
         assert worker._table.holding(second) is None  # three slots, one trajectory at a time
         await stack.client.release(first, reset_workspace=True)
         async with asyncio.timeout(30):

@@ -25,6 +25,7 @@ from schemas.messages import WorkerStatus
 from services._sandbox import BwrapSandbox
 from services._slots import Slot, SlotState
 from services.worker import SandboxWorker, WorkerConfig
+from tests._waits import until
 from tests.conftest import StackFactory
 
 _LEAVE_TRACES = (
@@ -32,12 +33,6 @@ _LEAVE_TRACES = (
     "(setsid sleep 1000 >/dev/null 2>&1 &); nohup sleep 1000 >/dev/null 2>&1 & echo ok"
 )
 _LOOK_FOR_TRACES = "ls -A; ls -A /tmp; ps -e -o comm= | grep -c '^sleep$' || true"
-
-
-async def _until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - worker state that has no event to await
-            await asyncio.sleep(0.02)
 
 
 def _sandbox(slot: Slot) -> BwrapSandbox:
@@ -73,11 +68,11 @@ async def test_free_slots_are_warmed_up_to_the_bound_and_a_warm_one_is_given_fir
 ) -> None:
     stack = await make_stack(slots=4, worker_options={"warm_slots": 2})
     worker = stack.workers[0]
-    await _until(lambda: len(_warm(worker)) == 2)
+    await until(lambda: len(_warm(worker)) == 2)
     first = trajectory()
     taken = await _acquire(nc, worker, first)
     assert _sandbox(taken).running, "a warm slot is given"
-    await _until(lambda: len(_warm(worker)) == 2)  # refilled from the two cold ones
+    await until(lambda: len(_warm(worker)) == 2)  # refilled from the two cold ones
     await stack.client.release(first, reset_workspace=True)
     await worker.wait_settled()
     await worker.wait_warmed()
@@ -94,7 +89,7 @@ async def test_the_first_call_in_a_warm_slot_starts_no_sandbox(
 ) -> None:
     stack = await make_stack(slots=2, worker_options={"warm_slots": 2})
     worker = stack.workers[0]
-    await _until(lambda: len(_warm(worker)) == 2)
+    await until(lambda: len(_warm(worker)) == 2)
     pids = {s.index: _sandbox(s).launcher_pid for s in _slots(worker)}
     tid = trajectory()
     first = await stack.client.execute(tid, "terminal", {"command": "echo hello"})
@@ -110,14 +105,14 @@ async def test_a_slot_released_with_reset_is_warmed_again_with_nothing_of_its_la
     stack = await make_stack(slots=1, worker_options={"warm_slots": 1})
     worker = stack.workers[0]
     (slot,) = _slots(worker)
-    await _until(lambda: len(_warm(worker)) == 1)
+    await until(lambda: len(_warm(worker)) == 1)
     first, second = trajectory(), trajectory()
     traces = await stack.client.execute(first, "terminal", {"command": _LEAVE_TRACES})
     assert traces.success and traces.output.strip() == "ok", traces
     pid_of_first = _sandbox(slot).launcher_pid
     await stack.client.release(first, reset_workspace=True)
     await worker.wait_settled()
-    await _until(lambda: len(_warm(worker)) == 1)  # warmed again, in the background
+    await until(lambda: len(_warm(worker)) == 1)  # warmed again, in the background
     pid_of_warm = _sandbox(slot).launcher_pid
     assert pid_of_warm is not None and pid_of_warm != pid_of_first
     seen = await stack.client.execute(second, "terminal", {"command": _LOOK_FOR_TRACES})
@@ -211,7 +206,7 @@ async def test_a_release_during_a_warm_start_leaves_the_slot_clean(
     stack = await make_stack(slots=1, worker_options={"warm_slots": 1})
     worker = stack.workers[0]
     (slot,) = _slots(worker)
-    await _until(lambda: worker._warm.starting == 1)  # waiting at the gate
+    await until(lambda: worker._warm.starting == 1)  # waiting at the gate
     first, second = trajectory(), trajectory()
     # The trajectory's command starts the sandbox itself, and leaves traces in it.
     traces = await stack.client.execute(first, "terminal", {"command": _LEAVE_TRACES})
@@ -251,7 +246,7 @@ async def test_a_warm_start_that_fails_leaves_the_slot_in_service_and_logs_once(
     with structlog.testing.capture_logs() as logs:
         stack = await make_stack(slots=3, worker_options={"warm_slots": 2})
         worker = stack.workers[0]
-        await _until(lambda: worker._warm.failures >= 1)
+        await until(lambda: worker._warm.failures >= 1)
         await worker.wait_warmed()
     warnings = [e for e in logs if e["log_level"] in ("warning", "error")]
     assert len(warnings) == 1, warnings
@@ -269,7 +264,7 @@ async def test_warm_starts_run_a_bounded_few_at_a_time_and_shutdown_ends_them(
     worker, connection = await _own_worker(nats_url, tmp_path, slots=6, warm_slots=6)
     try:
         await worker.__aenter__()
-        await _until(lambda: len(_warm(worker)) == 6)
+        await until(lambda: len(_warm(worker)) == 6)
         assert 1 <= worker._warm.peak_starting <= 2
         sandboxes = [_sandbox(s) for s in _slots(worker)]
     finally:
@@ -289,7 +284,7 @@ async def test_status_counts_the_warm_slots(make_stack: StackFactory) -> None:
     def ours() -> WorkerStatus | None:  # workers of other tests may still be registered
         return next((w for w in executor.status().workers if w.worker_id == worker_id), None)
 
-    await _until(lambda: (status := ours()) is not None and status.slots_warm == 2)
+    await until(lambda: (status := ours()) is not None and status.slots_warm == 2)
     status = ours()
     assert status is not None and status.slots_free == 3
 
@@ -302,7 +297,7 @@ async def test_a_pool_closed_as_it_is_asked_to_refill_ends_its_refill_and_its_sa
     # and the worker's shutdown waited for it for ever (a hang seen in a full suite run).
     stack = await make_stack(slots=2, worker_options={"warm_slots": 2})
     worker = stack.workers[0]
-    await _until(lambda: len(_warm(worker)) == 2)
+    await until(lambda: len(_warm(worker)) == 2)
     await worker.wait_warmed()
     pool = worker._warm
     pool.wanted()  # the refill's event is set ...
