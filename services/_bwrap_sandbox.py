@@ -109,6 +109,7 @@ class BwrapSandbox:
         # other process of the namespace has ended.
         self._pid1: int | None = None
         self._info_fd: int | None = None  # bubblewrap's info pipe, until it is read
+        self._left_running = False  # a stop found its namespace not ended in time
         self._said: list[str] = []  # what the sandbox wrote to its stderr before it was ready
         self._socket: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -396,7 +397,15 @@ class BwrapSandbox:
             await self._stop()
 
     async def close(self) -> None:
+        """:meth:`reset`; SandboxError when something of the sandbox may still run (its
+        namespace did not end within its bound after SIGKILL: a process stuck in the kernel),
+        so that a slot's clean-up sends it out of service instead of wiping and freeing it."""
         await self.reset()
+        if self._left_running:
+            self._left_running = False  # a later clean-up of the slot looks again
+            raise SandboxError(
+                f"its processes did not all end within {_STOP_TIMEOUT_S:g}s of SIGKILL"
+            )
 
     async def _stop(self) -> None:
         reader, sock, process, pid1 = self._reader, self._socket, self._process, self._pid1
@@ -407,7 +416,8 @@ class BwrapSandbox:
             self._info_fd = None
         # Shielded: a caller cancelled meanwhile (a call stopped by a release) must not leave
         # the socket open, nor close it before its reader has left the event loop.
-        await asyncio.shield(_end_sandbox(reader, sock, process, pid1))
+        if not await asyncio.shield(_end_sandbox(reader, sock, process, pid1)):
+            self._left_running = True
 
 
 async def _end_sandbox(
@@ -415,10 +425,10 @@ async def _end_sandbox(
     sock: socket.socket | None,
     process: SandboxProcess | None,
     pidfd: int | None,
-) -> None:
+) -> bool:
     """Until nothing of the sandbox runs: its pid 1 is killed (``pidfd``), and with it, by the
     kernel, every process of its namespace; bubblewrap, which exits as its child does, is
-    killed too. The pidfd is closed here."""
+    killed too. False when its pid 1 did not end in time. The pidfd is closed here."""
     if reader is not None:
         # Before the socket closes: its fd must leave the event loop while it is still its.
         reader.cancel()
@@ -440,6 +450,8 @@ async def _end_sandbox(
         # A namespace's pid 1 ends once the kernel has ended every other process in it.
         if pidfd is not None and not await pidfd_exited(pidfd, _STOP_TIMEOUT_S):
             log.warning("the sandbox's processes did not all end after SIGKILL")
+            return False
+        return True
     finally:
         if pidfd is not None:
             os.close(pidfd)

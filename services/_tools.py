@@ -82,12 +82,15 @@ class SlotTools:
         return self.offline
 
     async def close(self) -> None:
-        """End the shell and every process the slot left (tmux included)."""
+        """End the shell and every process the slot left (tmux included); SandboxError when
+        something of a sandbox may still run."""
         await self.shell.close()
-        await self.sandbox.reset()
-        if self.offline is not None:
-            await self.offline.reset()
         self.tmux = TmuxState()
+        try:
+            await self.sandbox.close()
+        finally:
+            if self.offline is not None:
+                await self.offline.close()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
+from services import _bwrap_sandbox
 from tests._sandboxes import RUN, host_processes
+from tests._waits import until
 from tests.conftest import StackFactory
 
 # Many processes, some holding much memory: the kernel takes a while to end them all after
@@ -36,3 +40,23 @@ async def test_a_release_answers_once_no_process_of_the_sandbox_is_left(
     assert len(host_processes(f"sleep {marker}.")) == _SLEEPERS
     await stack.client.release(tid, reset_workspace=True)
     assert host_processes(f"sleep {marker}.") == []
+
+
+async def test_a_slot_whose_sandbox_may_still_run_goes_out_of_service(
+    make_stack: StackFactory, trajectory: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A namespace that does not end within its bound after SIGKILL (a process stuck in the
+    # kernel) was only logged: the release went on to wipe and free the slot while something
+    # of the trajectory might still run in it. Here the wait for the namespace says "not yet".
+    stack = await make_stack(slots=1)
+    worker = stack.workers[0]
+    tid = trajectory()
+    assert (await stack.client.execute(tid, "terminal", {"command": "true"})).success
+
+    async def never_ends(pidfd: int, timeout_s: float | None = None) -> bool:
+        return False
+
+    monkeypatch.setattr(_bwrap_sandbox, "pidfd_exited", never_ends)
+    await stack.client.release(tid, reset_workspace=True)
+    await until(lambda: worker.slot_states()["out_of_service"] == 1)
+    assert worker.slots_free == 0  # never handed out while it may not be clean
