@@ -1,96 +1,108 @@
-"""CPU time per call, by role: which process of the stack spends what on a call.
+"""CPU time by role over a timed window: which process of the stack spends what on a call.
 
 Throughput on a shared 2-core machine moves with whatever else runs; the CPU each process
-spends per call moves much less, so it is the figure to compare changes by. A sample reads
-``utime + stime`` of every process from ``/proc`` and names its role from its command line and
-its parent: this process (the client), ``toolbus serve`` (the executor), its sandbox workers,
-the sandboxes under them, and nats-server.
+spends per call moves much less, so it is the figure to compare changes by. A snapshot reads
+``utime + stime`` of this process and each of its descendants from ``/proc`` (Linux only) and
+groups them: this process (``bench``) and what it reaped, nats-server, sandbox workers, the
+sandboxes below them (bubblewrap, the launcher and the commands it reaped), processes the
+caller names (``roles``: ``toolbus serve`` as the executor, an echo responder), and the rest
+of the machine (``other``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
 
-_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-# The order rows are printed in.
-ROLES = (
-    "client",
-    "client+executor",
-    "executor",
-    "workers",
-    "sandboxes",
-    "responder",
-    "nats-server",
-)
+GROUPS = ("bench", "reaped", "nats", "workers", "sandboxes", "other")  # roles come after bench
 
 
-def _processes() -> dict[int, tuple[int, str, int]]:
-    """Every readable process: pid -> (parent pid, command line, CPU ticks)."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as file:
-                stat = file.read()
-            with open(f"/proc/{name}/cmdline", "rb") as file:
-                cmdline = file.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat.rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
-        found[int(name)] = (int(fields[1]), cmdline, int(fields[11]) + int(fields[12]))
-    return found
+def _machine_busy_s() -> float | None:
+    """CPU seconds spent by all cores on anything but idle and iowait, since boot."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _CLK_TCK
 
 
-def _role_of(pid: int, processes: dict[int, tuple[int, str, int]], roots: dict[int, str]) -> str:
-    """The role of the process: its own, or that of the nearest ancestor with one; a process
-    under a sandbox worker is a sandbox. '' for the rest of the machine."""
-    ancestor = pid
-    for _ in range(64):  # a bound, for a /proc read mid-change
-        if ancestor in roots:
-            return roots[ancestor]
-        parent, cmdline, _ = processes.get(ancestor, (0, "", 0))
-        if "nats-server" in cmdline.split(" ", 1)[0]:
-            return "nats-server"
-        if " services worker" in cmdline:
-            return "workers" if ancestor == pid else "sandboxes"
-        if parent <= 1:
-            break
-        ancestor = parent
-    return ""
+def _proc_stat(pid: int) -> tuple[int, float, float] | None:
+    """(ppid, own CPU seconds, reaped children's CPU seconds) of a live process."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2 :].split()  # after the command name, which may hold spaces
+    utime, stime, cutime, cstime = (int(v) for v in rest[11:15])
+    return int(rest[1]), (utime + stime) / _CLK_TCK, (cutime + cstime) / _CLK_TCK
 
 
-def cpu_by_role(roots: dict[int, str]) -> dict[str, float]:
-    """CPU seconds so far of every process with a role; ``roots`` names the roles of some pids
-    (this process as the client, say); a sandbox worker is found by its command line, its
-    descendants are sandboxes."""
-    processes = _processes()
-    totals: dict[str, float] = {}
-    for pid, (_, _, ticks) in processes.items():
-        role = _role_of(pid, processes, roots)
-        if role:
-            totals[role] = totals.get(role, 0.0) + ticks / _TICKS_PER_S
-    return totals
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
-class CpuWindow:
-    """``mark()`` at the start and at the end of a window; then ``per_call(calls)``."""
+def cpu_snapshot(roles: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """CPU seconds so far of this process and each of its descendants, and of the machine.
 
-    def __init__(self, roots: Callable[[], dict[int, str]]) -> None:
-        self._roots = roots
-        self._marks: list[dict[str, float]] = []
+    A child of this process is nats-server, a sandbox worker, or one of ``roles`` (pid ->
+    group); below a worker everything is a sandbox, and so is any other child of this process.
+    """
+    roles = roles or {}
+    me = os.getpid()
+    stats: dict[int, tuple[int, float, float]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
+                stats[int(entry)] = stat
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    per_pid: dict[int, tuple[str, float]] = {}
 
-    def mark(self) -> None:
-        self._marks.append(cpu_by_role(self._roots()))
+    def add(pid: int, group: str) -> None:
+        _, own, reaped = stats[pid]
+        # Reaped children count with their parent (the launcher reaps the commands), but not
+        # a worker's: those are sandboxes that ended, outside any timed window.
+        per_pid[pid] = (group, own + (0.0 if group == "workers" else reaped))
+        for child in children.get(pid, []):
+            add(child, "workers" if " services worker" in _cmdline(child) else "sandboxes")
 
-    def per_call_us(self, calls: int) -> dict[str, float]:
-        """Microseconds of CPU per call of each role over the last window (empty without one)."""
-        if len(self._marks) < 2 or calls <= 0:
-            return {}
-        start, end = self._marks[-2], self._marks[-1]
-        spent = {role: seconds - start.get(role, 0.0) for role, seconds in end.items()}
-        return {
-            role: round(spent[role] / calls * 1e6, 1) for role in ROLES if spent.get(role, 0) > 0
-        }
+    for child in children.get(me, []):
+        command = _cmdline(child)
+        if child in roles:
+            add(child, roles[child])
+        elif "nats-server" in command:
+            add(child, "nats")
+        elif "services worker" in command:
+            add(child, "workers")
+        else:
+            add(child, "sandboxes")
+    own, reaped = stats[me][1:] if me in stats else (0.0, 0.0)
+    return {"machine": _machine_busy_s(), "bench": own, "reaped": reaped, "pids": per_pid}
+
+
+def cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float] | None:
+    """CPU seconds per group between two snapshots; "other" is the rest of the machine."""
+    if before["machine"] is None or after["machine"] is None:
+        return None
+    groups = dict.fromkeys(GROUPS, 0.0)
+    groups["bench"] = after["bench"] - before["bench"]
+    groups["reaped"] = after["reaped"] - before["reaped"]
+    for pid, (group, seconds) in after["pids"].items():
+        start = before["pids"].get(pid, (group, 0.0))[1]  # a process born in the window: all
+        groups[group] = groups.get(group, 0.0) + max(seconds - start, 0.0)
+    total = after["machine"] - before["machine"]
+    groups["other"] = max(total - sum(groups.values()), 0.0)
+    groups["total"] = total
+    return groups

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import signal
 import sys
 import time
@@ -33,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import nats
 from _common import (
@@ -56,7 +56,7 @@ from _common import (
     toolbus_client,
     toolbus_serve,
 )
-from _cpu import ROLES, CpuWindow
+from _cpu import cpu_delta, cpu_snapshot
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -146,7 +146,7 @@ async def run_baseline(url: str, levels: Sequence[int], args: argparse.Namespace
     rows = []
     async with AsyncExitStack() as stack:
         responder = await stack.enter_async_context(echo_responder_process(url))
-        roots = {os.getpid(): "client", responder.pid: "responder"}
+        roles = {responder.pid: "responder"}
         nc = await nats.connect(url, name="bench-client")
         stack.push_async_callback(nc.close)
         await _wait_for_echo(nc, payload)
@@ -158,7 +158,7 @@ async def run_baseline(url: str, levels: Sequence[int], args: argparse.Namespace
 
         for level in levels:
             progress(f"baseline, {level} concurrent requesters ...")
-            cpu = CpuWindow(lambda: roots)
+            cpu = CpuWindow(roles, "client")
             row = await measure(
                 "baseline",
                 [call] * level,
@@ -241,18 +241,45 @@ async def run_toolbus(
             client, serve_pid = await stack.enter_async_context(
                 toolbus_serve(url, settings, args.workers)
             )
-            roots = {os.getpid(): "client", serve_pid: "executor"}
+            roles, me = {serve_pid: "executor"}, "client"
         else:
             client = await stack.enter_async_context(
                 toolbus_client(url, settings, args.workers, ExecutorConfig())
             )
-            roots = {os.getpid(): "client+executor"}
+            roles, me = {}, "client+executor"
         for level in levels:
             progress(f"toolbus, {level} concurrent trajectories ...")
-            row = await toolbus_row(client, level, run_id, args, CpuWindow(lambda: roots))
+            row = await toolbus_row(client, level, run_id, args, CpuWindow(roles, me))
             progress(f"  {describe_row(row)}")
             rows.append(row)
     return rows
+
+
+# -- CPU per call -------------------------------------------------------------------------------
+ROLES = ("client", "client+executor", "executor", "workers", "sandboxes", "responder", "nats")
+_TITLES = {"nats": "nats-server"}
+
+
+class CpuWindow:
+    """``mark()`` as the timed window opens and closes (``measure``'s ``on_window``); then
+    ``per_call_us(calls)``: microseconds of CPU per call by role, this process as ``me``."""
+
+    def __init__(self, roles: dict[int, str], me: str) -> None:
+        self._roles = roles
+        self._me = me
+        self._marks: list[dict[str, Any]] = []
+
+    def mark(self) -> None:
+        self._marks.append(cpu_snapshot(self._roles))
+
+    def per_call_us(self, calls: int) -> dict[str, float]:
+        spent = cpu_delta(*self._marks[-2:]) if len(self._marks) >= 2 else None
+        if spent is None or calls <= 0:
+            return {}
+        spent[self._me] = spent.pop("bench") + spent.pop("reaped")
+        return {
+            role: round(spent[role] / calls * 1e6, 1) for role in ROLES if spent.get(role, 0) > 0
+        }
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -281,7 +308,9 @@ def render_table(rows: Sequence[Row], header: str) -> str:
     lines += ["", "CPU per call, µs (utime+stime from /proc over the timed window):"]
     roles = [role for role in ROLES if any(role in row.cpu_us_per_call for row in rows)]
     lines.append(
-        f"{'':>11} {'system':<9}" + "".join(f"{role:>17}" for role in roles) + f"{'all':>10}"
+        f"{'':>11} {'system':<9}"
+        + "".join(f"{_TITLES.get(role, role):>17}" for role in roles)
+        + f"{'all':>10}"
     )
     for row in sorted(rows, key=lambda r: (r.concurrency, r.system)):
         cpu = "".join(

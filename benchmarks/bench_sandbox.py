@@ -59,6 +59,7 @@ from _common import (
     run_and_report,
     toolbus_client,
 )
+from _cpu import GROUPS, cpu_delta, cpu_snapshot
 
 from services._embedded import EmbeddedNatsServer
 from services._process import run_command
@@ -82,7 +83,7 @@ PLAIN_ENV = {
     "LC_ALL": "C.UTF-8",
     "TERM": "dumb",
 }
-CPU_GROUPS = ("bench", "reaped", "nats", "workers", "sandboxes", "other")
+CPU_GROUPS = GROUPS
 CPU_TITLES = {
     "bench": "this process",
     "reaped": "its reaped children",
@@ -91,94 +92,6 @@ CPU_TITLES = {
     "sandboxes": "sandboxes",
     "other": "other",
 }
-
-
-# -- CPU accounting (Linux /proc) ---------------------------------------------------------------
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _machine_busy_s() -> float | None:
-    """CPU seconds spent by all cores on anything but idle and iowait, since boot."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / _CLK_TCK
-
-
-def _proc_stat(pid: int) -> tuple[int, float, float] | None:
-    """(ppid, own CPU seconds, reaped children's CPU seconds) of a live process."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            text = handle.read()
-    except OSError:
-        return None
-    rest = text[text.rfind(")") + 2 :].split()
-    utime, stime, cutime, cstime = (int(v) for v in rest[11:15])
-    return int(rest[1]), (utime + stime) / _CLK_TCK, (cutime + cstime) / _CLK_TCK
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def cpu_snapshot() -> dict[str, Any]:
-    """CPU seconds so far of this process and each of its descendants, and of the machine.
-
-    Descendants are grouped: nats-server, sandbox workers, and everything below a worker or
-    started by this process otherwise (bubblewrap, the launcher and the commands it reaped).
-    """
-    me = os.getpid()
-    stats: dict[int, tuple[int, float, float]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
-                stats[int(entry)] = stat
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    per_pid: dict[int, tuple[str, float]] = {}
-
-    def add(pid: int, group: str) -> None:
-        _, own, reaped = stats[pid]
-        # Reaped children count with their parent (the launcher reaps the commands), but not
-        # a worker's: those are sandboxes that ended, outside any timed window.
-        per_pid[pid] = (group, own + (0.0 if group == "workers" else reaped))
-        for child in children.get(pid, []):
-            add(child, "sandboxes")
-
-    for child in children.get(me, []):
-        command = _cmdline(child)
-        if "nats-server" in command:
-            add(child, "nats")
-        elif "services worker" in command:
-            add(child, "workers")
-        else:
-            add(child, "sandboxes")
-    own, reaped = stats[me][1:] if me in stats else (0.0, 0.0)
-    return {"machine": _machine_busy_s(), "bench": own, "reaped": reaped, "pids": per_pid}
-
-
-def cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float] | None:
-    """CPU seconds per group between two snapshots; "other" is the rest of the machine."""
-    if before["machine"] is None or after["machine"] is None:
-        return None
-    groups = dict.fromkeys(CPU_GROUPS, 0.0)
-    groups["bench"] = after["bench"] - before["bench"]
-    groups["reaped"] = after["reaped"] - before["reaped"]
-    for pid, (group, seconds) in after["pids"].items():
-        start = before["pids"].get(pid, (group, 0.0))[1]  # a process born in the window: all
-        groups[group] += max(seconds - start, 0.0)
-    total = after["machine"] - before["machine"]
-    groups["other"] = max(total - sum(groups.values()), 0.0)
-    groups["total"] = total
-    return groups
 
 
 # -- measuring ----------------------------------------------------------------------------------
