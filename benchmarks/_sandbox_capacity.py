@@ -201,6 +201,7 @@ async def measure_sandboxes(
                 await sandbox.close()
 
         await asyncio.gather(*(close(sandbox) for sandbox in made))
+        await factory.close()
         if cgroups is not None:
             await cgroups.remove()
 

@@ -64,6 +64,7 @@ from _cpu import GROUPS, cpu_delta, cpu_snapshot
 from services._embedded import EmbeddedNatsServer
 from services._process import run_command
 from services._sandbox import BwrapOptions, BwrapSandbox, bwrap_argv, find_bwrap
+from services._zygote import LauncherZygote
 from services.executor import ExecutorConfig
 from services.settings import DEFAULT_MAX_OUTPUT_CHARS, Settings
 
@@ -224,7 +225,8 @@ def bwrap_calls(
 async def run_persistent(
     options: BwrapOptions, workspaces: Sequence[Path], args: argparse.Namespace
 ) -> SandboxRow:
-    sandboxes = [BwrapSandbox(workspace, options) for workspace in workspaces]
+    zygote = LauncherZygote()
+    sandboxes = [BwrapSandbox(workspace, options, zygote=zygote) for workspace in workspaces]
 
     def caller(sandbox: BwrapSandbox) -> Callable[[], Awaitable[None]]:
         async def call() -> None:
@@ -247,6 +249,7 @@ async def run_persistent(
         return await measure_cpu("sandbox", calls, warmup_s=args.warmup, duration_s=args.duration)
     finally:
         await asyncio.gather(*(sandbox.close() for sandbox in sandboxes))
+        await zygote.close()
 
 
 # -- toolbus: terminal through the whole stack --------------------------------------------------

@@ -97,6 +97,20 @@ def _sandbox_python() -> _SandboxPython:
     return _SandboxPython(f"{_SANDBOX_PYTHON_PREFIX}/bin/{version}", sys.base_prefix)
 
 
+# What a slot sandbox's bubblewrap runs: its pid 1, which holds the namespaces that the
+# launcher joins (``_zygote_main.py``). A shell that ignores every signal it can (the kernel
+# drops KILL and STOP from inside, as for any pid 1) and reaps orphans while it waits; its sleep
+# may be killed, and comes back. It says on bubblewrap's stderr that the sandbox is set up
+# (bubblewrap's info fd speaks before the mounts are made), then lets go of that stderr.
+SANDBOX_READY = b"toolbus: sandbox ready\n"
+HOLD_COMMAND = [
+    "/bin/sh",
+    "-c",
+    "trap '' HUP INT QUIT PIPE ALRM TERM USR1 USR2; echo 'toolbus: sandbox ready' >&2; "
+    "exec 2>/dev/null; while :; do sleep 2147483647 & wait; done",
+]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BwrapOptions:
     bwrap: Path
@@ -117,7 +131,7 @@ def bwrap_argv(
     argv = [str(options.bwrap)]
     argv += ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
     # The command is the namespace's pid 1 (it must reap orphans): no init of bubblewrap's
-    # own beside it, and nothing in the sandbox can kill or stop it.
+    # own beside it, and nothing in the sandbox can kill or stop it (see HOLD_COMMAND).
     argv += ["--as-pid-1"]
     argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
     argv += ["--cap-drop", "ALL", "--hostname", "sandbox"]

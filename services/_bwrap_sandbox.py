@@ -1,10 +1,11 @@
 """A slot's commands in its persistent bubblewrap sandbox.
 
 :class:`BwrapSandbox` starts one bubblewrap sandbox per slot (its command line is
-``_bwrap.py``'s) with the in-sandbox launcher (``_launcher.py``) as its main process, and asks
-the launcher to start each command: a run message over a socket, with the command's pipes
-attached (:func:`_send_run`). The namespaces are set up once per slot, so a sandboxed command
-costs about a plain fork/exec.
+``_bwrap.py``'s, its pid 1 a shell that holds the namespaces), has the worker's launcher zygote
+(``_zygote.py``) fork a launcher (``_launcher.py``) into it, and asks the launcher to start
+each command: a run message over a socket, with the command's pipes attached
+(:func:`_send_run`). The namespaces are set up once per slot, so a sandboxed command costs
+about a plain fork/exec; and no interpreter starts per sandbox.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import structlog
 
 from ._bwrap import (
     _SANDBOX_PYTHON_PREFIX,
+    HOLD_COMMAND,
+    SANDBOX_READY,
     BwrapOptions,
     _sandbox_python,
     bwrap_argv,
@@ -32,7 +35,6 @@ from ._bwrap import (
 from ._command_pipes import _CallPipes
 from ._fd_limits import inherited_limit
 from ._launcher import CALL_TAG, INLINE_MESSAGE_BYTES, format_rlimits
-from ._launcher_code import open_launcher
 from ._sandbox_contract import (
     _BASE_ENV,
     SANDBOX_WORKSPACE,
@@ -42,6 +44,7 @@ from ._sandbox_contract import (
     check_argv,
 )
 from ._sandbox_process import SandboxProcess, pidfd_exited
+from ._zygote import LauncherZygote, send_with_fds
 
 log = structlog.get_logger("toolbus.sandbox")
 
@@ -92,6 +95,7 @@ class BwrapSandbox:
         workspace: Path,
         options: BwrapOptions,
         *,
+        zygote: LauncherZygote,
         cgroup: Path | None = None,
         owner: tuple[int, int] | None = None,
     ) -> None:
@@ -100,15 +104,16 @@ class BwrapSandbox:
         self.python = _sandbox_python().executable
         self.owner = owner  # (uid, gid) the sandbox runs as, when the worker is root
         self._options = options
+        self._zygote = zygote
         self._cgroup = cgroup
         self._rlimits = {**options.limits.rlimits(), **inherited_limit()}
         self.network_isolated = not options.allow_network
         self._process: SandboxProcess | None = None
-        # A pidfd of the sandbox's pid 1 (the launcher), opened when bubblewrap says its pid: a
-        # stop kills it and waits for its end, which the kernel lets come only after every
-        # other process of the namespace has ended.
+        # A pidfd of the sandbox's pid 1, opened when bubblewrap says its pid: a stop kills it
+        # and waits for its end, which the kernel lets come only after every other process of
+        # the namespace has ended.
         self._pid1: int | None = None
-        self._info_fd: int | None = None  # bubblewrap's info pipe, until it is read
+        self._launch_id: int | None = None  # the zygote's name for this start's launcher
         self._left_running = False  # a stop found its namespace not ended in time
         self._said: list[str] = []  # what the sandbox wrote to its stderr before it was ready
         self._socket: socket.socket | None = None
@@ -159,56 +164,46 @@ class BwrapSandbox:
     async def _start(self) -> socket.socket:
         resets = self._resets
         python = _sandbox_python()
-        info: int | None = None
-        # The socket is also bubblewrap's stderr (so no pipe is kept per sandbox): what it, the
-        # launcher's interpreter or the cgroup's shell write there arrives as non-JSON packets.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fds = [theirs.fileno()]
+        info = said = None
+        fds: list[int] = []
         try:
-            launcher, launcher_path = open_launcher(python)
-            fds.append(launcher)
-            command = [
-                python.executable,
-                "-I",
-                "-S",
-                "-B",
-                launcher_path,
-                str(theirs.fileno()),
-                format_rlimits(self._rlimits),
-            ]
             # Sources are passed as open fds: a sandbox user may not be able to walk to them.
-            fds.insert(1, os.open(self.workspace, os.O_PATH | os.O_DIRECTORY))
+            fds.append(os.open(self.workspace, os.O_PATH | os.O_DIRECTORY))
             etc_files: list[tuple[int, str]] = []
             if self.owner is not None:  # the slot's user has a name in there
                 for path, data in identity_files(self.owner):
                     fds.append(_memfd(data))
                     etc_files.append((fds[-1], path))
-            argv = bwrap_argv(self._options, fds[1], command, etc_files=etc_files)
-            extra = ["--file", str(fds[2]), launcher_path]
-            # bubblewrap says its child's pid (the namespace's pid 1) on a pipe of its own.
+            argv = bwrap_argv(self._options, fds[0], HOLD_COMMAND, etc_files=etc_files)
+            # bubblewrap says its child's pid (the namespace's pid 1) on a pipe of its own;
+            # its stderr is another, where its errors come, or the sandbox's "ready".
             info, info_theirs = os.pipe2(os.O_CLOEXEC)
-            os.set_blocking(info, False)
             fds.append(info_theirs)
-            extra += ["--info-fd", str(info_theirs)]
+            extra = ["--info-fd", str(info_theirs)]
             if python.prefix is not None:
                 fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
                 extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
             argv[1:1] = extra
+            said, said_theirs = os.pipe2(os.O_CLOEXEC)
+            fds.append(said_theirs)
             # Synchronous, and quick (a vfork and an exec): nothing to cancel half-way.
             self._process = SandboxProcess(
-                argv, stderr=theirs.fileno(), pass_fds=fds, cgroup=self._cgroup, owner=self.owner
+                argv, stderr=said_theirs, pass_fds=fds, cgroup=self._cgroup, owner=self.owner
             )
         except BaseException as exc:
-            ours.close()  # whatever failed, no socket of a sandbox that never was stays open
-            if info is not None:
-                os.close(info)
+            # Whatever failed, no fd of a sandbox that never was stays open.
+            for fd in (info, said):
+                if fd is not None:
+                    os.close(fd)
+            ours.close()
+            theirs.close()
             if isinstance(exc, OSError):  # bubblewrap (or the shell, setpriv) could not run
                 raise SandboxError(f"cannot run {self._options.bwrap}: {exc.strerror}") from None
             raise
         finally:
-            theirs.close()  # the child has its copies
-            for fd in fds[1:]:
-                os.close(fd)
+            for fd in fds:
+                os.close(fd)  # the child has its copies
         ours.setblocking(False)
         self._socket = ours
         self._said = []
@@ -217,17 +212,48 @@ class BwrapSandbox:
         # Its outcome is read here, unless this start was given up first: then by nobody.
         self._ready.add_done_callback(lambda ready: ready.cancelled() or ready.exception())
         self._reader = asyncio.create_task(self._read_events(ours), name="sandbox-events")
-        self._read_info(info)
-        if self._resets != resets:  # a reset began while bubblewrap started: it wants none
-            await self._stop()
-            raise SandboxError("the sandbox was reset while it started")
         try:
-            await asyncio.wait_for(asyncio.shield(self._ready), _READY_TIMEOUT_S)
+            async with asyncio.timeout(_READY_TIMEOUT_S):
+                await self._launch(info, said, theirs, resets)
+                await asyncio.shield(self._ready)
         except (TimeoutError, SandboxError) as exc:
             detail = " ".join(self._said)[:_SAID_CHARS]
             await self._stop()
             raise SandboxError(f"the sandbox did not start: {detail or exc}") from None
+        except asyncio.CancelledError:  # half set up is of no use: nobody may launch into it
+            await self._stop()
+            raise
+        finally:
+            theirs.close()
         return ours
+
+    async def _launch(self, info: int, said: int, theirs: socket.socket, resets: int) -> None:
+        """Once bubblewrap has set the sandbox up: a launcher forked into it, on ``theirs``.
+        Both pipes are closed here."""
+        try:
+            pid = _child_pid(await _read_pipe(info))
+        except BaseException:
+            os.close(said)
+            raise
+        if pid is not None and self._process is not None and self._process.poll() is None:
+            # Opened while bubblewrap (which reaps its child before it exits) still runs: the
+            # pid cannot be another process's yet.
+            with contextlib.suppress(OSError):
+                self._pid1 = os.pidfd_open(pid)
+        stderr = await _read_pipe(said, until=SANDBOX_READY)
+        if not stderr.endswith(SANDBOX_READY) or self._pid1 is None or pid is None:
+            text = stderr.removesuffix(SANDBOX_READY).decode(errors="replace").strip()
+            raise SandboxError(text or "bubblewrap exited at start")
+        if self._resets != resets:  # a reset began while bubblewrap started: it wants none
+            raise SandboxError("the sandbox was reset while it started")
+        self._launch_id = await self._zygote.launch(
+            theirs,
+            pid1=pid,
+            pidfd=self._pid1,
+            owner=self.owner,
+            cgroup=self._cgroup,
+            rlimits=format_rlimits(self._rlimits),
+        )
 
     async def _read_events(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -262,49 +288,6 @@ class BwrapSandbox:
                 self._said.append(text)
         else:
             log.warning("the sandbox wrote to its stderr", text=text[:_SAID_CHARS])
-
-    def _read_info(self, fd: int) -> None:
-        """bubblewrap's JSON about the sandbox, on ``fd`` until it closes it (right after
-        making the namespace): the pid of its pid 1, held from then on as a pidfd."""
-        loop = asyncio.get_running_loop()
-        process = self._process
-        chunks: list[bytes] = []
-
-        def on_readable() -> None:
-            try:
-                data = os.read(fd, 4096)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if data and sum(map(len, chunks)) < 65536:
-                chunks.append(data)
-                return
-            loop.remove_reader(fd)
-            os.close(fd)
-            self._info_fd = None
-            if process is self._process:  # still this start's sandbox
-                self._on_info(b"".join(chunks))
-
-        loop.add_reader(fd, on_readable)
-        self._info_fd = fd
-
-    def _on_info(self, data: bytes) -> None:
-        """The pidfd is opened now, while bubblewrap (which reaps its child before it exits)
-        still runs: the pid cannot be another process's. (Opened later, at a stop, a pid 1
-        that died long before could have passed its number on: pid_max may be 32768.)"""
-        try:
-            pid = json.loads(data).get("child-pid")
-        except (ValueError, AttributeError):
-            pid = None
-        if not isinstance(pid, int) or pid <= 1 or self._pid1 is not None:
-            return
-        if self._process is None or self._process.poll() is not None:
-            return  # bubblewrap has ended, and with it its child
-        try:
-            self._pid1 = os.pidfd_open(pid)
-        except OSError as exc:  # ended meanwhile, or no pidfds: a stop waits for bubblewrap
-            log.debug("no pidfd of the sandbox's pid 1", error=repr(exc))
 
     def _on_event(self, event: object) -> None:
         if not isinstance(event, dict):
@@ -410,10 +393,9 @@ class BwrapSandbox:
     async def _stop(self) -> None:
         reader, sock, process, pid1 = self._reader, self._socket, self._process, self._pid1
         self._reader = self._socket = self._process = self._pid1 = None
-        if self._info_fd is not None:  # stopped before bubblewrap said its child's pid
-            asyncio.get_running_loop().remove_reader(self._info_fd)
-            os.close(self._info_fd)
-            self._info_fd = None
+        if self._launch_id is not None:  # ends with its socket anyway; at once, whatever it does
+            self._zygote.end(self._launch_id)
+            self._launch_id = None
         # Shielded: a caller cancelled meanwhile (a call stopped by a release) must not leave
         # the socket open, nor close it before its reader has left the event loop.
         if not await asyncio.shield(_end_sandbox(reader, sock, process, pid1)):
@@ -475,7 +457,7 @@ async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[in
     """Send a run message; one too big for a packet goes in a memfd, attached last."""
     if len(data) <= INLINE_MESSAGE_BYTES:
         try:
-            await _send_with_fds(sock, data, fds)
+            await send_with_fds(sock, data, fds)
             return
         except OSError as exc:
             if exc.errno != errno.EMSGSIZE:
@@ -487,15 +469,48 @@ async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[in
         while view:
             view = view[os.write(memfd, view) :]
         header = marshal.dumps({"op": "run", "id": call_id, "via_fd": True})
-        await _send_with_fds(sock, header, [*fds, memfd])
+        await send_with_fds(sock, header, [*fds, memfd])
     finally:
         os.close(memfd)
 
 
-async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
-    while True:
+def _child_pid(info: bytes) -> int | None:
+    """The pid in bubblewrap's info JSON, if it says one."""
+    try:
+        pid = json.loads(info).get("child-pid")
+    except (ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) and pid > 1 else None
+
+
+async def _read_pipe(fd: int, *, until: bytes = b"") -> bytes:
+    """What is written to pipe ``fd`` until it closes (or ends with ``until``), at most 64 KiB;
+    the fd is closed here, whatever happens."""
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
         try:
-            socket.send_fds(sock, [data], fds)
-            return
+            data = os.read(fd, 4096)
         except BlockingIOError:
-            await asyncio.sleep(0.001)
+            return
+        except OSError:
+            data = b""
+        if data and sum(map(len, chunks)) < 65536:
+            chunks.append(data)
+            if not until or not b"".join(chunks).endswith(until):
+                return
+        if not done.done():
+            done.set_result(None)
+
+    try:
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, on_readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)

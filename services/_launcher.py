@@ -1,11 +1,16 @@
-"""The in-sandbox launcher: one per slot, it starts each command inside the slot's sandbox.
+"""The launcher: one per slot, it starts each command inside the slot's sandbox.
 
-It runs as the sandbox's pid 1 (``python3 -I -S -B launcher.py FD RLIMITS``, bubblewrap's
-``--as-pid-1``; RLIMITS is ``NAME=SOFT:HARD,...`` and applies to the launcher and so to every
-command it starts) and speaks a small protocol over a SOCK_SEQPACKET socket, one message per
-packet. The worker is the trusted side: what it sends is marshal-encoded (the launcher then
-needs no json, which would pull in ``re``); what the launcher sends is JSON, written here by
-hand, because the worker must never unmarshal data from inside a sandbox.
+A worker's launcher zygote (``_zygote_main.py``) forks it and it joins the sandbox's
+namespaces (``setns``): it runs in the sandbox's mount, user, ipc, uts, cgroup and network
+namespaces as the sandbox's user, with no capability left, but it stays in the host's pid
+namespace while the commands it starts are in the sandbox's. So nothing in the sandbox can see,
+signal or trace it, and a slot's sandbox costs no interpreter start of its own. (``python3 -I
+-S -B launcher.py FD RLIMITS`` runs the same loop as a plain process, without a sandbox: the
+protocol's tests do.) RLIMITS is ``NAME=SOFT:HARD,...`` and applies to the launcher and so to
+every command it starts. It speaks a small protocol over a SOCK_SEQPACKET socket, one message
+per packet. The worker is the trusted side: what it sends is marshal-encoded; what the
+launcher sends is JSON, written here by hand, because the worker must never unmarshal data
+from inside a sandbox.
 
     worker -> launcher  {"op": "run", "id": N, "argv": [...], "env": {...}}
                         with file descriptors attached: the command's stdout and stderr, and
@@ -16,19 +21,16 @@ hand, because the worker must never unmarshal data from inside a sandbox.
                         {"op": "kill", "id": N}     kill the call's process group and every
                                                     process that still carries its marks
     launcher -> worker  {"event": "ready"}
-                        {"event": "started", "id": N, "pid": P}
+                        {"event": "started", "id": N, "pid": P}   (P: the host's pid)
                         {"event": "exited", "id": N, "code": C}   (C < 0: killed by signal -C)
                         {"event": "failed", "id": N, "error": "..."}   the call did not start
                         {"event": "rejected", "error": "..."}   a message without a usable id
 
-Whatever a packet holds, the launcher answers it and goes on: its death would end every
-process of the slot. As pid 1 it also reaps every orphan of the sandbox, and no process in
-the sandbox can kill or stop it (the kernel drops such signals from inside the namespace).
+Whatever a packet holds, the launcher answers it and goes on. It reaps its own children (the
+commands); the sandbox's pid 1 (a shell, see ``_bwrap.py``) reaps the orphans.
 
-Forking this small process and exec'ing the command costs about what a plain spawn costs,
-while the namespaces (set up once by bubblewrap) are reused. Only builtin and C modules are
-imported (no enum, re, json or selectors): they halve the interpreter's start and its memory,
-which every live slot pays. The sandbox sees the system's Python, not the service's packages.
+Only builtin and C modules are imported (no enum, re, json or selectors): every launcher is a
+fork of the zygote, and what it imports is what each live slot's copy may come to dirty.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ _MAX_CALL_ID = 1 << 40
 # Which processes belong to a call. The process group misses ``setsid``, the environment tag
 # misses ``env -i``; a soft limit keeps through both, through fork, exec and daemonizing, and
 # costs nothing to set: the launcher sets RLIMIT_RTTIME's soft limit to a per-call value around
-# posix_spawn, so the command inherits it, and a kill reads it back with prlimit(2). RTTIME only
+# posix_spawn, so the command inherits it, and a kill reads it back from /proc. RTTIME only
 # limits real-time scheduled tasks, and the values (over 12 days of CPU time) are never reached
 # anyway. (Reaping orphans as pid 1 would not do: an orphan is seen only once its parent is
 # gone, when nothing says any more which call it came from.) A process can still drop all
@@ -176,7 +178,7 @@ class _Launcher:
         self._marking = self._rttime[1] == resource.RLIM_INFINITY
 
     def reap(self) -> None:
-        """Collect every child that exited: the commands, and as pid 1 every orphan too."""
+        """Collect every child that exited (the commands)."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -261,36 +263,61 @@ class _Launcher:
                 resource.setrlimit(resource.RLIMIT_RTTIME, self._rttime)
 
     def _kill_call(self, call_id: int, pid: int | None) -> None:
-        if pid is not None:
+        if pid is not None:  # the host's pid of the launcher's own child: its group's id too
             _quietly(os.killpg, pid, _signal.SIGKILL)
         # A fork bomb keeps forking while it is being killed: sweep until no new one is found.
         killed: set[int] = set()
         for _ in range(50):
-            found = [p for p in self._marked_pids(call_id) if p not in killed]
+            found = [p for p in _marked_pids(call_id, self._marking) if p not in killed]
             if not found:
                 return
             for victim in found:
-                _quietly(os.kill, victim, _signal.SIGKILL)
+                _kill_in_sandbox(victim)
             killed.update(found)
 
-    def _marked_pids(self, call_id: int) -> list[int]:
-        """Processes in this sandbox with the call's rlimit mark or environment tag."""
-        mark, tag = _mark(call_id), f"{CALL_TAG}={call_id}".encode()
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
+
+def _marked_pids(call_id: int, marking: bool) -> list[int]:
+    """Processes with the call's rlimit mark or environment tag, as the sandbox's /proc numbers
+    them (the launcher's own pid namespace is the host's: it cannot use those numbers)."""
+    mark, tag = str(_mark(call_id)).encode(), f"{CALL_TAG}={call_id}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if marking and _rttime_soft(entry) == mark:
+                found.append(int(entry))
                 continue
-            pid = int(entry)
-            try:
-                if self._marking and resource.prlimit(pid, resource.RLIMIT_RTTIME)[0] == mark:
-                    found.append(pid)
-                    continue
-                with open(f"/proc/{entry}/environ", "rb") as handle:
-                    if tag in handle.read().split(b"\0"):
-                        found.append(pid)
-            except OSError:
-                continue
-        return found
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if tag in handle.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def _rttime_soft(pid: str) -> bytes:
+    """The soft RLIMIT_RTTIME of a process, from ``/proc/PID/limits``."""
+    with open(f"/proc/{pid}/limits", "rb") as handle:
+        for line in handle:
+            if line.startswith(b"Max realtime timeout"):
+                return line.split()[3]
+    return b""
+
+
+def _kill_in_sandbox(pid: int) -> None:
+    """SIGKILL to a process by the sandbox's number for it: through a pidfd made of its /proc
+    directory, which names that process (not whichever takes the number next)."""
+    try:
+        pidfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        _signal.pidfd_send_signal(pidfd, _signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def parse_rlimits(text: str) -> list[tuple[int, tuple[int, int]]]:
@@ -308,20 +335,18 @@ def format_rlimits(rlimits: dict[str, tuple[int, int]]) -> str:
     return ",".join(f"{name}={soft}:{hard}" for name, (soft, hard) in rlimits.items())
 
 
-def main() -> None:
+def serve(sock_fd: int, rlimits: str) -> None:
+    """The launcher's loop on the control socket ``sock_fd``, until the worker closes it."""
     # Moved to the lowest free fd number: the worker's number can be over 1023, and commands
     # must not get the control socket (os.dup makes it non-inheritable).
-    given = int(sys.argv[1])
-    sock = _socket.socket(fileno=os.dup(given))
-    os.close(given)
-    for which, limit in parse_rlimits(sys.argv[2] if len(sys.argv) > 2 else ""):
+    sock = _socket.socket(fileno=os.dup(sock_fd))
+    os.close(sock_fd)
+    for which, limit in parse_rlimits(rlimits):
         resource.setrlimit(which, limit)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     _signal.set_wakeup_fd(wake_write)
     _signal.signal(_signal.SIGCHLD, lambda *_: None)
-    # Default dispositions: as pid 1, the kernel then drops these when sent from inside (the
-    # interpreter's own SIGINT handler would let a command end the sandbox).
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
     poller = select.epoll()  # not select(): fd numbers over 1023 must work too
@@ -336,6 +361,10 @@ def main() -> None:
         launcher.reap()
         if sock.fileno() in ready and not launcher.receive():
             return
+
+
+def main() -> None:
+    serve(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ once, at worker start, how this worker's slots run commands and makes each slot'
   :class:`SandboxError` family, :class:`SandboxLimits`;
 - ``_bwrap.py``: finding bubblewrap and a slot sandbox's command line;
 - ``_bwrap_sandbox.py``: :class:`BwrapSandbox`, one persistent bubblewrap sandbox per slot with
-  the launcher (``_launcher.py``) inside, which starts each command;
+  a launcher (``_launcher.py``) in its namespaces, which starts each command;
+- ``_zygote.py``: the worker's launcher zygote, which forks each sandbox's launcher;
 - ``_plain_sandbox.py``: :class:`PlainSandbox`, ``bash -c`` as a host process, used only when
   bubblewrap cannot run and ``require_sandbox`` is off (results say ``sandboxed: false``);
 - ``_command_pipes.py``: the pipes of one command, for either kind.
@@ -35,6 +36,7 @@ from ._sandbox_contract import (
     SandboxLimits,
     check_argv,
 )
+from ._zygote import LauncherZygote
 from .exceptions import StartupError
 
 __all__ = [
@@ -76,6 +78,7 @@ class SandboxFactory:
         self._limits = limits
         self._cgroups = cgroups
         self._options: BwrapOptions | None = None
+        self._zygote = LauncherZygote()  # its process starts with the first sandbox
         self.reason_unsandboxed = ""
         self.reason_not_separate_user = ""
 
@@ -120,12 +123,14 @@ class SandboxFactory:
             )
             scratch.mkdir(parents=True, exist_ok=True)
             if self._uid_base > 0:
-                reason = await _try_sandbox(scratch, options, (self._uid_base, self._uid_base))
+                owner = (self._uid_base, self._uid_base)
+                reason = await _try_sandbox(scratch, options, self._zygote, owner)
                 if reason:
                     # Still a sandbox, but as root: say why, so the operator can fix it.
                     self.reason_not_separate_user = reason
                     self._uid_base = 0
-            reason = await _try_sandbox(scratch, options, None) if self._uid_base == 0 else ""
+            if self._uid_base == 0:
+                reason = await _try_sandbox(scratch, options, self._zygote, None)
             if not reason:
                 self._options = options
                 return
@@ -139,14 +144,26 @@ class SandboxFactory:
         owner = self.owner(index)
         if owner is not None:
             chown_tree(workspace, owner)
-        return BwrapSandbox(workspace, self._options, cgroup=self._cgroup(index), owner=owner)
+        return BwrapSandbox(
+            workspace, self._options, zygote=self._zygote, cgroup=self._cgroup(index), owner=owner
+        )
 
     def make_offline(self, index: int, workspace: Path) -> Sandbox | None:
         """A network-less sandbox on the slot's workspace (same user and cgroup), if any."""
         if self._options is None:
             return None
         options = dataclasses.replace(self._options, allow_network=False)
-        return BwrapSandbox(workspace, options, cgroup=self._cgroup(index), owner=self.owner(index))
+        return BwrapSandbox(
+            workspace,
+            options,
+            zygote=self._zygote,
+            cgroup=self._cgroup(index),
+            owner=self.owner(index),
+        )
+
+    async def close(self) -> None:
+        """End the launcher zygote; after the slots' sandboxes have ended."""
+        await self._zygote.close()
 
     def _cgroup(self, index: int) -> Path | None:
         if self._cgroups is None:
@@ -154,11 +171,13 @@ class SandboxFactory:
         return self._cgroups.slot(index, self._limits.max_processes)
 
 
-async def _try_sandbox(scratch: Path, options: BwrapOptions, owner: tuple[int, int] | None) -> str:
+async def _try_sandbox(
+    scratch: Path, options: BwrapOptions, zygote: LauncherZygote, owner: tuple[int, int] | None
+) -> str:
     """Run ``true`` in a throwaway sandbox; the reason it failed, or "" when it worked."""
     if owner is not None:
         os.chown(scratch, *owner)
-    probe = BwrapSandbox(scratch, options, owner=owner)
+    probe = BwrapSandbox(scratch, options, zygote=zygote, owner=owner)
     try:
         command = await probe.run("true")
         code = await asyncio.wait_for(command.wait(), _READY_TIMEOUT_S)

@@ -209,6 +209,7 @@ class SandboxWorker:
             # Fails closed here when require_sandbox is set and bubblewrap cannot run.
             await self._sandboxes.probe(root / ".probe")
         except BaseException:
+            await self._sandboxes.close()
             if self._cgroups is not None:
                 await self._cgroups.remove()
             raise
@@ -296,6 +297,7 @@ class SandboxWorker:
         await self._other_tasks(_STEP_TIMEOUT_S)
         await cancel_and_wait(self._tasks, timeout_s=_STEP_TIMEOUT_S)
         await self._disk_guard.close()
+        await self._sandboxes.close()  # the launcher zygote, once every sandbox has ended
         if self._cgroups is not None:
             await self._cgroups.remove()
         log.info("worker stopped", worker_id=self.worker_id)

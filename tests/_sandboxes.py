@@ -10,20 +10,29 @@ from pathlib import Path
 
 from services._process import CommandOutcome, run_command
 from services._sandbox import BwrapOptions, BwrapSandbox, Sandbox, find_bwrap
+from services._zygote import LauncherZygote
 
 
 @asynccontextmanager
 async def bwrap_sandbox(
-    workspace: Path, *, allow_network: bool = False
+    workspace: Path, *, allow_network: bool = False, zygote: LauncherZygote | None = None
 ) -> AsyncIterator[BwrapSandbox]:
+    """A sandbox on ``workspace``, with a launcher zygote of its own unless given one."""
     bwrap = find_bwrap()
     assert bwrap is not None, "these tests need bubblewrap"
     workspace.mkdir(parents=True, exist_ok=True)
-    sandbox = BwrapSandbox(workspace, BwrapOptions(bwrap=bwrap, allow_network=allow_network))
+    options = BwrapOptions(bwrap=bwrap, allow_network=allow_network)
+    own = zygote is None
+    launchers = LauncherZygote() if zygote is None else zygote
+    sandbox = BwrapSandbox(workspace, options, zygote=launchers)
     try:
         yield sandbox
     finally:
-        await sandbox.close()
+        try:
+            await sandbox.close()
+        finally:
+            if own:
+                await launchers.close()
 
 
 async def sh(sandbox: Sandbox, command: str, *, timeout_s: float = 20) -> CommandOutcome:

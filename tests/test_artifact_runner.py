@@ -37,8 +37,11 @@ async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     made = factory.make(0, workspace)
-    yield made
-    await made.close()
+    try:
+        yield made
+    finally:
+        await made.close()
+        await factory.close()
 
 
 @pytest.fixture

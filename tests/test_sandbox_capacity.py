@@ -17,6 +17,7 @@ from services._cgroups import PidsCgroups
 from services._fd_limits import FDS_MARGIN, FDS_PER_SLOT
 from services._sandbox import BwrapOptions, BwrapSandbox, SandboxError, SandboxFactory
 from services._sandbox_contract import SandboxLimits
+from services._zygote import LauncherZygote
 from tests._processes import stop_process
 from tests._sandboxes import bwrap_sandbox, sh
 
@@ -32,29 +33,35 @@ def _threads() -> int:
 
 
 async def test_an_idle_sandbox_holds_two_fds_and_no_thread_in_the_worker(tmp_path: Path) -> None:
-    """A worker keeps a thousand idle sandboxes: each holds only its control socket (which is
-    also bubblewrap's stderr) and a pidfd of its pid 1 (a stop waits for its namespace to end),
-    and no child-watcher thread; nothing of its start (bubblewrap's info pipe) stays open."""
-    async with bwrap_sandbox(tmp_path / "warmup") as warmup:
-        await sh(warmup, "true")  # the event loop's own fds and threads exist from here on
-        fds, threads = _open_fds(), _threads()
-        async with bwrap_sandbox(tmp_path / "ws") as sandbox:
-            assert (await sh(sandbox, "echo up")).stdout.text == "up\n"
-            for _ in range(3):  # closed transports let go of their pipes on the next turn
-                await asyncio.sleep(0)
-            assert _open_fds() - fds == 2
-            assert _threads() - threads == 0
-        assert _open_fds() == fds
+    """A worker keeps a thousand idle sandboxes: each holds only its control socket and a
+    pidfd of its pid 1 (a stop waits for its namespace to end), and no child-watcher thread;
+    nothing of its start (bubblewrap's info pipe and stderr) stays open. (The worker's
+    launcher zygote, one socket, is the warm-up's here.)"""
+    zygote = LauncherZygote()
+    try:
+        async with bwrap_sandbox(tmp_path / "warmup", zygote=zygote) as warmup:
+            await sh(warmup, "true")  # the event loop's own fds and threads exist from here on
+            fds, threads = _open_fds(), _threads()
+            async with bwrap_sandbox(tmp_path / "ws", zygote=zygote) as sandbox:
+                assert (await sh(sandbox, "echo up")).stdout.text == "up\n"
+                for _ in range(3):  # closed transports let go of their pipes on the next turn
+                    await asyncio.sleep(0)
+                assert _open_fds() - fds == 2
+                assert _threads() - threads == 0
+            assert _open_fds() == fds
+    finally:
+        await zygote.close()
 
 
-async def test_no_command_can_end_or_stop_the_launcher(tmp_path: Path) -> None:
-    """The launcher is the sandbox's pid 1: signals from inside do not reach it, so the slot's
-    sandbox (its private /tmp here) lives on."""
+async def test_no_command_can_see_end_or_stop_the_launcher(tmp_path: Path) -> None:
+    """The launcher is outside the sandbox's pid namespace (its commands are inside): nothing
+    in there sees it, and signals to everything a command can see (pid 1 included) leave the
+    slot's sandbox (its private /tmp here) and its launcher serving."""
     async with bwrap_sandbox(tmp_path / "ws") as sandbox:
-        assert (await sh(sandbox, "touch /tmp/mark; cat /proc/1/cmdline")).stdout.text.find(
-            "launcher.py"
-        ) > 0
-        for signal_name in ("KILL", "STOP", "TERM", "INT", "HUP", "SEGV"):
+        listing = await sh(sandbox, "touch /tmp/mark; cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        assert "python" not in listing.stdout.text, listing
+        assert "sleep 2147483647" in listing.stdout.text, listing  # what pid 1 waits on
+        for signal_name in ("KILL", "STOP", "TERM", "INT", "HUP", "SEGV", "CONT"):
             await sh(sandbox, f"kill -{signal_name} 1; kill -{signal_name} -1")
         outcome = await sh(sandbox, "test -e /tmp/mark && echo same sandbox")
         assert outcome.stdout.text == "same sandbox\n", outcome
@@ -82,12 +89,15 @@ async def test_what_bubblewrap_writes_at_a_failed_start_is_the_error(tmp_path: P
     fake.write_text("#!/bin/sh\necho 'bwrap: no such thing as a sandbox here' >&2\nexit 1\n")
     fake.chmod(0o755)
     (tmp_path / "ws").mkdir()
-    sandbox = BwrapSandbox(tmp_path / "ws", BwrapOptions(bwrap=fake, allow_network=False))
+    zygote = LauncherZygote()
+    options = BwrapOptions(bwrap=fake, allow_network=False)
+    sandbox = BwrapSandbox(tmp_path / "ws", options, zygote=zygote)
     try:
         with pytest.raises(SandboxError, match="no such thing as a sandbox here"):
             await asyncio.wait_for(sandbox.run("true"), _BOUND_S)
     finally:
         await sandbox.close()
+        await zygote.close()
 
 
 async def test_a_slot_sandbox_runs_as_its_user_in_its_cgroup(tmp_path: Path) -> None:
@@ -127,13 +137,15 @@ async def test_a_slot_sandbox_runs_as_its_user_in_its_cgroup(tmp_path: Path) -> 
             procs = Path(f"/sys/fs/cgroup/pids/toolbus/{factory_name(cgroups)}/slot_3")
             members = (procs / "cgroup.procs").read_text().split()
             commands = [Path(f"/proc/{p}/cmdline").read_bytes() for p in members]
-            # The command (the shell, or the sleep it became), the launcher and bubblewrap.
+            # The command (the shell, or the sleep it became), the launcher (a fork of the
+            # zygote), the sandbox's pid 1 and its sleep, and bubblewrap.
             assert any(b"sleep 600" in c or b"sleep\x00600" in c for c in commands), commands
-            assert any(b"launcher.py" in command for command in commands), commands
+            assert any(b"_zygote_main.py" in command for command in commands), commands
         finally:
             busy.close()
     finally:
         await sandbox.close()
+        await factory.close()
         await cgroups.remove()
 
 

@@ -53,8 +53,9 @@ socket.recv_fds(connection, 1, 1)
 connection.send(b"k")
 time.sleep(300)
 """
-# The launcher (pid 1) runs as the commands' user: pidfd_getfd (syscall 438 everywhere) takes
-# its fd 2, the control socket that is also bubblewrap's stderr.
+# The sandbox's pid 1 runs as the commands' user: pidfd_getfd (syscall 438 everywhere) takes
+# its fd 2. (It has let go of bubblewrap's stderr, and the launcher's control socket is held
+# only outside the sandbox; whatever a command can take must not hold a reset up.)
 _GIVER = """
 import ctypes, os, socket, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -71,7 +72,7 @@ async def test_reset_ends_even_when_another_sandbox_holds_bubblewraps_stderr(
     tmp_path: Path,
 ) -> None:
     # Sandboxes with the network share the host's abstract unix sockets: a command in one can
-    # hand an fd of its own sandbox (the launcher's control socket and stderr) to another.
+    # hand an fd of its own sandbox (its pid 1's stderr) to another.
     name = f"toolbus-test-{uuid.uuid4().hex}"
     async with (
         bwrap_sandbox(tmp_path / "holder", allow_network=True) as holder,
@@ -96,9 +97,9 @@ async def test_a_timeout_ends_the_command_even_when_the_launcher_is_stopped(
     tmp_path: Path,
 ) -> None:
     async with bwrap_sandbox(tmp_path / "ws") as sandbox:
-        # The launcher runs as the commands' user: a command that ptraces it can stop it. (A
-        # signal cannot: it is the sandbox's pid 1.) The test stops it from outside instead,
-        # once the command says through a FIFO that it runs.
+        # Nothing in the sandbox can reach the launcher (it is outside the pid namespace), but
+        # a stopped launcher must not keep a timeout from ending a command: the test stops it
+        # from the host, once the command says through a FIFO that it runs.
         assert (await sh(sandbox, "mkfifo started")).exit_code == 0
         fifo = os.open(tmp_path / "ws" / "started", os.O_RDONLY | os.O_NONBLOCK)
         loop = asyncio.get_running_loop()
@@ -119,8 +120,8 @@ async def test_a_timeout_ends_the_command_even_when_the_launcher_is_stopped(
 
 
 def _launcher_pid(sandbox: BwrapSandbox) -> int:
-    """The host pid of the sandbox's launcher: bubblewrap's only child."""
-    process = sandbox._process
+    """The host pid of the sandbox's launcher: the only child of its own launcher zygote."""
+    process = sandbox._zygote._process
     assert process is not None
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     assert len(children) == 1, children

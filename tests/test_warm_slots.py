@@ -32,7 +32,8 @@ _LEAVE_TRACES = (
     "echo secret > a.txt; echo secret > /tmp/a.txt; "
     "(setsid sleep 1000 >/dev/null 2>&1 &); nohup sleep 1000 >/dev/null 2>&1 & echo ok"
 )
-_LOOK_FOR_TRACES = "ls -A; ls -A /tmp; ps -e -o comm= | grep -c '^sleep$' || true"
+# The last trajectory's sleeps ("sleep 1000"), not the one the sandbox's pid 1 waits on.
+_LOOK_FOR_TRACES = "ls -A; ls -A /tmp; ps -e -o args= | grep -c '^sleep 1000$' || true"
 
 
 def _sandbox(slot: Slot) -> BwrapSandbox:

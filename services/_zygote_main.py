@@ -1,0 +1,195 @@
+"""The launcher zygote: a small process, one per worker, that forks each slot's launcher.
+
+``python -I -S -B _zygote_main.py FD`` (the worker's interpreter, on the host; see
+``_zygote.py``). A sandbox's start costs no interpreter start: bubblewrap makes the
+namespaces, and the zygote forks a copy of itself that joins them and runs the launcher's
+loop (``_launcher.serve``). The zygote is not a fork of the worker, so a launcher holds none of
+the worker's memory (credentials, connections), only this small interpreter's.
+
+It reads launch messages from the worker on a SOCK_SEQPACKET socket, marshal-encoded:
+
+    {"op": "launch", "id": N, "pid": P, "uid": U or None, "gid": G or None,
+     "cgroup": PATH or None, "rlimits": "..."}
+        with two fds attached: a pidfd of the sandbox's pid 1 (P, the host's pid), and the
+        launcher's end of its control socket
+    {"op": "end", "id": N}      SIGKILL to that launcher if it still runs
+
+and answers nothing: a launcher says "ready" (or why it could not start, as text) on its
+control socket, which the worker reads anyway. It ends when the worker's socket closes;
+launchers end when their own control socket closes.
+
+The child, in this order: a session of its own; the slot's pids cgroup (while /sys is the
+host's); no supplementary group, then the slot's uid and gid (as root: for a worker that is
+not root, it is already the sandbox's owner); ``setns`` into every namespace of the sandbox's
+pid 1 that is not already its own, which gives it every capability there; then it drops them
+all (bounding set, then capset) and sets no_new_privs, as bubblewrap does for its command.
+"""
+
+from __future__ import annotations
+
+import _signal  # type: ignore[import-not-found]  # no stub; signal would import enum
+import _socket
+import ctypes
+import gc
+import marshal
+import os
+import select
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _launcher  # type: ignore[import-not-found]  # run as a script, by path
+
+_NAMESPACES = {  # /proc/PID/ns name: its CLONE_NEW* flag
+    "user": 0x10000000,
+    "mnt": 0x00020000,
+    "pid": 0x20000000,
+    "ipc": 0x08000000,
+    "uts": 0x04000000,
+    "net": 0x40000000,
+    "cgroup": 0x02000000,
+}
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_RECEIVE_BYTES = 65536
+_ANCILLARY_BYTES = _socket.CMSG_SPACE(2 * 4)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32)]
+    _fields_ += [("inheritable", ctypes.c_uint32)]
+
+
+class _Zygote:
+    def __init__(self, sock: _socket.socket, own_fds: list[int]) -> None:
+        self._sock = sock
+        self._own_fds = own_fds  # the loop's, closed in each launcher
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._launchers: dict[int, int] = {}  # launch id -> pid, until reaped
+        self._launch_ids: dict[int, int] = {}  # pid -> launch id
+        with open("/proc/sys/kernel/cap_last_cap") as last:
+            self._last_cap = int(last.read())
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            launch_id = self._launch_ids.pop(pid, None)
+            if launch_id is not None:
+                del self._launchers[launch_id]
+
+    def receive(self) -> bool:
+        """Handle one packet; False when the worker has closed the socket."""
+        data, ancillary, _, _ = self._sock.recvmsg(_RECEIVE_BYTES, _ANCILLARY_BYTES)
+        fds = [
+            int.from_bytes(payload[i : i + 4], sys.byteorder)
+            for level, kind, payload in ancillary
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+            for i in range(0, len(payload) - len(payload) % 4, 4)
+        ]
+        if not data and not fds:
+            return False
+        try:
+            message = marshal.loads(data)
+            if message.get("op") == "end":
+                pid = self._launchers.get(message["id"])
+                if pid is not None:  # not reaped yet: the pid is still that launcher's
+                    os.kill(pid, _signal.SIGKILL)
+            elif message.get("op") == "launch" and len(fds) == 2:
+                pid = self._fork(message, fds[0], fds[1])
+                self._launchers[message["id"]] = pid
+                self._launch_ids[pid] = message["id"]
+        except Exception as exc:  # a bad message must not end the zygote
+            if len(fds) == 2:
+                _say(fds[1], f"the launcher zygote could not start it: {exc!r}")
+        finally:
+            for fd in fds:
+                _launcher._quietly(os.close, fd)
+        return True
+
+    def _fork(self, message: dict[str, object], pid1: int, control: int) -> int:
+        pid = os.fork()
+        if pid:
+            return pid
+        try:  # the launcher, from here on; never back into the zygote's loop
+            self._sock.close()
+            _signal.set_wakeup_fd(-1)
+            for fd in self._own_fds:
+                os.close(fd)
+            self._enter(message, pid1)
+            os.close(pid1)
+            _launcher.serve(control, str(message["rlimits"]))
+        except BaseException as exc:
+            _say(control, f"the launcher could not enter its sandbox: {exc!r}")
+            os._exit(1)
+        os._exit(0)
+
+    def _enter(self, message: dict[str, object], pid1: int) -> None:
+        os.setsid()  # no terminal of the worker's session to reach
+        cgroup = message.get("cgroup")
+        if isinstance(cgroup, str):
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+                procs.write(str(os.getpid()))
+        # Only the namespaces it does not share already (the network, when the sandbox has it).
+        flags = 0
+        for name, flag in _NAMESPACES.items():
+            theirs = os.stat(f"/proc/{message['pid']}/ns/{name}").st_ino
+            if theirs != os.stat(f"/proc/self/ns/{name}").st_ino:
+                flags |= flag
+        uid, gid = message.get("uid"), message.get("gid")
+        if os.geteuid() == 0 and isinstance(uid, int) and isinstance(gid, int):
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        # The pidfd names the process whose pid was looked at: if it has ended, this fails.
+        if self._libc.setns(pid1, flags) != 0:
+            raise OSError(ctypes.get_errno(), f"setns: {os.strerror(ctypes.get_errno())}")
+        for capability in range(self._last_cap + 1):
+            if self._libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "cannot drop the capability bounding set")
+        header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        if self._libc.capset(ctypes.byref(header), (_CapData * 2)()) != 0:
+            raise OSError(ctypes.get_errno(), "cannot drop the capabilities")
+        if self._libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
+        os.chdir("/workspace")
+
+
+def _say(fd: int, text: str) -> None:
+    """A start error on a launcher's control socket: the worker reports non-JSON as text."""
+    try:  # noqa: SIM105  # contextlib would import collections and functools
+        os.write(fd, text.encode(errors="replace")[:2000])
+    except OSError:
+        pass
+
+
+def main() -> None:
+    sock = _socket.socket(fileno=int(sys.argv[1]))
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    _signal.set_wakeup_fd(wake_write)
+    _signal.signal(_signal.SIGCHLD, lambda *_: None)
+    poller = select.epoll()
+    zygote = _Zygote(sock, [wake_read, wake_write, poller.fileno()])
+    poller.register(sock.fileno(), select.EPOLLIN)
+    poller.register(wake_read, select.EPOLLIN)
+    gc.freeze()  # what exists now is shared by every launcher: no collection touches it
+    while True:
+        ready = {fd for fd, _ in poller.poll()}
+        if wake_read in ready:
+            os.read(wake_read, 4096)
+        zygote.reap()
+        if sock.fileno() in ready and not zygote.receive():
+            return
+
+
+if __name__ == "__main__":
+    main()
