@@ -186,11 +186,13 @@ class BwrapSandbox:
                 extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
             argv[1:1] = extra
             said, said_theirs = os.pipe2(os.O_CLOEXEC)
-            fds.append(said_theirs)
-            # Synchronous, and quick (a vfork and an exec): nothing to cancel half-way.
-            self._process = SandboxProcess(
-                argv, stderr=said_theirs, pass_fds=fds, cgroup=self._cgroup, owner=self.owner
-            )
+            try:
+                # Synchronous, and quick (a vfork and an exec): nothing to cancel half-way.
+                self._process = SandboxProcess(
+                    argv, stderr=said_theirs, pass_fds=fds, cgroup=self._cgroup, owner=self.owner
+                )
+            finally:
+                os.close(said_theirs)  # its stderr only: not passed on under its own number
         except BaseException as exc:
             # Whatever failed, no fd of a sandbox that never was stays open.
             for fd in (info, said):

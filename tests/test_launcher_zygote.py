@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 from services._zygote import LauncherZygote
@@ -85,10 +86,12 @@ async def test_a_launcher_that_cannot_join_its_sandbox_fails_the_start_with_why(
     """A pidfd of a process that has ended: the launcher says why on its socket."""
     zygote = LauncherZygote()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ended = await asyncio.create_subprocess_exec("/bin/true")
+    # Popen, not asyncio: no child watcher may reap it before its pidfd is open.
+    ended = subprocess.Popen(["/bin/sleep", "600"])  # noqa: ASYNC220 - reaped by its own wait
     pidfd = os.pidfd_open(ended.pid)
-    await ended.wait()
     try:
+        ended.kill()
+        ended.wait()
         await zygote.launch(
             theirs, pid1=ended.pid, pidfd=pidfd, owner=None, cgroup=None, rlimits=""
         )
