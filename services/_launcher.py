@@ -335,6 +335,32 @@ def format_rlimits(rlimits: dict[str, tuple[int, int]]) -> str:
     return ",".join(f"{name}={soft}:{hard}" for name, (soft, hard) in rlimits.items())
 
 
+class ChildLoop:
+    """An epoll loop on a control socket that also wakes when a child exits (SIGCHLD through
+    a wakeup fd): the launcher's, and the launcher zygote's."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self._sock = sock
+        self._wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        _signal.set_wakeup_fd(wake_write)
+        _signal.signal(_signal.SIGCHLD, lambda *_: None)
+        self._poller = select.epoll()  # not select(): fd numbers over 1023 must work too
+        self._poller.register(sock.fileno(), select.EPOLLIN)
+        self._poller.register(self._wake_read, select.EPOLLIN)
+        self.fds = [self._wake_read, wake_write, self._poller.fileno()]  # a fork closes them
+
+    def run(self, reap: Callable[[], None], receive: Callable[[], bool]) -> None:
+        """``reap`` at every wake-up, ``receive`` when a packet is there; until it is False."""
+        while True:
+            ready = {fd for fd, _ in self._poller.poll()}
+            if self._wake_read in ready:
+                os.read(self._wake_read, 4096)
+            reap()
+            if self._sock.fileno() in ready and not receive():
+                return
+
+
 def serve(sock_fd: int, rlimits: str) -> None:
     """The launcher's loop on the control socket ``sock_fd``, until the worker closes it."""
     # Moved to the lowest free fd number: the worker's number can be over 1023, and commands
@@ -343,24 +369,12 @@ def serve(sock_fd: int, rlimits: str) -> None:
     os.close(sock_fd)
     for which, limit in parse_rlimits(rlimits):
         resource.setrlimit(which, limit)
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-    _signal.set_wakeup_fd(wake_write)
-    _signal.signal(_signal.SIGCHLD, lambda *_: None)
+    loop = ChildLoop(sock)
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
-    poller = select.epoll()  # not select(): fd numbers over 1023 must work too
-    poller.register(sock.fileno(), select.EPOLLIN)
-    poller.register(wake_read, select.EPOLLIN)
     launcher = _Launcher(sock)
     _send(sock, '{"event": "ready"}')
-    while True:
-        ready = {fd for fd, _ in poller.poll()}
-        if wake_read in ready:
-            os.read(wake_read, 4096)
-        launcher.reap()
-        if sock.fileno() in ready and not launcher.receive():
-            return
+    loop.run(launcher.reap, launcher.receive)
 
 
 def main() -> None:

@@ -70,8 +70,10 @@ class LauncherZygote:
             except OSError as exc:
                 if not isinstance(exc, ConnectionError) and exc.errno != errno.EBADF:
                     raise SandboxError(f"cannot reach the launcher zygote: {exc}") from None
-                log.warning("the launcher zygote is gone; starting another", error=str(exc))
-                self._forget()
+                # Another launch may have started a new zygote while this one waited to send.
+                if self._sock is sock:
+                    log.warning("the launcher zygote is gone; starting another", error=str(exc))
+                    self._forget()
         raise SandboxError("the launcher zygote is not answering")
 
     def end(self, launch_id: int) -> None:

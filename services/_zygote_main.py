@@ -33,7 +33,6 @@ import ctypes
 import gc
 import marshal
 import os
-import select
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -89,12 +88,7 @@ class _Zygote:
     def receive(self) -> bool:
         """Handle one packet; False when the worker has closed the socket."""
         data, ancillary, _, _ = self._sock.recvmsg(_RECEIVE_BYTES, _ANCILLARY_BYTES)
-        fds = [
-            int.from_bytes(payload[i : i + 4], sys.byteorder)
-            for level, kind, payload in ancillary
-            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
-            for i in range(0, len(payload) - len(payload) % 4, 4)
-        ]
+        fds = _launcher._received_fds(ancillary)
         if not data and not fds:
             return False
         try:
@@ -109,7 +103,7 @@ class _Zygote:
                 self._launch_ids[pid] = message["id"]
         except Exception as exc:  # a bad message must not end the zygote
             if len(fds) == 2:
-                _say(fds[1], f"the launcher zygote could not start it: {exc!r}")
+                _say(fds[1], f"the launcher zygote could not start it: {_why(exc)}")
         finally:
             for fd in fds:
                 _launcher._quietly(os.close, fd)
@@ -121,14 +115,14 @@ class _Zygote:
             return pid
         try:  # the launcher, from here on; never back into the zygote's loop
             self._sock.close()
-            _signal.set_wakeup_fd(-1)
+            _signal.set_wakeup_fd(-1)  # the launcher's loop sets its own
             for fd in self._own_fds:
                 os.close(fd)
             self._enter(message, pid1)
             os.close(pid1)
             _launcher.serve(control, str(message["rlimits"]))
         except BaseException as exc:
-            _say(control, f"the launcher could not enter its sandbox: {exc!r}")
+            _say(control, f"the launcher could not enter its sandbox: {_why(exc)}")
             os._exit(1)
         os._exit(0)
 
@@ -163,6 +157,13 @@ class _Zygote:
         os.chdir("/workspace")
 
 
+def _why(exc: BaseException) -> str:
+    """What went wrong, for the worker's log and the start error: no repr, no traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def _say(fd: int, text: str) -> None:
     """A start error on a launcher's control socket: the worker reports non-JSON as text."""
     try:  # noqa: SIM105  # contextlib would import collections and functools
@@ -173,22 +174,10 @@ def _say(fd: int, text: str) -> None:
 
 def main() -> None:
     sock = _socket.socket(fileno=int(sys.argv[1]))
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-    _signal.set_wakeup_fd(wake_write)
-    _signal.signal(_signal.SIGCHLD, lambda *_: None)
-    poller = select.epoll()
-    zygote = _Zygote(sock, [wake_read, wake_write, poller.fileno()])
-    poller.register(sock.fileno(), select.EPOLLIN)
-    poller.register(wake_read, select.EPOLLIN)
+    loop = _launcher.ChildLoop(sock)
+    zygote = _Zygote(sock, loop.fds)
     gc.freeze()  # what exists now is shared by every launcher: no collection touches it
-    while True:
-        ready = {fd for fd, _ in poller.poll()}
-        if wake_read in ready:
-            os.read(wake_read, 4096)
-        zygote.reap()
-        if sock.fileno() in ready and not zygote.receive():
-            return
+    loop.run(zygote.reap, zygote.receive)
 
 
 if __name__ == "__main__":
