@@ -43,14 +43,19 @@ from ._sandbox_contract import (
     _SandboxGone,
     check_argv,
 )
-from ._sandbox_process import SandboxProcess, pidfd_exited
+from ._sandbox_process import (
+    STOP_TIMEOUT_S,
+    SandboxProcess,
+    Spawned,
+    end_bubblewrap,
+    read_pipe,
+    read_spawned,
+)
 from ._zygote import LauncherZygote, send_with_fds
 
 log = structlog.get_logger("toolbus.sandbox")
 
 _READY_TIMEOUT_S = 10.0
-# SIGKILL ends bubblewrap at once; only a process stuck in the kernel (D state) can delay it.
-_STOP_TIMEOUT_S = 5.0
 _SAID_CHARS = 2000  # of what a sandbox writes to its stderr, for the log or a start error
 
 
@@ -109,6 +114,9 @@ class BwrapSandbox:
         self._rlimits = {**options.limits.rlimits(), **inherited_limit()}
         self.network_isolated = not options.allow_network
         self._process: SandboxProcess | None = None
+        # Reads the pid of the bubblewrap being started: a stop before its start knew it ends it.
+        self._spawning: asyncio.Task[Spawned] | None = None
+        self._unreaped: list[SandboxProcess] = []
         # A pidfd of the sandbox's pid 1, opened when bubblewrap says its pid: a stop kills it
         # and waits for its end, which the kernel lets come only after every other process of
         # the namespace has ended.
@@ -165,50 +173,60 @@ class BwrapSandbox:
         resets = self._resets
         python = _sandbox_python()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        info = said = None
+        report = info = said = None
+        # Given to bubblewrap as 3, 4, ... (_passed_as); sources as open fds: a sandbox user
+        # may not be able to walk to them.
         fds: list[int] = []
         try:
-            # Sources are passed as open fds: a sandbox user may not be able to walk to them.
             fds.append(os.open(self.workspace, os.O_PATH | os.O_DIRECTORY))
             etc_files: list[tuple[int, str]] = []
             if self.owner is not None:  # the slot's user has a name in there
                 for path, data in identity_files(self.owner):
                     fds.append(_memfd(data))
-                    etc_files.append((fds[-1], path))
-            argv = bwrap_argv(self._options, fds[0], HOLD_COMMAND, etc_files=etc_files)
+                    etc_files.append((_passed_as(len(fds) - 1), path))
+            argv = bwrap_argv(
+                self._options, _passed_as(0), HOLD_COMMAND, etc_files=etc_files, owner=self.owner
+            )
             # bubblewrap says its child's pid (the namespace's pid 1) on a pipe of its own;
             # its stderr is another, where its errors come, or the sandbox's "ready".
             info, info_theirs = os.pipe2(os.O_CLOEXEC)
             fds.append(info_theirs)
-            extra = ["--info-fd", str(info_theirs)]
+            extra = ["--info-fd", str(_passed_as(len(fds) - 1))]
             if python.prefix is not None:
                 fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
-                extra += ["--ro-bind-fd", str(fds[-1]), _SANDBOX_PYTHON_PREFIX]
+                extra += ["--ro-bind-fd", str(_passed_as(len(fds) - 1)), _SANDBOX_PYTHON_PREFIX]
             argv[1:1] = extra
+            report, report_theirs = os.pipe2(os.O_CLOEXEC)  # where the spawn says its pid
+            fds.append(report_theirs)
             said, said_theirs = os.pipe2(os.O_CLOEXEC)
-            try:
-                # Synchronous, and quick (a vfork and an exec): nothing to cancel half-way.
-                self._process = SandboxProcess(
-                    argv, stderr=said_theirs, pass_fds=fds, cgroup=self._cgroup, owner=self.owner
-                )
-            finally:
-                os.close(said_theirs)  # its stderr only: not passed on under its own number
+            fds.append(said_theirs)
+            # Sent whole or not at all: no child is started half-way.
+            await self._zygote.spawn(
+                argv,
+                report_pid=report_theirs,
+                stderr=said_theirs,
+                fds=fds[:-2],
+                owner=self.owner,
+                cgroup=self._cgroup,
+            )
         except BaseException as exc:
             # Whatever failed, no fd of a sandbox that never was stays open.
-            for fd in (info, said):
+            for fd in (report, info, said):
                 if fd is not None:
                     os.close(fd)
             ours.close()
             theirs.close()
-            if isinstance(exc, OSError):  # bubblewrap (or the shell, setpriv) could not run
-                raise SandboxError(f"cannot run {self._options.bwrap}: {exc.strerror}") from None
+            if isinstance(exc, OSError):
+                raise SandboxError(f"cannot start the sandbox: {exc.strerror}") from None
             raise
         finally:
             for fd in fds:
-                os.close(fd)  # the child has its copies
+                os.close(fd)  # the zygote, then its child, have their copies
         ours.setblocking(False)
         self._socket = ours
         self._said = []
+        # What was started, read to its end whatever becomes of this start: a stop ends it.
+        self._spawning = asyncio.create_task(read_spawned(report, info), name="sandbox-spawn")
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         # Its outcome is read here, unless this start was given up first: then by nobody.
@@ -216,7 +234,7 @@ class BwrapSandbox:
         self._reader = asyncio.create_task(self._read_events(ours), name="sandbox-events")
         try:
             async with asyncio.timeout(_READY_TIMEOUT_S):
-                await self._launch(info, said, theirs, resets)
+                await self._launch(self._spawning, said, theirs, resets)
                 await asyncio.shield(self._ready)
         except (TimeoutError, SandboxError) as exc:
             detail = " ".join(self._said)[:_SAID_CHARS]
@@ -229,20 +247,24 @@ class BwrapSandbox:
             theirs.close()
         return ours
 
-    async def _launch(self, info: int, said: int, theirs: socket.socket, resets: int) -> None:
+    async def _launch(
+        self, spawning: asyncio.Task[Spawned], said: int, theirs: socket.socket, resets: int
+    ) -> None:
         """Once bubblewrap has set the sandbox up: a launcher forked into it, on ``theirs``.
-        Both pipes are closed here."""
+        ``said`` (bubblewrap's stderr) is closed here."""
         try:
-            pid = _child_pid(await _read_pipe(info))
+            spawned = await asyncio.shield(spawning)
         except BaseException:
             os.close(said)
             raise
-        if pid is not None and self._process is not None and self._process.poll() is None:
-            # Opened while bubblewrap (which reaps its child before it exits) still runs: the
-            # pid cannot be another process's yet.
-            with contextlib.suppress(OSError):
-                self._pid1 = os.pidfd_open(pid)
-        stderr = await _read_pipe(said, until=SANDBOX_READY)
+        # Taken over from the spawn in one step: a stop from now on ends these.
+        self._spawning = None
+        self._process, self._pid1 = spawned.process, spawned.pidfd
+        if self._resets != resets:  # a reset began: it wants no sandbox
+            os.close(said)
+            raise SandboxError("the sandbox was reset while it started")
+        stderr = await read_pipe(said, until=SANDBOX_READY)
+        pid = spawned.pid1
         if not stderr.endswith(SANDBOX_READY) or self._pid1 is None or pid is None:
             text = stderr.removesuffix(SANDBOX_READY).decode(errors="replace").strip()
             raise SandboxError(text or "bubblewrap exited at start")
@@ -373,11 +395,13 @@ class BwrapSandbox:
     async def reset(self) -> None:
         """End the sandbox and everything in it; the next command starts a fresh one.
 
-        Bounded in time whatever the sandbox is doing: bubblewrap is killed first, so a start
-        in progress (which holds the lock while it waits for the launcher) ends at once."""
+        Bounded in time whatever the sandbox is doing: its pid 1 is killed first, so a start in
+        progress (which holds the lock while it waits for the launcher) ends at once; one that
+        has not learnt that pid yet does within moments, and then sees the reset."""
         self._resets += 1
-        if self._process is not None:
-            self._process.kill()
+        if self._pid1 is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(self._pid1, signal.SIGKILL)
         async with self._start_lock:
             await self._stop()
 
@@ -389,56 +413,39 @@ class BwrapSandbox:
         if self._left_running:
             self._left_running = False  # a later clean-up of the slot looks again
             raise SandboxError(
-                f"its processes did not all end within {_STOP_TIMEOUT_S:g}s of SIGKILL"
+                f"its processes did not all end within {STOP_TIMEOUT_S:g}s of SIGKILL"
             )
 
     async def _stop(self) -> None:
         reader, sock, process, pid1 = self._reader, self._socket, self._process, self._pid1
+        spawning, self._spawning = self._spawning, None
         self._reader = self._socket = self._process = self._pid1 = None
         if self._launch_id is not None:  # ends with its socket anyway; at once, whatever it does
             self._zygote.end(self._launch_id)
             self._launch_id = None
+        # One that did not exit in time before (stuck in the kernel) is reaped once it has.
+        self._unreaped = [old for old in self._unreaped if old.poll() is None]
         # Shielded: a caller cancelled meanwhile (a call stopped by a release) must not leave
         # the socket open, nor close it before its reader has left the event loop.
-        if not await asyncio.shield(_end_sandbox(reader, sock, process, pid1)):
+        ending = self._end(reader, sock, process, pid1, spawning)
+        if not await asyncio.shield(ending):
             self._left_running = True
 
-
-async def _end_sandbox(
-    reader: asyncio.Task[None] | None,
-    sock: socket.socket | None,
-    process: SandboxProcess | None,
-    pidfd: int | None,
-) -> bool:
-    """Until nothing of the sandbox runs: its pid 1 is killed (``pidfd``), and with it, by the
-    kernel, every process of its namespace; bubblewrap, which exits as its child does, is
-    killed too. False when its pid 1 did not end in time. The pidfd is closed here."""
-    if reader is not None:
-        # Before the socket closes: its fd must leave the event loop while it is still its.
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-    if sock is not None:
-        sock.close()
-    try:
-        if pidfd is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        if process is not None:
-            # Without a pidfd (none yet at an early stop) this alone ends the namespace, its pid
-            # 1 killed by --die-with-parent; the wait below is then bubblewrap's only.
-            process.kill()
-            try:
-                await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
-            except TimeoutError:  # stuck in the kernel: a later start's Popen reaps it
-                log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
-        # A namespace's pid 1 ends once the kernel has ended every other process in it.
-        if pidfd is not None and not await pidfd_exited(pidfd, _STOP_TIMEOUT_S):
-            log.warning("the sandbox's processes did not all end after SIGKILL")
-            return False
-        return True
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
+    async def _end(
+        self,
+        reader: asyncio.Task[None] | None,
+        sock: socket.socket | None,
+        process: SandboxProcess | None,
+        pidfd: int | None,
+        spawning: asyncio.Task[Spawned] | None,
+    ) -> bool:
+        if reader is not None:
+            # Before the socket closes: its fd must leave the event loop while it is still its.
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        if sock is not None:
+            sock.close()
+        return await end_bubblewrap(process, pidfd, spawning, self._unreaped)
 
 
 def _memfd(data: bytes) -> int:
@@ -476,43 +483,6 @@ async def _send_run(sock: socket.socket, call_id: int, data: bytes, fds: list[in
         os.close(memfd)
 
 
-def _child_pid(info: bytes) -> int | None:
-    """The pid in bubblewrap's info JSON, if it says one."""
-    try:
-        pid = json.loads(info).get("child-pid")
-    except (ValueError, AttributeError):
-        return None
-    return pid if isinstance(pid, int) and pid > 1 else None
-
-
-async def _read_pipe(fd: int, *, until: bytes = b"") -> bytes:
-    """What is written to pipe ``fd`` until it closes (or ends with ``until``), at most 64 KiB;
-    the fd is closed here, whatever happens."""
-    loop = asyncio.get_running_loop()
-    chunks: list[bytes] = []
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_readable() -> None:
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data and sum(map(len, chunks)) < 65536:
-            chunks.append(data)
-            if not until or not b"".join(chunks).endswith(until):
-                return
-        if not done.done():
-            done.set_result(None)
-
-    try:
-        os.set_blocking(fd, False)
-        loop.add_reader(fd, on_readable)
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
+def _passed_as(index: int) -> int:
+    """The fd number in bubblewrap of the ``index``-th fd the zygote passes on (after stderr)."""
+    return 3 + index

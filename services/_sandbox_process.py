@@ -1,100 +1,66 @@
-"""A slot sandbox's bubblewrap process, as the worker starts it and waits for its end.
+"""A slot sandbox's bubblewrap process, as the worker waits for its end.
 
 Cheap to start and to keep, because a worker holds a thousand of them:
 
-- No ``preexec_fn``: it would make the worker (a big process) fork instead of vfork. The
-  slot's pids cgroup is joined by a ``sh`` that then execs the rest, and the drop to the
-  slot's user is ``setpriv`` (util-linux); each is an exec, far cheaper than copying the
-  worker's page tables. (Without ``setpriv`` the drop falls back to a ``preexec_fn``.)
+- Started by the launcher zygote (``LauncherZygote.spawn``), which joins the slot's pids
+  cgroup and drops to the slot's user before its exec: no shell and no ``setpriv`` exec in
+  front of bubblewrap, and no copy of the worker (a big process). It is still the worker's
+  child (``CLONE_PARENT``), so ``--die-with-parent`` ties it to the worker and its pid stays
+  its own until the worker reaps it.
 - No asyncio child watcher (one thread per child on Python 3.11): the exit is read, only
-  when someone waits for it, from a pidfd in the event loop; ``running`` polls.
+  when someone waits for it, from a pidfd in the event loop; ``poll`` looks without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import json
 import os
-import shutil
-import subprocess
-from collections.abc import Callable
-from pathlib import Path
+import signal
+from dataclasses import dataclass
 
-# $0 is the cgroup's procs file, "$@" the command: the shell moves itself, then becomes it.
-_JOIN_CGROUP = 'echo $$ > "$0" && exec "$@"'
+import structlog
 
+log = structlog.get_logger("toolbus.sandbox")
 
-@functools.cache
-def _setpriv() -> str | None:
-    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
-
-
-def _drop_to(owner: tuple[int, int]) -> None:
-    """In a child before exec: become the slot's unprivileged user (without setpriv)."""
-    os.setgroups([])
-    os.setgid(owner[1])
-    os.setuid(owner[0])
-
-
-def entry_argv(
-    argv: list[str], *, cgroup: Path | None, owner: tuple[int, int] | None
-) -> tuple[list[str], Callable[[], None] | None]:
-    """The command line that runs ``argv`` in ``cgroup`` as ``owner``; a preexec_fn if needed."""
-    prefix: list[str] = []
-    if cgroup is not None:  # into the slot's pids cgroup, so nothing escapes it
-        prefix = ["/bin/sh", "-c", _JOIN_CGROUP, str(cgroup / "cgroup.procs")]
-    if owner is None:
-        return prefix + argv, None
-    setpriv = _setpriv()
-    if setpriv is None:
-        return prefix + argv, functools.partial(_drop_to, owner)
-    drop = [setpriv, f"--reuid={owner[0]}", f"--regid={owner[1]}", "--clear-groups", "--"]
-    return prefix + drop + argv, None
+# SIGKILL ends bubblewrap at once; only a process stuck in the kernel (D state) can delay it.
+STOP_TIMEOUT_S = 5.0
 
 
 class SandboxProcess:
-    """bubblewrap, started with its stderr on ``stderr`` and ``pass_fds`` open."""
+    """bubblewrap: a child of this process whose pid the launcher zygote said."""
 
-    def __init__(
-        self,
-        argv: list[str],
-        *,
-        stderr: int,
-        pass_fds: list[int],
-        cgroup: Path | None,
-        owner: tuple[int, int] | None,
-    ) -> None:
-        command, before_exec = entry_argv(argv, cgroup=cgroup, owner=owner)
-        self._popen = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            pass_fds=pass_fds,
-            preexec_fn=before_exec,
-        )
-        self.pid = self._popen.pid
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._code: int | None = None
 
     def poll(self) -> int | None:
         """Its exit code if it has exited (and then it is reaped), else None."""
-        return self._popen.poll()
+        if self._code is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # not ours to reap (never happens): as good as ended
+                self._code = -int(signal.SIGKILL)
+            else:
+                if pid:
+                    self._code = os.waitstatus_to_exitcode(status)
+        return self._code
 
     def kill(self) -> None:
-        self._popen.kill()  # does nothing once it is reaped: the pid may be another's by then
+        # Only while unreaped: until then the pid cannot be another process's.
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
 
     async def wait(self) -> int:
         """Its exit code, once it has exited; the pidfd is open only while waiting."""
-        if (code := self._popen.poll()) is not None:
-            return code
-        try:
+        while (code := self.poll()) is None:
             pidfd = os.pidfd_open(self.pid)
-        except OSError:  # no pidfds (Linux < 5.3): a thread waits instead
-            return await asyncio.get_running_loop().run_in_executor(None, self._popen.wait)
-        try:
-            await pidfd_exited(pidfd)
-        finally:
-            os.close(pidfd)
-        return self._popen.wait()
+            try:
+                await pidfd_exited(pidfd)
+            finally:
+                os.close(pidfd)
+        return code
 
 
 async def pidfd_exited(pidfd: int, timeout_s: float | None = None) -> bool:
@@ -116,3 +82,122 @@ async def pidfd_exited(pidfd: int, timeout_s: float | None = None) -> bool:
     finally:
         loop.remove_reader(pidfd)
     return True
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    """What a spawn of bubblewrap started (``read_spawned``): bubblewrap (None if nothing
+    started), the host pid of its namespace's pid 1 and a pidfd of it (None if bubblewrap
+    ended before it said)."""
+
+    process: SandboxProcess | None
+    pid1: int | None
+    pidfd: int | None
+
+
+async def read_spawned(report: int, info: int) -> Spawned:
+    """Bubblewrap's pid from ``report`` (the pipe its spawn writes it to), then its child's
+    from ``info`` (bubblewrap's info pipe, written at once after its clone, before the
+    sandbox's set-up); both pipes are closed here. Whoever takes the result ends it."""
+    try:
+        said = await read_pipe(report)
+    except BaseException:
+        os.close(info)
+        raise
+    if not said.isdigit():
+        os.close(info)  # nothing started: the zygote could not, or was gone
+        return Spawned(None, None, None)
+    process = SandboxProcess(int(said))
+    pid1 = _child_pid(await read_pipe(info))
+    pidfd = None
+    if pid1 is not None and process.poll() is None:
+        # Opened while bubblewrap (which reaps its child before it exits) still runs: the
+        # pid cannot be another process's yet.
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(pid1)
+    return Spawned(process, pid1, pidfd)
+
+
+async def end_bubblewrap(
+    process: SandboxProcess | None,
+    pidfd: int | None,
+    spawning: asyncio.Task[Spawned] | None,
+    unreaped: list[SandboxProcess],
+) -> bool:
+    """Until nothing of the sandbox runs: its pid 1 is killed (``pidfd``), and with it, by the
+    kernel, every process of its namespace; then bubblewrap, which exits as its child does.
+    A stop that came before its start learnt them takes them from ``spawning`` first:
+    bubblewrap is never killed before its child is known, because its child sets
+    --die-with-parent only at the end of its set-up, and outlives an earlier kill. One that
+    does not exit in time goes to ``unreaped``. False when pid 1 did not end in time. The
+    pidfd is closed here."""
+    if spawning is not None:
+        # Within moments: the spawn says bubblewrap's pid first, bubblewrap its child's
+        # right after its clone.
+        spawned = None
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                spawned = await spawning
+        if spawned is not None:
+            process, pidfd = spawned.process, spawned.pidfd
+    try:
+        if pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if process is not None:
+            process.kill()
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:  # stuck in the kernel: reaped by a later stop
+                log.warning("bubblewrap did not exit after SIGKILL", pid=process.pid)
+                unreaped.append(process)
+        # A namespace's pid 1 ends once the kernel has ended every other process in it.
+        if pidfd is not None and not await pidfd_exited(pidfd, STOP_TIMEOUT_S):
+            log.warning("the sandbox's processes did not all end after SIGKILL")
+            return False
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _child_pid(info: bytes) -> int | None:
+    """The pid in bubblewrap's info JSON, if it says one."""
+    try:
+        pid = json.loads(info).get("child-pid")
+    except (ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) and pid > 1 else None
+
+
+async def read_pipe(fd: int, *, until: bytes = b"") -> bytes:
+    """What is written to pipe ``fd`` until it closes (or ends with ``until``), at most 64 KiB;
+    the fd is closed here, whatever happens."""
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data and sum(map(len, chunks)) < 65536:
+            chunks.append(data)
+            if not until or not b"".join(chunks).endswith(until):
+                return
+        if not done.done():
+            done.set_result(None)
+
+    try:
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, on_readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)

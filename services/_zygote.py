@@ -1,9 +1,10 @@
 """The worker's side of its launcher zygote (``_zygote_main.py``).
 
-One small process per worker forks every slot's launcher into its sandbox, so a sandbox's
-start costs bubblewrap and a fork, not an interpreter start. :class:`LauncherZygote` starts
-it at the first launch, starts it again if it is gone, and ends it at :meth:`close` (the
-launchers it made end with their own control sockets).
+One small process per worker starts every slot's bubblewrap (as a child of the worker's) and
+forks every slot's launcher into its sandbox, so a sandbox's start costs bubblewrap and a fork:
+no interpreter start, no shell or ``setpriv`` in front of bubblewrap. :class:`LauncherZygote`
+starts it at the first spawn, starts it again if it is gone, and ends it at :meth:`close`
+(the launchers it made end with their own control sockets, the sandboxes with their stop).
 """
 
 from __future__ import annotations
@@ -38,6 +39,29 @@ class LauncherZygote:
         self._sock: socket.socket | None = None
         self._launch_ids = itertools.count(1)
 
+    async def spawn(
+        self,
+        argv: list[str],
+        *,
+        report_pid: int,
+        stderr: int,
+        fds: list[int],
+        owner: tuple[int, int] | None,
+        cgroup: Path | None,
+    ) -> None:
+        """Start ``argv`` as a child of this process, in ``cgroup``, as ``owner``, with
+        ``stderr`` and ``fds`` as its 2, 3, 4, ...; it writes its pid to ``report_pid`` (a
+        pipe) first and closes it, and says on ``stderr`` why it could not run, if so.
+        SandboxError when no zygote answers."""
+        message = {
+            "op": "spawn",
+            "argv": argv,
+            "uid": owner[0] if owner else None,
+            "gid": owner[1] if owner else None,
+            "cgroup": str(cgroup) if cgroup is not None else None,
+        }
+        await self._send(marshal.dumps(message), [report_pid, stderr, *fds])
+
     async def launch(
         self,
         control: socket.socket,
@@ -61,12 +85,15 @@ class LauncherZygote:
             "cgroup": str(cgroup) if cgroup is not None else None,
             "rlimits": rlimits,
         }
-        data = marshal.dumps(message)
+        await self._send(marshal.dumps(message), [pidfd, control.fileno()])
+        return launch_id
+
+    async def _send(self, data: bytes, fds: list[int]) -> None:
         for _ in range(2):  # a zygote that died is started again, once
             sock = self._running()
             try:
-                await send_with_fds(sock, data, [pidfd, control.fileno()])
-                return launch_id
+                await send_with_fds(sock, data, fds)
+                return
             except OSError as exc:
                 if not isinstance(exc, ConnectionError) and exc.errno != errno.EBADF:
                     raise SandboxError(f"cannot reach the launcher zygote: {exc}") from None

@@ -1,4 +1,5 @@
-"""The launcher zygote: a small process, one per worker, that forks each slot's launcher.
+"""The launcher zygote: a small process, one per worker, that starts each slot's bubblewrap and
+forks each slot's launcher.
 
 ``python -I -S -B _zygote_main.py FD`` (the worker's interpreter, on the host; see
 ``_zygote.py``). A sandbox's start costs no interpreter start: bubblewrap makes the
@@ -6,8 +7,15 @@ namespaces, and the zygote forks a copy of itself that joins them and runs the l
 loop (``_launcher.serve``). The zygote is not a fork of the worker, so a launcher holds none of
 the worker's memory (credentials, connections), only this small interpreter's.
 
-It reads launch messages from the worker on a SOCK_SEQPACKET socket, marshal-encoded:
+It reads messages from the worker on a SOCK_SEQPACKET socket, marshal-encoded:
 
+    {"op": "spawn", "argv": [...], "uid": U or None, "gid": G or None,
+     "cgroup": PATH or None}
+        with fds attached: a pipe for its pid, the program's stderr, then those it gets as 3,
+        4, ...; the child is the worker's (``CLONE_PARENT``: the worker reaps it, and
+        ``--die-with-parent`` ties bubblewrap to the worker, not to this process); before
+        anything else it writes its pid to the first fd and closes it, so the worker learns
+        it whatever fails next; a failure before the exec is said on its stderr
     {"op": "launch", "id": N, "pid": P, "uid": U or None, "gid": G or None,
      "cgroup": PATH or None, "rlimits": "..."}
         with two fds attached: a pidfd of the sandbox's pid 1 (P, the host's pid), and the
@@ -18,7 +26,11 @@ and answers nothing: a launcher says "ready" (or why it could not start, as text
 control socket, which the worker reads anyway. It ends when the worker's socket closes;
 launchers end when their own control socket closes.
 
-The child, in this order: a session of its own; the slot's pids cgroup (while /sys is the
+A spawn costs no shell (to join the cgroup) or ``setpriv`` (to drop to the slot's user) in
+front of bubblewrap: this process does both before its exec, and it is small, so its copy is
+cheap, where the worker's (a big process) would not be.
+
+A launcher, in this order: a session of its own; the slot's pids cgroup (while /sys is the
 host's); no supplementary group, then the slot's uid and gid (as root: for a worker that is
 not root, it is already the sandbox's owner); ``setns`` into every namespace of the sandbox's
 pid 1 that is not already its own, which gives it every capability there; then it drops them
@@ -51,7 +63,11 @@ _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _RECEIVE_BYTES = 65536
-_ANCILLARY_BYTES = _socket.CMSG_SPACE(2 * 4)
+_MAX_SPAWN_FDS = 16
+# clone(2)'s number where its other arguments, all zero here, may come in any order.
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220}
+_CLONE_PARENT = 0x00008000
+_ANCILLARY_BYTES = _socket.CMSG_SPACE(_MAX_SPAWN_FDS * 4)
 
 
 class _CapHeader(ctypes.Structure):
@@ -68,6 +84,8 @@ class _Zygote:
         self._sock = sock
         self._own_fds = own_fds  # the loop's, closed in each launcher
         self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.syscall.restype = ctypes.c_long
+        self._clone = _SYS_CLONE.get(os.uname().machine)
         self._launchers: dict[int, int] = {}  # launch id -> pid, until reaped
         self._launch_ids: dict[int, int] = {}  # pid -> launch id
         with open("/proc/sys/kernel/cap_last_cap") as last:
@@ -91,23 +109,42 @@ class _Zygote:
         fds = _launcher._received_fds(ancillary)
         if not data and not fds:
             return False
+        op = None
         try:
             message = marshal.loads(data)
-            if message.get("op") == "end":
+            op = message.get("op")
+            if op == "end":
                 pid = self._launchers.get(message["id"])
                 if pid is not None:  # not reaped yet: the pid is still that launcher's
                     os.kill(pid, _signal.SIGKILL)
-            elif message.get("op") == "launch" and len(fds) == 2:
+            elif op == "spawn" and fds:
+                self._spawn(message, fds)
+            elif op == "launch" and len(fds) == 2:
                 pid = self._fork(message, fds[0], fds[1])
                 self._launchers[message["id"]] = pid
                 self._launch_ids[pid] = message["id"]
         except Exception as exc:  # a bad message must not end the zygote
-            if len(fds) == 2:
+            # Said where the worker looks: a spawn's stderr, a launch's control socket.
+            if len(fds) >= 2 and (op == "spawn" or len(fds) == 2):
                 _say(fds[1], f"the launcher zygote could not start it: {_why(exc)}")
         finally:
             for fd in fds:
                 _launcher._quietly(os.close, fd)
         return True
+
+    def _spawn(self, message: dict[str, object], fds: list[int]) -> None:
+        """A child of the worker's that runs ``argv`` (see the module's docstring)."""
+        if self._clone is None:
+            raise OSError(f"no clone(2) number known for {os.uname().machine}")
+        argv = message["argv"]
+        if not isinstance(argv, list) or not argv or len(fds) < 2:
+            raise ValueError("a spawn needs argv, a pipe for its pid and a stderr")
+        # A raw clone: no fork handlers run in the child, so it only moves fds and execs.
+        pid = self._libc.syscall(self._clone, _CLONE_PARENT | _signal.SIGCHLD, 0, 0, 0, 0)
+        if pid < 0:
+            raise OSError(ctypes.get_errno(), f"clone: {os.strerror(ctypes.get_errno())}")
+        if pid == 0:
+            _exec_child(message, argv, fds)
 
     def _fork(self, message: dict[str, object], pid1: int, control: int) -> int:
         pid = os.fork()
@@ -155,6 +192,41 @@ class _Zygote:
         if self._libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
         os.chdir("/workspace")
+
+
+def _exec_child(message: dict[str, object], argv: list[str], fds: list[int]) -> None:
+    """In the spawned child: never returns."""
+    report, fds = fds[0], fds[1:]
+    stderr = fds[0]
+    try:
+        os.write(report, str(os.getpid()).encode())
+        os.close(report)
+        _signal.set_wakeup_fd(-1)
+        # Dispositions that an exec keeps: as a program started by anyone else finds them.
+        for number in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGCHLD):
+            _signal.signal(number, _signal.SIG_DFL)
+        # The attached fds to 2, 3, 4, ... by way of numbers above all of them; the rest closed.
+        above = max(fds) + len(fds) + 3
+        for index, fd in enumerate(fds):
+            os.dup2(fd, above + index)
+        for index in range(len(fds)):
+            os.dup2(above + index, 2 + index)  # inheritable
+        stderr = 2
+        os.closerange(2 + len(fds), 2**31 - 1)
+        cgroup = message.get("cgroup")
+        if isinstance(cgroup, str):
+            procs = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
+            os.write(procs, str(os.getpid()).encode())
+            os.close(procs)
+        uid, gid = message.get("uid"), message.get("gid")
+        if os.geteuid() == 0 and isinstance(uid, int) and isinstance(gid, int):
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        os.execv(argv[0], argv)
+    except BaseException as exc:
+        _say(stderr, f"cannot run {argv[0]}: {_why(exc)}")
+    os._exit(127)
 
 
 def _why(exc: BaseException) -> str:

@@ -8,12 +8,18 @@ launcher.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import uuid
 from pathlib import Path
 
+import pytest
+
+from services._cgroups import PidsCgroups
+from services._sandbox import BwrapOptions, BwrapSandbox, SandboxError, find_bwrap
 from services._zygote import LauncherZygote
 from tests._sandboxes import bwrap_sandbox, sh
 from tests._waits import until
@@ -104,4 +110,93 @@ async def test_a_launcher_that_cannot_join_its_sandbox_fails_the_start_with_why(
         os.close(pidfd)
         ours.close()
         theirs.close()
+        await zygote.close()
+
+
+def _bubblewraps() -> list[int]:
+    """This process's children that are (or were: zombies) a bubblewrap."""
+    found = []
+    for child in _children(os.getpid()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{child}/comm").read_text().strip() == "bwrap":
+                found.append(int(child))
+    return found
+
+
+async def test_bubblewrap_is_this_process_child_and_holds_nothing_of_its(tmp_path: Path) -> None:
+    """The zygote starts bubblewrap as a child of this process (CLONE_PARENT: it is reaped
+    here, and --die-with-parent ties it to this process), with none of its environment."""
+    async with bwrap_sandbox(tmp_path / "ws") as sandbox:
+        assert (await sh(sandbox, "echo up")).stdout.text == "up\n"
+        pid = sandbox.launcher_pid
+        assert pid is not None and _bubblewraps() == [pid]
+        status = dict(
+            line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        assert int(status["PPid"]) == os.getpid()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        # Only what the zygote's interpreter sets for itself (PEP 538's locale coercion).
+        assert {name.partition(b"=")[0] for name in environ if name} <= {b"LC_CTYPE"}
+    assert _bubblewraps() == []  # ended and reaped
+
+
+@pytest.mark.parametrize("how", ["cancel", "reset"])
+async def test_a_start_given_up_at_any_moment_leaves_nothing_running(
+    tmp_path: Path, how: str
+) -> None:
+    """Whether the start has sent its spawn, waits for bubblewrap's pid, for its namespace's
+    pid 1, for its set-up or for its launcher: a start cancelled, or a reset that comes
+    meanwhile, ends all it started and reaps bubblewrap, and the next start works. Nothing
+    is left in the slot's cgroup (bubblewrap's child outlives a kill of bubblewrap during its
+    set-up: it sets --die-with-parent only at its end)."""
+    cgroups = PidsCgroups.create(f"test-{uuid.uuid4().hex[:8]}").cgroups
+    if cgroups is None:
+        pytest.fail("no writable pids cgroup here")
+    cgroup = cgroups.slot(0, 64)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    bwrap = find_bwrap()
+    assert bwrap is not None, "these tests need bubblewrap"
+    zygote = LauncherZygote()
+    options = BwrapOptions(bwrap=bwrap, allow_network=False)
+    sandbox = BwrapSandbox(workspace, options, zygote=zygote, cgroup=cgroup)
+
+    def members() -> list[str]:
+        return (cgroup / "cgroup.procs").read_text().split()
+
+    try:
+        for delay_ms in (0, 0.2, 0.5, 1, 2, 3, 5, 8, 13, 21, 34):
+            start = asyncio.create_task(sandbox.start())
+            await asyncio.sleep(delay_ms / 1000)
+            if how == "cancel":
+                start.cancel()
+            else:
+                await asyncio.wait_for(sandbox.reset(), _BOUND_S)
+            with contextlib.suppress(asyncio.CancelledError, SandboxError):
+                await asyncio.wait_for(start, _BOUND_S)
+            if start.cancelled() or start.exception() is not None:  # it gave up
+                assert _bubblewraps() == [], f"after {delay_ms} ms"
+            await asyncio.wait_for(sandbox.reset(), _BOUND_S)
+            assert _bubblewraps() == [], f"after {delay_ms} ms"
+            # The launcher, killed by the zygote at the stop, may take a moment to go.
+            await until(lambda: members() == [], timeout_s=_BOUND_S)
+        assert (await sh(sandbox, "echo works")).stdout.text == "works\n"
+    finally:
+        await sandbox.close()
+        await zygote.close()
+        await cgroups.remove()
+
+
+async def test_a_bubblewrap_that_cannot_run_says_why(tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    zygote = LauncherZygote()
+    options = BwrapOptions(bwrap=tmp_path / "no-such-bwrap", allow_network=False)
+    sandbox = BwrapSandbox(workspace, options, zygote=zygote)
+    try:
+        with pytest.raises(SandboxError, match=r"cannot run .*no-such-bwrap: No such file"):
+            await sandbox.start()
+        assert _bubblewraps() == []
+    finally:
+        await sandbox.close()
         await zygote.close()

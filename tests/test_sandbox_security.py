@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from services._bwrap import BwrapOptions, bwrap_argv, find_bwrap
 from services.client import ToolbusClient
 from services.worker import WorkerConfig
 from tests._sandboxes import RUN, host_processes
@@ -181,13 +183,36 @@ async def test_host_secrets_in_etc_are_masked(
 ) -> None:
     stack = await make_stack()
     tid = trajectory()
-    probe = "cat /etc/shadow 2>/dev/null | wc -c; ls -A /etc/ssh | wc -l; cat /etc/hostname"
+    probe = "cat /etc/shadow 2>/dev/null | wc -c; ls -A /etc/ssh | wc -l; "
+    probe += "cat /etc/machine-id 2>/dev/null | wc -c; cat /etc/hostname"
     result = await stack.client.execute(tid, "terminal", {"command": probe})
     lines = result.output.split()
     assert lines[0] == "0"  # nothing of /etc/shadow can be read
     assert lines[1] == "0"  # ssh host keys are not there
-    assert lines[2]  # the rest of /etc is
+    assert lines[2] == "0"  # nor the host's identity, which anyone may read on the host
+    assert lines[3]  # the rest of /etc is
     await _still_serving(stack.client, tid)
+
+
+def test_only_secrets_the_slot_user_could_read_are_masked() -> None:
+    """Each mask costs bubblewrap a mount: a slot's own user (unprivileged, no groups) gets
+    none over a file its permissions keep it out of, and gets every other one; without an
+    own user (root in the sandbox maps to the worker's root) every secret is masked."""
+    bwrap = find_bwrap()
+    assert bwrap is not None, "these tests need bubblewrap"
+    options = BwrapOptions(bwrap=bwrap, allow_network=False)
+    base = WorkerConfig.__dataclass_fields__["sandbox_uid_base"].default
+    as_root = bwrap_argv(options, "/ws", ["true"])
+    as_slot_user = bwrap_argv(options, "/ws", ["true"], owner=(base, base))
+    checked = 0
+    for secret in ("/etc/shadow", "/etc/gshadow", "/etc/machine-id"):
+        if not Path(secret).is_file():
+            continue
+        others_read = Path(secret).stat().st_mode & stat.S_IROTH
+        assert secret in as_root
+        assert (secret in as_slot_user) == bool(others_read), secret
+        checked += 1
+    assert checked, "none of the secrets looked at is on this host"
 
 
 async def test_a_root_workers_sandboxes_run_as_their_own_unprivileged_users(

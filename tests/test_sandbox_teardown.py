@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from services import _bwrap_sandbox
+from services import _sandbox_process
 from tests._sandboxes import RUN, host_processes
 from tests._waits import until
 from tests.conftest import StackFactory
@@ -56,7 +56,7 @@ async def test_a_slot_whose_sandbox_may_still_run_goes_out_of_service(
     async def never_ends(pidfd: int, timeout_s: float | None = None) -> bool:
         return False
 
-    monkeypatch.setattr(_bwrap_sandbox, "pidfd_exited", never_ends)
+    monkeypatch.setattr(_sandbox_process, "pidfd_exited", never_ends)
     await stack.client.release(tid, reset_workspace=True)
     await until(lambda: worker.slot_states()["out_of_service"] == 1)
     assert worker.slots_free == 0  # never handed out while it may not be clean
