@@ -87,6 +87,7 @@ class _SandboxPython:
     prefix: str | None = None  # a host directory to bind at _SANDBOX_PYTHON_PREFIX
 
 
+@functools.cache  # looked up at every sandbox start: the interpreter does not move
 def _sandbox_python() -> _SandboxPython:
     # /usr is bound into every sandbox: an interpreter there needs nothing more.
     for candidate in (Path(sys.executable), Path("/usr/bin/python3")):
@@ -113,14 +114,19 @@ HOLD_COMMAND = [
 
 def _closed_to(path: str, owner: tuple[int, int] | None, access: int) -> bool:
     """Whether ``owner`` (a uid and gid, no other group) has none of ``access`` (R_OK, X_OK
-    bits) to ``path`` by its permission bits; False without an owner. In its own user
-    namespace it has no capability over files whose owner is not mapped there."""
+    bits) to ``path`` by its permission bits and no ACL; False without an owner. In its own
+    user namespace it has no capability over files whose owner is not mapped there."""
     if owner is None or owner[0] == 0:
         return False
     try:
         status = os.stat(path)
     except OSError:
         return False
+    try:  # an access ACL may grant what the mode bits do not show
+        os.getxattr(path, "system.posix_acl_access")
+        return False
+    except OSError:
+        pass
     uid, gid = owner
     shift = 6 if status.st_uid == uid else 3 if status.st_gid == gid else 0
     return (status.st_mode >> shift) & access == 0

@@ -217,7 +217,8 @@ class BwrapSandbox:
             ours.close()
             theirs.close()
             if isinstance(exc, OSError):
-                raise SandboxError(f"cannot start the sandbox: {exc.strerror}") from None
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise SandboxError(f"cannot start the sandbox: {exc.strerror}{where}") from None
             raise
         finally:
             for fd in fds:
@@ -237,9 +238,10 @@ class BwrapSandbox:
                 await self._launch(self._spawning, said, theirs, resets)
                 await asyncio.shield(self._ready)
         except (TimeoutError, SandboxError) as exc:
-            detail = " ".join(self._said)[:_SAID_CHARS]
+            detail = " ".join(self._said)[:_SAID_CHARS] or str(exc)
             await self._stop()
-            raise SandboxError(f"the sandbox did not start: {detail or exc}") from None
+            detail = detail or f"not ready within {_READY_TIMEOUT_S:g}s"
+            raise SandboxError(f"the sandbox did not start: {detail}") from None
         except asyncio.CancelledError:  # half set up is of no use: nobody may launch into it
             await self._stop()
             raise
@@ -257,19 +259,20 @@ class BwrapSandbox:
         except BaseException:
             os.close(said)
             raise
-        # Taken over from the spawn in one step: a stop from now on ends these.
-        self._spawning = None
-        self._process, self._pid1 = spawned.process, spawned.pidfd
+        if spawned.pidfd is not None:  # else the stop ends what there is (see end_bubblewrap)
+            # Taken over from the spawn in one step: a stop from now on ends these.
+            self._spawning = None
+            self._process, self._pid1 = spawned.process, spawned.pidfd
         if self._resets != resets:  # a reset began: it wants no sandbox
             os.close(said)
             raise SandboxError("the sandbox was reset while it started")
         stderr = await read_pipe(said, until=SANDBOX_READY)
+        if self._resets != resets:  # a reset began while bubblewrap started: it wants none
+            raise SandboxError("the sandbox was reset while it started")
         pid = spawned.pid1
         if not stderr.endswith(SANDBOX_READY) or self._pid1 is None or pid is None:
             text = stderr.removesuffix(SANDBOX_READY).decode(errors="replace").strip()
-            raise SandboxError(text or "bubblewrap exited at start")
-        if self._resets != resets:  # a reset began while bubblewrap started: it wants none
-            raise SandboxError("the sandbox was reset while it started")
+            raise SandboxError(text or spawned.error or "bubblewrap exited at start")
         self._launch_id = await self._zygote.launch(
             theirs,
             pid1=pid,
@@ -424,11 +427,16 @@ class BwrapSandbox:
             self._zygote.end(self._launch_id)
             self._launch_id = None
         # One that did not exit in time before (stuck in the kernel) is reaped once it has.
-        self._unreaped = [old for old in self._unreaped if old.poll() is None]
+        self._unreaped[:] = [old for old in self._unreaped if old.poll() is None]
         # Shielded: a caller cancelled meanwhile (a call stopped by a release) must not leave
-        # the socket open, nor close it before its reader has left the event loop.
-        ending = self._end(reader, sock, process, pid1, spawning)
-        if not await asyncio.shield(ending):
+        # the socket open, nor close it before its reader has left the event loop; and what it
+        # finds is noted even then.
+        ending = asyncio.ensure_future(self._end(reader, sock, process, pid1, spawning))
+        ending.add_done_callback(self._note_end)
+        await asyncio.shield(ending)
+
+    def _note_end(self, ending: asyncio.Future[bool]) -> None:
+        if not ending.cancelled() and ending.exception() is None and not ending.result():
             self._left_running = True
 
     async def _end(

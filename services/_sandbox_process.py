@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ log = structlog.get_logger("toolbus.sandbox")
 
 # SIGKILL ends bubblewrap at once; only a process stuck in the kernel (D state) can delay it.
 STOP_TIMEOUT_S = 5.0
+_POLL_S = 0.01
 
 
 class SandboxProcess:
@@ -55,7 +57,11 @@ class SandboxProcess:
     async def wait(self) -> int:
         """Its exit code, once it has exited; the pidfd is open only while waiting."""
         while (code := self.poll()) is None:
-            pidfd = os.pidfd_open(self.pid)
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except OSError:  # out of fds: look again and again instead
+                await asyncio.sleep(_POLL_S)
+                continue
             try:
                 await pidfd_exited(pidfd)
             finally:
@@ -88,11 +94,12 @@ async def pidfd_exited(pidfd: int, timeout_s: float | None = None) -> bool:
 class Spawned:
     """What a spawn of bubblewrap started (``read_spawned``): bubblewrap (None if nothing
     started), the host pid of its namespace's pid 1 and a pidfd of it (None if bubblewrap
-    ended before it said)."""
+    ended before it said, or with ``error``: why none could be opened)."""
 
     process: SandboxProcess | None
-    pid1: int | None
-    pidfd: int | None
+    pid1: int | None = None
+    pidfd: int | None = None
+    error: str | None = None
 
 
 async def read_spawned(report: int, info: int) -> Spawned:
@@ -106,16 +113,32 @@ async def read_spawned(report: int, info: int) -> Spawned:
         raise
     if not said.isdigit():
         os.close(info)  # nothing started: the zygote could not, or was gone
-        return Spawned(None, None, None)
+        return Spawned(None)
     process = SandboxProcess(int(said))
     pid1 = _child_pid(await read_pipe(info))
-    pidfd = None
-    if pid1 is not None and process.poll() is None:
-        # Opened while bubblewrap (which reaps its child before it exits) still runs: the
-        # pid cannot be another process's yet.
-        with contextlib.suppress(OSError):
-            pidfd = os.pidfd_open(pid1)
+    if pid1 is None:
+        return Spawned(process)
+    try:
+        pidfd = os.pidfd_open(pid1)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:  # it has ended already
+            return Spawned(process)
+        return Spawned(process, pid1, error=f"cannot watch the sandbox: {exc.strerror}")
+    # Bubblewrap reaps its child only as it exits itself: while bubblewrap is unreaped and
+    # that pid is still its child's, the pidfd is of the sandbox's pid 1, not of a reuse.
+    if process.poll() is not None or _parent_of(pid1) != process.pid:
+        os.close(pidfd)
+        return Spawned(process)
     return Spawned(process, pid1, pidfd)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            text = stat.read()
+    except OSError:
+        return None
+    return int(text[text.rfind(b")") + 2 :].split()[1])
 
 
 async def end_bubblewrap(
@@ -129,21 +152,24 @@ async def end_bubblewrap(
     A stop that came before its start learnt them takes them from ``spawning`` first:
     bubblewrap is never killed before its child is known, because its child sets
     --die-with-parent only at the end of its set-up, and outlives an earlier kill. One that
-    does not exit in time goes to ``unreaped``. False when pid 1 did not end in time. The
-    pidfd is closed here."""
+    does not exit in time goes to ``unreaped``. False when pid 1 did not end in time (or was
+    not known in time: it is ended once it is). The pidfd is closed here."""
+    pid1 = None
     if spawning is not None:
         # Within moments: the spawn says bubblewrap's pid first, bubblewrap its child's
-        # right after its clone.
-        spawned = None
-        with contextlib.suppress(Exception):
+        # right after its clone. Never cancelled: what it yields late is ended then.
+        try:
             async with asyncio.timeout(STOP_TIMEOUT_S):
-                spawned = await spawning
-        if spawned is not None:
-            process, pidfd = spawned.process, spawned.pidfd
+                spawned = await asyncio.shield(spawning)
+        except TimeoutError:
+            log.warning("a sandbox's start did not say its processes in time")
+            spawning.add_done_callback(lambda task: _end_when_known(task, unreaped))
+            return False
+        except Exception:  # its pipes failed: nothing is known to end
+            spawned = Spawned(None)
+        process, pidfd, pid1 = spawned.process, spawned.pidfd, spawned.pid1
     try:
-        if pidfd is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        _kill_pid1(pidfd, pid1, process)
         if process is not None:
             process.kill()
             try:
@@ -159,6 +185,30 @@ async def end_bubblewrap(
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def _kill_pid1(pidfd: int | None, pid1: int | None, process: SandboxProcess | None) -> None:
+    if pidfd is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    elif pid1 is not None and process is not None and process.poll() is None:
+        # No pidfd could be opened (out of fds): by its number, while bubblewrap, which reaps
+        # it only as it exits, still runs.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid1, signal.SIGKILL)
+
+
+def _end_when_known(spawning: asyncio.Task[Spawned], unreaped: list[SandboxProcess]) -> None:
+    """A spawn's late outcome, when its stop could not wait for it: ended, reaped later."""
+    if spawning.cancelled() or spawning.exception() is not None:
+        return
+    spawned = spawning.result()
+    _kill_pid1(spawned.pidfd, spawned.pid1, spawned.process)
+    if spawned.pidfd is not None:
+        os.close(spawned.pidfd)
+    if spawned.process is not None:
+        spawned.process.kill()
+        unreaped.append(spawned.process)
 
 
 def _child_pid(info: bytes) -> int | None:

@@ -64,8 +64,9 @@ _PR_SET_NO_NEW_PRIVS = 38
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _RECEIVE_BYTES = 65536
 _MAX_SPAWN_FDS = 16
-# clone(2)'s number where its other arguments, all zero here, may come in any order.
-_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220}
+# clone(2)'s and getpid(2)'s numbers; clone's other arguments, all zero here, may come in
+# any order. getpid(2) itself: a glibc before 2.25 answers a raw clone's child from a cache.
+_SYSCALLS = {"x86_64": (56, 39), "aarch64": (220, 172), "riscv64": (220, 172)}
 _CLONE_PARENT = 0x00008000
 _ANCILLARY_BYTES = _socket.CMSG_SPACE(_MAX_SPAWN_FDS * 4)
 
@@ -85,7 +86,8 @@ class _Zygote:
         self._own_fds = own_fds  # the loop's, closed in each launcher
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.syscall.restype = ctypes.c_long
-        self._clone = _SYS_CLONE.get(os.uname().machine)
+        self._libc.syscall.argtypes = [ctypes.c_long] * 6
+        self._syscalls = _SYSCALLS.get(os.uname().machine)
         self._launchers: dict[int, int] = {}  # launch id -> pid, until reaped
         self._launch_ids: dict[int, int] = {}  # pid -> launch id
         with open("/proc/sys/kernel/cap_last_cap") as last:
@@ -125,8 +127,9 @@ class _Zygote:
                 self._launch_ids[pid] = message["id"]
         except Exception as exc:  # a bad message must not end the zygote
             # Said where the worker looks: a spawn's stderr, a launch's control socket.
+            what = "bubblewrap" if op == "spawn" else "the launcher"
             if len(fds) >= 2 and (op == "spawn" or len(fds) == 2):
-                _say(fds[1], f"the launcher zygote could not start it: {_why(exc)}")
+                _say(fds[1], f"the launcher zygote could not start {what}: {_why(exc)}")
         finally:
             for fd in fds:
                 _launcher._quietly(os.close, fd)
@@ -134,17 +137,21 @@ class _Zygote:
 
     def _spawn(self, message: dict[str, object], fds: list[int]) -> None:
         """A child of the worker's that runs ``argv`` (see the module's docstring)."""
-        if self._clone is None:
+        if self._syscalls is None:
             raise OSError(f"no clone(2) number known for {os.uname().machine}")
+        clone, getpid = self._syscalls
         argv = message["argv"]
         if not isinstance(argv, list) or not argv or len(fds) < 2:
             raise ValueError("a spawn needs argv, a pipe for its pid and a stderr")
         # A raw clone: no fork handlers run in the child, so it only moves fds and execs.
-        pid = self._libc.syscall(self._clone, _CLONE_PARENT | _signal.SIGCHLD, 0, 0, 0, 0)
+        pid = self._libc.syscall(clone, _CLONE_PARENT | _signal.SIGCHLD, 0, 0, 0, 0)
         if pid < 0:
             raise OSError(ctypes.get_errno(), f"clone: {os.strerror(ctypes.get_errno())}")
         if pid == 0:
-            _exec_child(message, argv, fds)
+            try:
+                _exec_child(message, argv, fds, self._libc.syscall(getpid, 0, 0, 0, 0, 0))
+            finally:
+                os._exit(127)
 
     def _fork(self, message: dict[str, object], pid1: int, control: int) -> int:
         pid = os.fork()
@@ -194,39 +201,44 @@ class _Zygote:
         os.chdir("/workspace")
 
 
-def _exec_child(message: dict[str, object], argv: list[str], fds: list[int]) -> None:
-    """In the spawned child: never returns."""
+def _exec_child(message: dict[str, object], argv: list[str], fds: list[int], pid: int) -> None:
+    """In the spawned child (``pid``): it execs, or says why not and returns."""
     report, fds = fds[0], fds[1:]
     stderr = fds[0]
+    step = "say its pid"
     try:
-        os.write(report, str(os.getpid()).encode())
+        os.write(report, str(pid).encode())
         os.close(report)
         _signal.set_wakeup_fd(-1)
         # Dispositions that an exec keeps: as a program started by anyone else finds them.
         for number in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGCHLD):
             _signal.signal(number, _signal.SIG_DFL)
+        step = "pass its fds"
         # The attached fds to 2, 3, 4, ... by way of numbers above all of them; the rest closed.
         above = max(fds) + len(fds) + 3
         for index, fd in enumerate(fds):
             os.dup2(fd, above + index)
+        stderr = above
         for index in range(len(fds)):
             os.dup2(above + index, 2 + index)  # inheritable
         stderr = 2
         os.closerange(2 + len(fds), 2**31 - 1)
         cgroup = message.get("cgroup")
         if isinstance(cgroup, str):
+            step = f"join the cgroup {cgroup}"
             procs = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
-            os.write(procs, str(os.getpid()).encode())
+            os.write(procs, b"0")  # this process
             os.close(procs)
         uid, gid = message.get("uid"), message.get("gid")
         if os.geteuid() == 0 and isinstance(uid, int) and isinstance(gid, int):
+            step = f"become uid {uid}, gid {gid}"
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
+        step = f"run {argv[0]}"
         os.execv(argv[0], argv)
     except BaseException as exc:
-        _say(stderr, f"cannot run {argv[0]}: {_why(exc)}")
-    os._exit(127)
+        _say(stderr, f"cannot {step}: {_why(exc)}")
 
 
 def _why(exc: BaseException) -> str:

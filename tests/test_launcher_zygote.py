@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from services import _sandbox_process
 from services._cgroups import PidsCgroups
 from services._sandbox import BwrapOptions, BwrapSandbox, SandboxError, find_bwrap
 from services._zygote import LauncherZygote
@@ -195,6 +196,67 @@ async def test_a_bubblewrap_that_cannot_run_says_why(tmp_path: Path) -> None:
     sandbox = BwrapSandbox(workspace, options, zygote=zygote)
     try:
         with pytest.raises(SandboxError, match=r"cannot run .*no-such-bwrap: No such file"):
+            await sandbox.start()
+        assert _bubblewraps() == []
+    finally:
+        await sandbox.close()
+        await zygote.close()
+
+
+async def test_a_stop_that_cannot_wait_for_a_slow_start_ends_it_once_it_is_known(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start given up while its spawn is held up (the zygote stopped here): the stop waits
+    its bound, says the slot may not be clean, and ends what the spawn starts once it does;
+    a later stop reaps it."""
+    monkeypatch.setattr(_sandbox_process, "STOP_TIMEOUT_S", 0.5)
+    cgroups = PidsCgroups.create(f"test-{uuid.uuid4().hex[:8]}").cgroups
+    if cgroups is None:
+        pytest.fail("no writable pids cgroup here")
+    cgroup = cgroups.slot(0, 64)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    bwrap = find_bwrap()
+    assert bwrap is not None, "these tests need bubblewrap"
+    zygote = LauncherZygote()
+    options = BwrapOptions(bwrap=bwrap, allow_network=False)
+    sandbox = BwrapSandbox(workspace, options, zygote=zygote, cgroup=cgroup)
+    try:
+        assert (await sh(sandbox, "echo up")).stdout.text == "up\n"  # the zygote runs
+        await asyncio.wait_for(sandbox.reset(), _BOUND_S)
+        os.kill(_zygote_pid(zygote), signal.SIGSTOP)
+        try:
+            start = asyncio.create_task(sandbox.start())
+            await until(lambda: sandbox._spawning is not None)  # sent, not yet cloned
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(start, _BOUND_S)
+        finally:
+            os.kill(_zygote_pid(zygote), signal.SIGCONT)
+        # The spawn goes on: its bubblewrap is ended as soon as it is known.
+        with pytest.raises(SandboxError, match="did not all end"):
+            await asyncio.wait_for(sandbox.close(), _BOUND_S)
+        await until(lambda: (cgroup / "cgroup.procs").read_text().split() == [])
+        await asyncio.wait_for(sandbox.reset(), _BOUND_S)  # reaps it
+        assert _bubblewraps() == []
+        assert (await sh(sandbox, "echo works")).stdout.text == "works\n"
+    finally:
+        await sandbox.close()
+        await zygote.close()
+        await cgroups.remove()
+
+
+async def test_a_spawn_that_cannot_join_its_cgroup_says_so(tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    bwrap = find_bwrap()
+    assert bwrap is not None, "these tests need bubblewrap"
+    zygote = LauncherZygote()
+    options = BwrapOptions(bwrap=bwrap, allow_network=False)
+    missing = tmp_path / "no-such-cgroup"
+    sandbox = BwrapSandbox(workspace, options, zygote=zygote, cgroup=missing)
+    try:
+        with pytest.raises(SandboxError, match=f"cannot join the cgroup {missing}: No such file"):
             await sandbox.start()
         assert _bubblewraps() == []
     finally:
