@@ -213,6 +213,16 @@ class SandboxWorker:
             if self._cgroups is not None:
                 await self._cgroups.remove()
             raise
+        try:
+            await self._start(root, slots)
+        except BaseException as exc:
+            # Whatever it got to (the zygote the probe started, wipes, subscriptions): ended
+            # as a stop ends them, not left to the process's end.
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def _start(self, root: Path, slots: int) -> None:
         self._warn_about_setup()
         for index in range(slots):
             workspace = root / f"slot_{index}"
@@ -260,7 +270,6 @@ class SandboxWorker:
             runs_as=self._sandboxes.identity,
             registration_ttl_s=self._registration.ttl_s,
         )
-        return self
 
     async def __aexit__(
         self,

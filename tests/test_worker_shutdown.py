@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from nats.aio.client import Client
+
 from services.executor import ExecutorService
+from services.worker import SandboxWorker, WorkerConfig
 from tests._processes import worker_process
 from tests.conftest import StackFactory
 
@@ -61,3 +67,34 @@ async def test_sigterm_ends_a_busy_worker_within_its_drain_timeout_and_its_works
     assert lost.metadata["lost_reason"] == "worker_stopped"
     fresh = await stack.client.execute(busy, "terminal", {"command": "ls -A | wc -l"})
     assert fresh.success and fresh.output.strip() == "0"
+
+
+async def test_a_worker_whose_start_fails_after_its_probe_leaves_no_process(
+    nc: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe has started the launcher zygote (and a sandbox, ended again); a failure after
+    it (here: the JetStream buckets cannot be opened) must end what the start made, not leave
+    the zygote to the process's end."""
+
+    async def no_bucket(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no JetStream here")
+
+    monkeypatch.setattr("services.worker.open_bucket", no_bucket)
+    before = _children()
+    config = WorkerConfig(
+        worker_id=f"fails-{uuid.uuid4().hex[:6]}", slots=2, workspace_root=tmp_path
+    )
+    with pytest.raises(RuntimeError, match="no JetStream here"):
+        async with SandboxWorker(nc, config):
+            pass
+    assert _children() == before
+
+
+def _children() -> list[str]:
+    """This process's children, by command line (zombies included)."""
+    pid = os.getpid()
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            found.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return sorted(found)
