@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -150,22 +152,7 @@ async def test_a_start_given_up_at_any_moment_leaves_nothing_running(
     meanwhile, ends all it started and reaps bubblewrap, and the next start works. Nothing
     is left in the slot's cgroup (bubblewrap's child outlives a kill of bubblewrap during its
     set-up: it sets --die-with-parent only at its end)."""
-    cgroups = PidsCgroups.create(f"test-{uuid.uuid4().hex[:8]}").cgroups
-    if cgroups is None:
-        pytest.fail("no writable pids cgroup here")
-    cgroup = cgroups.slot(0, 64)
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    bwrap = find_bwrap()
-    assert bwrap is not None, "these tests need bubblewrap"
-    zygote = LauncherZygote()
-    options = BwrapOptions(bwrap=bwrap, allow_network=False)
-    sandbox = BwrapSandbox(workspace, options, zygote=zygote, cgroup=cgroup)
-
-    def members() -> list[str]:
-        return (cgroup / "cgroup.procs").read_text().split()
-
-    try:
+    async with _sandbox_in_a_cgroup(tmp_path) as (sandbox, cgroup):
         for delay_ms in (0, 0.2, 0.5, 1, 2, 3, 5, 8, 13, 21, 34):
             start = asyncio.create_task(sandbox.start())
             await asyncio.sleep(delay_ms / 1000)
@@ -180,22 +167,29 @@ async def test_a_start_given_up_at_any_moment_leaves_nothing_running(
             await asyncio.wait_for(sandbox.reset(), _BOUND_S)
             assert _bubblewraps() == [], f"after {delay_ms} ms"
             # The launcher, killed by the zygote at the stop, may take a moment to go.
-            await until(lambda: members() == [], timeout_s=_BOUND_S)
+            await until(lambda: _members(cgroup) == [], timeout_s=_BOUND_S)
         assert (await sh(sandbox, "echo works")).stdout.text == "works\n"
-    finally:
-        await sandbox.close()
-        await zygote.close()
-        await cgroups.remove()
 
 
-async def test_a_bubblewrap_that_cannot_run_says_why(tmp_path: Path) -> None:
+@pytest.mark.parametrize("what", ["bubblewrap", "cgroup"])
+async def test_a_spawn_that_cannot_start_says_why(tmp_path: Path, what: str) -> None:
+    """A bubblewrap that is not there, a cgroup that is not there: the start fails with what
+    the zygote's child could not do, and leaves nothing behind."""
     workspace = tmp_path / "ws"
     workspace.mkdir()
+    bwrap, cgroup = find_bwrap(), None
+    assert bwrap is not None, "these tests need bubblewrap"
+    if what == "bubblewrap":
+        bwrap = tmp_path / "no-such-bwrap"
+        expected = f"cannot run {bwrap}: No such file"
+    else:
+        cgroup = tmp_path / "no-such-cgroup"
+        expected = f"cannot join the cgroup {cgroup}: No such file"
     zygote = LauncherZygote()
-    options = BwrapOptions(bwrap=tmp_path / "no-such-bwrap", allow_network=False)
-    sandbox = BwrapSandbox(workspace, options, zygote=zygote)
+    options = BwrapOptions(bwrap=bwrap, allow_network=False)
+    sandbox = BwrapSandbox(workspace, options, zygote=zygote, cgroup=cgroup)
     try:
-        with pytest.raises(SandboxError, match=r"cannot run .*no-such-bwrap: No such file"):
+        with pytest.raises(SandboxError, match=re.escape(expected)):
             await sandbox.start()
         assert _bubblewraps() == []
     finally:
@@ -210,18 +204,8 @@ async def test_a_stop_that_cannot_wait_for_a_slow_start_ends_it_once_it_is_known
     its bound, says the slot may not be clean, and ends what the spawn starts once it does;
     a later stop reaps it."""
     monkeypatch.setattr(_sandbox_process, "STOP_TIMEOUT_S", 0.5)
-    cgroups = PidsCgroups.create(f"test-{uuid.uuid4().hex[:8]}").cgroups
-    if cgroups is None:
-        pytest.fail("no writable pids cgroup here")
-    cgroup = cgroups.slot(0, 64)
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    bwrap = find_bwrap()
-    assert bwrap is not None, "these tests need bubblewrap"
-    zygote = LauncherZygote()
-    options = BwrapOptions(bwrap=bwrap, allow_network=False)
-    sandbox = BwrapSandbox(workspace, options, zygote=zygote, cgroup=cgroup)
-    try:
+    async with _sandbox_in_a_cgroup(tmp_path) as (sandbox, cgroup):
+        zygote = sandbox._zygote
         assert (await sh(sandbox, "echo up")).stdout.text == "up\n"  # the zygote runs
         await asyncio.wait_for(sandbox.reset(), _BOUND_S)
         os.kill(_zygote_pid(zygote), signal.SIGSTOP)
@@ -236,29 +220,33 @@ async def test_a_stop_that_cannot_wait_for_a_slow_start_ends_it_once_it_is_known
         # The spawn goes on: its bubblewrap is ended as soon as it is known.
         with pytest.raises(SandboxError, match="did not all end"):
             await asyncio.wait_for(sandbox.close(), _BOUND_S)
-        await until(lambda: (cgroup / "cgroup.procs").read_text().split() == [])
+        await until(lambda: _members(cgroup) == [])
         await asyncio.wait_for(sandbox.reset(), _BOUND_S)  # reaps it
         assert _bubblewraps() == []
         assert (await sh(sandbox, "echo works")).stdout.text == "works\n"
-    finally:
-        await sandbox.close()
-        await zygote.close()
-        await cgroups.remove()
 
 
-async def test_a_spawn_that_cannot_join_its_cgroup_says_so(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def _sandbox_in_a_cgroup(tmp_path: Path) -> AsyncIterator[tuple[BwrapSandbox, Path]]:
+    """A sandbox (network off) in a pids cgroup of its own, with its own zygote; the cgroup."""
+    cgroups = PidsCgroups.create(f"test-{uuid.uuid4().hex[:8]}").cgroups
+    if cgroups is None:
+        pytest.fail("no writable pids cgroup here")
+    cgroup = cgroups.slot(0, 64)
     workspace = tmp_path / "ws"
     workspace.mkdir()
     bwrap = find_bwrap()
     assert bwrap is not None, "these tests need bubblewrap"
     zygote = LauncherZygote()
     options = BwrapOptions(bwrap=bwrap, allow_network=False)
-    missing = tmp_path / "no-such-cgroup"
-    sandbox = BwrapSandbox(workspace, options, zygote=zygote, cgroup=missing)
+    sandbox = BwrapSandbox(workspace, options, zygote=zygote, cgroup=cgroup)
     try:
-        with pytest.raises(SandboxError, match=f"cannot join the cgroup {missing}: No such file"):
-            await sandbox.start()
-        assert _bubblewraps() == []
+        yield sandbox, cgroup
     finally:
         await sandbox.close()
         await zygote.close()
+        await cgroups.remove()
+
+
+def _members(cgroup: Path) -> list[str]:
+    return (cgroup / "cgroup.procs").read_text().split()
