@@ -22,7 +22,9 @@ nobody waits, from its ``QueueView``, which only this module changes:
   a direct acquisition never takes the slot a fetched ticket is about to get;
 - while the worker has no slot to give it keeps no pull open, and tickets may queue unseen: the
   view is UNKNOWN. When a slot frees, the first look is a pull that answers at once (no_wait):
-  a ticket (and how many wait behind it, ``num_pending``), or "none". A direct acquisition that
+  up to as many tickets as it has slots to give (releases come in bursts: one look serves a
+  burst, not one round trip per waiter), each saying how many wait behind it
+  (``num_pending``), or "none". A direct acquisition that
   finds a free slot meanwhile waits for that answer (one JetStream round trip, on the newcomer's
   path, never the hand-off's) and then takes the slot (EMPTY) or joins the queue's tail;
 - EMPTY holds while a pull of this worker is open: a ticket put in the stream then is delivered
@@ -51,7 +53,6 @@ from collections.abc import Awaitable, Callable
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -71,7 +72,6 @@ log = structlog.get_logger("toolbus.worker")
 _FETCH_WAIT_S = 2.0  # one pull request's life; short, so a stopping worker leaves none behind
 _PROBE_TIMEOUT_S = 5.0  # a no_wait pull's answer (JetStream answers at once)
 _NEXT_TICKET = f"{DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{WAITING_STREAM}.{WAITING_CONSUMER}"
-_NO_WAIT = b'{"batch":1,"no_wait":true}'
 _OFFER_TIMEOUT_S = 2.0
 _ACK_WAIT_S = 10.0  # a ticket taken by a worker that died is served again after this
 # A ticket past its deadline by more than this is skipped unoffered (the server expires
@@ -155,7 +155,6 @@ class SlotOffers:
                 max_deliver=-1,
             ),
         )
-        probes = await self._nc.subscribe(self._nc.new_inbox())  # no_wait pulls' answers
         try:
             while True:
                 if not self._can_serve():
@@ -168,7 +167,12 @@ class SlotOffers:
                 if self._view.look is QueueLook.EMPTY:
                     tickets = await _long_pull(pull)
                 else:  # first a look that answers at once: a newcomer may be waiting for it
-                    tickets = await self._probe(probes)
+                    # As many tickets as slots to give: releases come in bursts, and each look
+                    # is a round trip the later waiters of a burst would wait behind. (Room
+                    # may shrink meanwhile: a ticket that finds no slot goes back, as below.)
+                    room = self._assignable() - self._view.claims
+                    room = min(room, MAX_OFFERS_AT_ONCE - len(self._serving))
+                    tickets = await self._probe(max(room, 1))
                 if not tickets:
                     self._view.saw(0)
                 for ticket in tickets:
@@ -181,19 +185,35 @@ class SlotOffers:
         finally:
             with contextlib.suppress(Exception):
                 await pull.unsubscribe()
-            with contextlib.suppress(Exception):
-                await probes.unsubscribe()
 
-    async def _probe(self, probes: Subscription) -> list[Msg]:
-        """The next ticket if one waits now, else none: a pull that does not wait (no_wait)."""
-        await self._nc.publish(_NEXT_TICKET, _NO_WAIT, reply=probes.subject)
-        answer = await probes.next_msg(timeout=_PROBE_TIMEOUT_S)
-        status = answer.headers.get(Header.STATUS) if answer.headers else None
-        if not status:
-            return [answer]
-        if status in (StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT):
-            return []
-        raise APIError.from_msg(answer)
+    async def _probe(self, batch: int) -> list[Msg]:
+        """Up to ``batch`` tickets waiting now, else none: a pull that does not wait (no_wait).
+        JetStream sends the tickets it has, then a status only when they were fewer than
+        asked. Each pull's answers come to an inbox of its own, so that a late one of an
+        earlier pull is never taken for this one's."""
+        answers = await self._nc.subscribe(self._nc.new_inbox())
+        try:
+            request = b'{"batch":%d,"no_wait":true}' % batch
+            await self._nc.publish(_NEXT_TICKET, request, reply=answers.subject)
+            tickets: list[Msg] = []
+            while len(tickets) < batch:
+                try:
+                    answer = await answers.next_msg(timeout=_PROBE_TIMEOUT_S)
+                except NatsTimeoutError:
+                    if tickets:  # served, not stranded until their ack wait
+                        break
+                    raise
+                status = answer.headers.get(Header.STATUS) if answer.headers else None
+                if not status:
+                    tickets.append(answer)
+                elif status in (StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT) or tickets:
+                    break  # no more now
+                else:
+                    raise APIError.from_msg(answer)
+            return tickets
+        finally:
+            with contextlib.suppress(Exception):
+                await answers.unsubscribe()
 
     def _served(self, task: asyncio.Task[None]) -> None:
         self._serving.discard(task)

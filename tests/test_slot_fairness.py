@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from schemas.subjects import WAITING_STREAM, Subjects
+from schemas.subjects import WAITING_CONSUMER, WAITING_STREAM, Subjects
 from services.executor import ExecutorConfig
 from services.worker import SandboxWorker
 from tests._waits import until
@@ -177,3 +177,54 @@ async def test_with_nobody_waiting_a_new_trajectory_gets_a_free_slot_without_que
         assert tickets == []
         assert _waiting(stack) == 0
         assert worker.slots_free == 1
+
+
+async def test_slots_freed_together_go_to_their_waiters_with_one_look_and_in_order(
+    make_stack: StackFactory,
+    trajectory: Callable[[], str],
+    nc: Client,
+    empty_queue: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rollouts release in bursts: three slots freed at once are served from one look at the
+    queue (a pull for up to three tickets), not three looks one after the other, each a
+    JetStream round trip that the third waiter would wait behind; and still in arrival order."""
+    stack = await make_stack(slots=3, executor_config=ExecutorConfig(acquire_timeout_s=120))
+    worker = stack.workers[0]
+    holders = [trajectory() for _ in range(3)]
+    for holder in holders:
+        assert (await stack.client.execute(holder, "terminal", {"command": "true"})).success
+    order = _Order(stack)
+    pulls: list[bytes] = []
+
+    async def on_pull(msg: Msg) -> None:
+        pulls.append(msg.data)
+
+    watch = await nc.subscribe(
+        f"$JS.API.CONSUMER.MSG.NEXT.{WAITING_STREAM}.{WAITING_CONSUMER}", cb=on_pull
+    )
+    try:
+        waiters = [trajectory() for _ in range(3)]
+        for count, waiter in enumerate(waiters, start=1):
+            order.start(waiter)
+            await until(lambda count=count: _waiting(stack) == count)
+        # The three slots free before the worker looks (as when releases come together).
+        offers = worker._offers
+        wake = offers.wake
+        monkeypatch.setattr(offers, "wake", lambda: None)
+        for holder in holders:
+            await stack.client.release(holder, reset_workspace=True)
+        pulls.clear()
+        monkeypatch.setattr(offers, "wake", wake)
+        wake()
+        async with asyncio.timeout(60):
+            await asyncio.gather(*order.tasks)
+        # Given in arrival order (the first calls then run side by side, and end in any order).
+        slots = [worker._table.holding(waiter) for waiter in waiters]
+        epochs = [slot.epoch for slot in slots if slot is not None]
+        assert len(epochs) == 3 and epochs == sorted(epochs), slots
+        await nc.flush()
+        assert b'"batch":3' in pulls[0], pulls
+    finally:
+        await watch.unsubscribe()
+        await order.close()
