@@ -1,4 +1,5 @@
-"""A slot sandbox's bubblewrap process, as the worker waits for its end.
+"""A slot sandbox's bubblewrap process: what its spawn started (:func:`read_spawned`), its end
+(:func:`end_bubblewrap`: never before its sandbox's pid 1 is known), and the wait for it.
 
 Cheap to start and to keep, because a worker holds a thousand of them:
 
