@@ -166,6 +166,8 @@ class SlotOffers:
                 # binds again, making them anew if they are missing.
                 if self._view.look is QueueLook.EMPTY:
                     tickets = await _long_pull(pull)
+                    for ticket in tickets:
+                        self._take(ticket)
                 else:  # first a look that answers at once: a newcomer may be waiting for it
                     # As many tickets as slots to give: releases come in bursts, and each look
                     # is a round trip the later waiters of a burst would wait behind. (Room
@@ -175,22 +177,25 @@ class SlotOffers:
                     tickets = await self._probe(max(room, 1))
                 if not tickets:
                     self._view.saw(0)
-                for ticket in tickets:
-                    # A task of its own, never cancelled: a ticket taken is answered or put
-                    # back, even at shutdown; offers to slow executors do not hold up others.
-                    self._view.claim(_pending_after(ticket))
-                    task = asyncio.create_task(self._serve(ticket))
-                    self._serving.add(task)
-                    task.add_done_callback(self._served)
         finally:
             with contextlib.suppress(Exception):
                 await pull.unsubscribe()
 
+    def _take(self, ticket: Msg) -> None:
+        """A ticket in hand: claimed, and served by a task of its own, never cancelled, so it
+        is answered or put back even at shutdown; offers to slow executors do not hold up
+        others."""
+        self._view.claim(_pending_after(ticket))
+        task = asyncio.create_task(self._serve(ticket))
+        self._serving.add(task)
+        task.add_done_callback(self._served)
+
     async def _probe(self, batch: int) -> list[Msg]:
-        """Up to ``batch`` tickets waiting now, else none: a pull that does not wait (no_wait).
-        JetStream sends the tickets it has, then a status only when they were fewer than
-        asked. Each pull's answers come to an inbox of its own, so that a late one of an
-        earlier pull is never taken for this one's."""
+        """Up to ``batch`` tickets waiting now, else none: a pull that does not wait (no_wait),
+        each ticket taken (``_take``) as it comes, so that none is left unserved if this is
+        cancelled half-way. JetStream sends the tickets it has, then a status only when they
+        were fewer than asked. Each pull's answers come to an inbox of its own, so that a late
+        one of an earlier pull is never taken for this one's."""
         answers = await self._nc.subscribe(self._nc.new_inbox())
         try:
             request = b'{"batch":%d,"no_wait":true}' % batch
@@ -206,6 +211,7 @@ class SlotOffers:
                 status = answer.headers.get(Header.STATUS) if answer.headers else None
                 if not status:
                     tickets.append(answer)
+                    self._take(answer)
                 elif status in (StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT) or tickets:
                     break  # no more now
                 else:

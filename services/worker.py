@@ -217,8 +217,12 @@ class SandboxWorker:
             await self._start(root, slots)
         except BaseException as exc:
             # Whatever it got to (the zygote the probe started, wipes, subscriptions): ended
-            # as a stop ends them, not left to the process's end.
-            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            # as a stop ends them, not left to the process's end. The start's error is the one
+            # its caller hears.
+            try:
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+            except Exception:
+                log.exception("stopping a worker whose start failed failed too")
             raise
         return self
 
