@@ -75,6 +75,10 @@ class WorkerRegistration:
 
     async def deregister(self) -> None:
         async with self._lock:
+            if not self.incarnation:
+                return  # never registered (a start that failed first): nothing is ours
+            if not self._revision and await self._adopt_stored() is None:
+                return  # its write never landed (one whose ack was lost is adopted here)
             with contextlib.suppress(RevisionMismatch):  # expired or replaced already
                 await self._bucket.remove(self._key, expect=self._revision)
 

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 
+from schemas.subjects import WORKERS_BUCKET
+from services._kv import open_bucket
 from services.executor import ExecutorService
 from services.worker import SandboxWorker, WorkerConfig
 from tests._processes import worker_process
@@ -79,15 +82,19 @@ async def test_a_worker_whose_start_fails_after_its_probe_leaves_no_process(
     async def no_bucket(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no JetStream here")
 
+    js = nc.jetstream()
+    await open_bucket(js, WORKERS_BUCKET, description="toolbus sandbox workers")
     monkeypatch.setattr("services.worker.open_bucket", no_bucket)
     before = _children()
-    config = WorkerConfig(
-        worker_id=f"fails-{uuid.uuid4().hex[:6]}", slots=2, workspace_root=tmp_path
-    )
+    worker_id = f"fails-{uuid.uuid4().hex[:6]}"
+    config = WorkerConfig(worker_id=worker_id, slots=2, workspace_root=tmp_path)
     with pytest.raises(RuntimeError, match="no JetStream here"):
         async with SandboxWorker(nc, config):
             pass
     assert _children() == before
+    # It never registered: its stop wrote nothing for it (not even a removal marker).
+    with pytest.raises(NotFoundError):
+        await js.get_last_msg(f"KV_{WORKERS_BUCKET}", f"$KV.{WORKERS_BUCKET}.{worker_id}")
 
 
 def _children() -> list[str]:
