@@ -208,17 +208,11 @@ class SandboxWorker:
         try:
             # Fails closed here when require_sandbox is set and bubblewrap cannot run.
             await self._sandboxes.probe(root / ".probe")
-        except BaseException:
-            await self._sandboxes.close()
-            if self._cgroups is not None:
-                await self._cgroups.remove()
-            raise
-        try:
             await self._start(root, slots)
         except BaseException as exc:
-            # Whatever it got to (the zygote the probe started, wipes, subscriptions): ended
-            # as a stop ends them, not left to the process's end. The start's error is the one
-            # its caller hears.
+            # Whatever it got to (the zygote the probe started, the cgroups, wipes,
+            # subscriptions): ended as a stop ends them, not left to the process's end. The
+            # start's error is the one its caller hears.
             try:
                 await self.__aexit__(type(exc), exc, exc.__traceback__)
             except Exception:
