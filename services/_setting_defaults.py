@@ -39,6 +39,9 @@ DEFAULT_MAX_TMP_MB = 512
 DEFAULT_SANDBOX_UID_BASE = 2_000_000_000
 DEFAULT_MIN_FREE_DISK_MB = 1024
 DEFAULT_SLOT_IDLE_TIMEOUT_S = 3600.0
+# A retry of a call (same uniq_id) within this long gets the first run's result (README, Failures).
+DEFAULT_RETRY_WINDOW_S = 600.0
+DEFAULT_RETRY_MEMORY_MB = 256  # per worker, for those results
 
 __all__ = [
     "DEFAULT_ACQUIRE_TIMEOUT_S",
@@ -65,6 +68,8 @@ __all__ = [
     "DEFAULT_MAX_UPLOAD_MB",
     "DEFAULT_MIN_FREE_DISK_MB",
     "DEFAULT_PORT",
+    "DEFAULT_RETRY_MEMORY_MB",
+    "DEFAULT_RETRY_WINDOW_S",
     "DEFAULT_SANDBOX_UID_BASE",
     "DEFAULT_SLOTS",
     "DEFAULT_SLOT_IDLE_TIMEOUT_S",

@@ -11,6 +11,11 @@ Every result is published, whatever its size: one larger than a NATS message is 
 output shortened, with flags saying so), and a failure to publish is answered with a short infra
 failure and logged. An executor that gives up on a call cancels it here first (:meth:`cancel`);
 ids cancelled before their batch arrived are remembered, so such a call never runs.
+
+An item is one asker of a run (``_call_runs.py``): a call with a ``uniq_id`` seen in this
+assignment within the retry window joins the earlier run (waiting for it, or answered from its
+held outcome at once) instead of running a second time. A cancel ends the asker; the run ends
+with its last asker.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from schemas.internal import (
 from schemas.messages import ErrorKindOfResult, ToolResult
 
 from ._artifacts import ArtifactRunner
+from ._call_runs import Asker, CallRun, Refused, RunKey, RunsById, RunState, run_key
 from ._result_sender import ResultSender
 from ._slots import Slot, SlotTable
 from ._tools import ToolRunner
@@ -59,25 +65,25 @@ class SlotCalls:
         worker_id: str,
         tools: ToolRunner,
         artifacts: ArtifactRunner,
+        runs: RunsById | None = None,
     ) -> None:
         self._nc = nc
         self._table = table
         self._worker_id = worker_id
         self._tools = tools
         self._artifacts = artifacts
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._runs = runs or RunsById()
+        self._live: set[CallRun] = set()  # runs whose task has not ended
+        self._asking: dict[str, CallRun] = {}  # item id -> the run it waits for
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
-        # Calls taken in whose outcome is not published yet: what a call cancelled before its
-        # first step (its coroutine never ran) is answered from when its task ends.
-        self._unanswered: dict[str, tuple[BatchItem, str]] = {}
         self._results = ResultSender(nc)
         self.accepting = False
         self.calls_completed = 0
 
     @property
     def running(self) -> list[asyncio.Task[None]]:
-        return list(self._running.values())
+        return [run.task for run in self._live if run.task is not None]
 
     # -- intake -------------------------------------------------------------------------------
     def take_batch(
@@ -85,21 +91,25 @@ class SlotCalls:
     ) -> tuple[BatchAck, Callable[[], None]]:
         """Take in every item of the batch that may run; the ack says what happened to the rest.
 
-        The items' tasks exist (and can be cancelled) from here on, but their runs begin only
-        when the returned ``open_gate`` is called, which the caller does once the ack is on its
-        way: the executor then sends its next batch while this one runs, instead of waiting for
-        the whole batch to finish before it hears that it arrived."""
+        The items' runs exist (and can be cancelled) from here on, but they begin only when the
+        returned ``open_gate`` is called, which the caller does once the ack is on its way: the
+        executor then sends its next batch while this one runs, instead of waiting for the
+        whole batch to finish before it hears that it arrived. Items answered from an earlier
+        run's outcome are answered then too, after their ack."""
         first, _, rest = data.partition(b"\n")
         lines = rest.split(b"\n") if rest else []
         ack = BatchAck()
         loop = asyncio.get_running_loop()
-        # An event, not a future: each call waits on a future of its own, so a cancel of one
+        # An event, not a future: each run waits on a future of its own, so a cancel of one
         # (which cancels the future it awaits) leaves the others of the batch waiting.
         gate = asyncio.Event()
+        answered: list[tuple[Asker, ItemResult]] = []
 
         def open_gate() -> None:
             # From the loop's queue, behind the connection's flusher that the ack's publish woke.
             loop.call_soon(gate.set)
+            if answered:
+                loop.call_soon(self._answer_all, answered)
 
         try:
             header = BatchHeader.model_validate_json(first)
@@ -117,6 +127,8 @@ class SlotCalls:
                 continue
             try:
                 slot, reason = self._admit(item)
+                key = run_key(item)
+                earlier = self._runs.find(key) if slot is not None and key is not None else None
             except Exception:  # a bug: this item alone is answered for
                 log.exception("admitting a batch item failed", index=index)
                 ack.unreadable.append(index)
@@ -124,49 +136,78 @@ class SlotCalls:
             if slot is None:
                 ack.rejected[item.item_id] = reason
                 continue
-            queued = bool(slot.tasks)  # earlier calls of this slot go first
-            if queued:
-                ack.queued.append(item.item_id)
+            asker = Asker(item, header.reply_to, owed_start=False)
+            if isinstance(earlier, Refused):
+                refused = _refused(self._runs.window_s, item.uniq_id)
+                earlier = ItemResult(item_id=item.item_id, result=refused)
+            if isinstance(earlier, ItemResult):  # a retry of a finished call: answered at once
+                answered.append((asker, earlier))
+                _remember(self._finished, item.item_id)
+                continue
             slot.last_used = time.monotonic()
             slot.calls += 1
-            task = asyncio.create_task(
-                self._run(slot, item, header.reply_to, headers, subject, queued, gate)
-            )
-            slot.tasks.add(task)
-            self._running[item.item_id] = task
-            self._unanswered[item.item_id] = (item, header.reply_to)
-            task.add_done_callback(functools.partial(self._done, slot, item.item_id))
+            if earlier is not None:  # a retry of a call still waiting or running: it joins
+                asker.owed_start = earlier.state is RunState.WAITING
+                earlier.askers[item.item_id] = asker
+                self._asking[item.item_id] = earlier
+            else:
+                asker.owed_start = bool(slot.tasks)  # earlier calls of this slot go first
+                self._start(slot, asker, key, headers, subject, gate)
+            if asker.owed_start:
+                ack.queued.append(item.item_id)
         return ack, open_gate
 
     def _admit(self, item: BatchItem) -> tuple[Slot | None, RejectReason]:
         if not self.accepting:
             return None, RejectReason.STOPPING
-        seen = (self._cancelled, self._running, self._finished)
+        seen = (self._cancelled, self._asking, self._finished)
         if any(item.item_id in ids for ids in seen):
             return None, RejectReason.CANCELLED  # given up on before it came, or sent twice
 
         slot = self._table.accepting(item.trajectory_id, item.epoch)
         return slot, RejectReason.NO_SLOT
 
-    def _done(self, slot: Slot, item_id: str, task: asyncio.Task[None]) -> None:
-        slot.tasks.discard(task)
-        self._running.pop(item_id, None)
-        _remember(self._finished, item_id)
-        if (unanswered := self._unanswered.pop(item_id, None)) is not None:
+    def _start(
+        self,
+        slot: Slot,
+        asker: Asker,
+        key: RunKey | None,
+        headers: dict[str, str] | None,
+        subject: str,
+        gate: asyncio.Event,
+    ) -> None:
+        item = asker.item
+        run = CallRun(slot, item, key, askers={item.item_id: asker})
+        run.task = asyncio.create_task(self._run(run, headers, subject, gate))
+        slot.tasks.add(run.task)
+        self._live.add(run)
+        self._asking[item.item_id] = run
+        if run.key is not None:
+            self._runs.started(run)
+        run.task.add_done_callback(functools.partial(self._ended, run))
+
+    def _ended(self, run: CallRun, task: asyncio.Task[None]) -> None:
+        run.slot.tasks.discard(task)
+        self._live.discard(run)
+        if run.state is not RunState.DONE:
             # Cancelled before its first step: none of its code ran, nor published.
-            item, reply_to = unanswered
-            self._publish_outcome(
-                item, ItemResult(item_id=item_id, result=_cancelled()), reply_to, slot
-            )
+            self._finish(run, ItemResult(item_id=run.item.item_id, result=_cancelled()))
 
     # -- cancel -------------------------------------------------------------------------------
     def cancel(self, item_ids: list[str]) -> CancelReply:
         reply = CancelReply()
         for item_id in item_ids:
-            task = self._running.get(item_id)
-            if task is not None:
-                task.cancel()  # its cancelled result is published as it stops
+            run = self._asking.get(item_id)
+            if run is not None:
                 reply.outcomes[item_id] = CancelOutcome.CANCELLED
+                if len(run.askers) > 1:  # the run goes on for the others
+                    asker = run.askers.pop(item_id)
+                    del self._asking[item_id]
+                    _remember(self._finished, item_id)
+                    cancelled = _cancelled(asker.item.uniq_id)
+                    self._answer(asker, ItemResult(item_id=item_id, result=cancelled), run.slot)
+                elif run.task is not None:
+                    run.task.cancel()  # its cancelled result is published as it stops
             elif item_id in self._finished:
                 reply.outcomes[item_id] = CancelOutcome.FINISHED
             else:
@@ -177,20 +218,19 @@ class SlotCalls:
     # -- running ------------------------------------------------------------------------------
     async def _run(
         self,
-        slot: Slot,
-        item: BatchItem,
-        reply_to: str,
+        run: CallRun,
         batch_headers: dict[str, str] | None,
         subject: str,
-        queued: bool,
         gate: asyncio.Event,
     ) -> None:
-        """Run one call in its slot (after the calls before it) and publish its result.
+        """Run one call in its slot (after the calls before it) and publish its outcome to
+        each of its askers.
 
-        Its span continues the executor's trace (the item carries its context) and links to the
-        batch it came in; the tool's own span inside it is the execution time, what comes
+        Its span continues the first asker's trace (the item carries its context) and links to
+        the batch it came in; the tool's own span inside it is the execution time, what comes
         before it the queue wait.
         """
+        slot, item = run.slot, run.item
         outcome = ItemResult(item_id=item.item_id)
         # This call's own task (see take_batch): bound until it ends, nothing to undo.
         structlog.contextvars.bind_contextvars(
@@ -210,18 +250,21 @@ class SlotCalls:
             try:
                 await gate.wait()  # its batch's ack is on its way
                 async with slot.lock:
-                    if queued:  # the executor's deadline for its run starts now
-                        self._results.send(reply_to, ItemResult(item_id=item.item_id, started=True))
-                    started = time.time()
+                    run.state = RunState.RUNNING  # from here on, it ran
+                    for asker in run.askers.values():
+                        if asker.owed_start:  # the executor's deadline for its run starts now
+                            started = ItemResult(item_id=asker.item.item_id, started=True)
+                            self._results.send(asker.reply_to, started)
+                    began = time.time()
                     if item.created_at is not None:
-                        outcome.queue_wait_s = max(started - item.created_at, 0.0)
+                        outcome.queue_wait_s = max(began - item.created_at, 0.0)
                         span.set_attribute("toolbus.queue_wait_s", outcome.queue_wait_s)
                     await self._run_tool(slot, item, outcome)
-                    outcome.execution_s = time.time() - started
+                    outcome.execution_s = time.time() - began
             except asyncio.CancelledError:
                 outcome.result = _cancelled()
                 tracing.mark_error(span, "cancelled")
-                self._publish_outcome(item, outcome, reply_to, slot)
+                self._finish(run, outcome)
                 raise
             except Exception as exc:
                 log.exception("tool crashed")
@@ -235,7 +278,7 @@ class SlotCalls:
                 if not _succeeded(outcome):
                     tracing.mark_error(span, _error_type(outcome))
             # No await from here on: a cancel that comes now cannot lose a finished call's result.
-            self._publish_outcome(item, outcome, reply_to, slot)
+            self._finish(run, outcome)
 
     async def _run_tool(self, slot: Slot, item: BatchItem, outcome: ItemResult) -> None:
         with tracing.span(
@@ -273,25 +316,67 @@ class SlotCalls:
         return reply
 
     # -- answering ----------------------------------------------------------------------------
-    def _publish_outcome(
-        self, item: BatchItem, outcome: ItemResult, reply_to: str, slot: Slot
-    ) -> None:
-        self._unanswered.pop(item.item_id, None)
-        slot.last_used = time.monotonic()
+    def _finish(self, run: CallRun, outcome: ItemResult) -> None:
+        """WAITING or RUNNING → DONE: the outcome goes to every asker, in one step."""
+        ran = run.state is RunState.RUNNING
+        run.state = RunState.DONE
         if outcome.result is not None:
-            outcome.result.uniq_id = item.uniq_id
-            outcome.result.metadata.update(worker_id=self._worker_id, slot=slot.index)
-        log.debug("call done", success=_succeeded(outcome), slot=slot.index)
+            outcome.result.uniq_id = run.item.uniq_id
+            outcome.result.metadata.update(worker_id=self._worker_id, slot=run.slot.index)
+        run.outcome = outcome
+        askers, run.askers = run.askers, {}
+        for item_id in askers:
+            del self._asking[item_id]
+            _remember(self._finished, item_id)
+        if run.key is not None:
+            self._runs.finished(run, ran=ran)
+        log.debug("call done", success=_succeeded(outcome), slot=run.slot.index)
         self.calls_completed += 1
-        self._results.send(reply_to, outcome)
+        for asker in askers.values():
+            self._answer(asker, outcome, run.slot, replayed=asker.item is not run.item)
+
+    def _answer_all(self, answered: list[tuple[Asker, ItemResult]]) -> None:
+        for asker, outcome in answered:
+            slot = self._table.accepting(asker.item.trajectory_id, asker.item.epoch)
+            self._answer(asker, outcome, slot, replayed=True)
+
+    def _answer(
+        self, asker: Asker, outcome: ItemResult, slot: Slot | None, *, replayed: bool = False
+    ) -> None:
+        """Publish an outcome to one asker, as the answer to its own item; ``replayed``: the
+        outcome of a run another item started, which says so."""
+        if slot is not None:
+            slot.last_used = time.monotonic()
+        if outcome.item_id != asker.item.item_id or replayed:
+            outcome = _for_asker(outcome, asker.item.item_id, replayed=replayed)
+        self._results.send(asker.reply_to, outcome)
 
     async def results_sent(self) -> None:
         """Until every result of a finished call has left (before the connection closes)."""
         await self._results.flush()
 
 
-def _cancelled() -> ToolResult:
+def _for_asker(outcome: ItemResult, item_id: str, *, replayed: bool) -> ItemResult:
+    result = outcome.result
+    if result is not None and replayed:
+        result = result.model_copy(update={"metadata": {**result.metadata, "replayed": True}})
+    return outcome.model_copy(update={"item_id": item_id, "result": result})
+
+
+def _refused(window_s: float, uniq_id: str | None) -> ToolResult:
     return ToolResult(
+        uniq_id=uniq_id,
+        success=False,
+        error="This call already ran (a call of the same uniq_id in this trajectory, within "
+        f"{window_s:g}s), but its result is no longer held: the worker's memory for results "
+        "was full. It was not run again; give it a new uniq_id to run it again",
+        metadata={"error_kind": str(ErrorKindOfResult.INFRA), "replayed": True},
+    )
+
+
+def _cancelled(uniq_id: str | None = None) -> ToolResult:
+    return ToolResult(
+        uniq_id=uniq_id,
         success=False,
         error="Call cancelled: the trajectory was released, the call was given up on, or the "
         "worker stopped",

@@ -16,6 +16,8 @@ from .settings import (
     DEFAULT_MAX_FILE_CHARS,
     DEFAULT_MAX_OUTPUT_CHARS,
     DEFAULT_MIN_FREE_DISK_MB,
+    DEFAULT_RETRY_MEMORY_MB,
+    DEFAULT_RETRY_WINDOW_S,
     DEFAULT_SANDBOX_UID_BASE,
     DEFAULT_SLOT_IDLE_TIMEOUT_S,
     DEFAULT_SPARE_SLOTS,
@@ -47,6 +49,8 @@ class WorkerConfig:
     min_free_disk_mb: int = DEFAULT_MIN_FREE_DISK_MB
     pids_cgroup: bool = True
     slot_idle_timeout_s: float = DEFAULT_SLOT_IDLE_TIMEOUT_S
+    retry_window_s: float = DEFAULT_RETRY_WINDOW_S  # a retry (same uniq_id) gets the result
+    retry_memory_bytes: int = DEFAULT_RETRY_MEMORY_MB * 1024 * 1024  # for those results
     artifacts_bucket: str = DEFAULT_ARTIFACTS_BUCKET
     artifacts_ttl_s: float = DEFAULT_ARTIFACTS_TTL_S
     artifact_limits: ArtifactLimits = ArtifactLimits()
@@ -76,6 +80,8 @@ class WorkerConfig:
             min_free_disk_mb=settings.min_free_disk_mb,
             pids_cgroup=settings.pids_cgroup,
             slot_idle_timeout_s=settings.slot_idle_timeout_s,
+            retry_window_s=settings.retry_window_s,
+            retry_memory_bytes=settings.retry_memory_mb * 1024 * 1024,
             artifacts_bucket=settings.artifacts_bucket,
             artifacts_ttl_s=settings.artifacts_ttl_s,
             artifact_limits=ArtifactLimits(

@@ -295,6 +295,22 @@ class Settings(BaseSettings):
         description="A slot without a call for this long is released and wiped, as if its "
         "trajectory were released (0: never); the trajectory's next call says so.",
     )
+    retry_window_s: float = Field(
+        default=DEFAULT_RETRY_WINDOW_S,
+        gt=0,
+        le=86_400,
+        validation_alias=_env("retry_window_s"),
+        description="A call retried with the same uniq_id within this long of the first run's "
+        "end gets that run's result (waiting for it while it runs) instead of running again.",
+    )
+    retry_memory_mb: int = Field(
+        default=DEFAULT_RETRY_MEMORY_MB,
+        ge=1,
+        le=1_000_000,
+        validation_alias=_env("retry_memory_mb"),
+        description="Memory per worker for the results retries get; past it the oldest go, and "
+        "a retry of one is refused (never run again) until the window ends.",
+    )
     max_output_chars: int = Field(
         default=DEFAULT_MAX_OUTPUT_CHARS,
         ge=1,

@@ -33,6 +33,7 @@ from schemas.internal import LostReason, WorkerInfo
 from schemas.subjects import LEASES_BUCKET, WORKERS_BUCKET
 
 from ._artifacts import ArtifactRunner
+from ._call_runs import RunsById
 from ._cgroups import CgroupProbe, PidsCgroups
 from ._diskguard import DiskGuard
 from ._fd_limits import check_fd_limit
@@ -111,6 +112,7 @@ class SandboxWorker:
                 disk_guard=self._disk_guard,
             ),
             artifacts=self._artifacts,
+            runs=RunsById(window_s=config.retry_window_s, max_bytes=config.retry_memory_bytes),
         )
         js = nc.jetstream()
         self._registration = WorkerRegistration(

@@ -1,4 +1,5 @@
-"""A sandbox worker in a process of its own, for tests that stop, pause or kill it."""
+"""A sandbox worker or an executor in a process of its own, for tests that stop, pause or kill
+it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 _READY_TIMEOUT_S = 30.0
@@ -39,20 +40,15 @@ async def worker_process(
     **settings: str,
 ) -> AsyncIterator[WorkerProcess]:
     """``toolbus worker`` as a child process; yields once ``registered(worker_id)`` is true."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.environ.get("HOME", "/root"),
-        "TOOLBUS_NATS_URL": nats_url,
-        "TOOLBUS_WORKER_ID": worker_id,
-        "TOOLBUS_SLOTS": str(slots),
-        "TOOLBUS_HEARTBEAT_S": str(heartbeat_s),
-        "TOOLBUS_DATA_DIR": str(data_dir),
-        "TOOLBUS_MIN_FREE_DISK_MB": "0",
-        "TOOLBUS_LOG_LEVEL": "warning",
-        **{f"TOOLBUS_{name.upper()}": value for name, value in settings.items()},
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services", "worker", env=env, stdin=asyncio.subprocess.DEVNULL
+    process = await _start(
+        "worker",
+        nats_url,
+        worker_id=worker_id,
+        slots=str(slots),
+        heartbeat_s=str(heartbeat_s),
+        data_dir=str(data_dir),
+        min_free_disk_mb="0",
+        **settings,
     )
     worker = WorkerProcess(process, worker_id)
     try:
@@ -67,6 +63,36 @@ async def worker_process(
             with contextlib.suppress(ProcessLookupError):
                 worker.resume()
             await stop_process(process)
+
+
+@contextlib.asynccontextmanager
+async def executor_process(
+    nats_url: str, *, ready: Callable[[], Awaitable[bool]], **settings: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``toolbus executor`` as a child process; yields once ``await ready()`` is true."""
+    process = await _start("executor", nats_url, **settings)
+    try:
+        async with asyncio.timeout(_READY_TIMEOUT_S):
+            while not await ready():
+                if process.returncode is not None:
+                    raise RuntimeError(f"executor exited at start with {process.returncode}")
+                await asyncio.sleep(0.05)
+        yield process
+    finally:
+        await stop_process(process)
+
+
+async def _start(command: str, nats_url: str, **settings: str) -> asyncio.subprocess.Process:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/root"),
+        "TOOLBUS_NATS_URL": nats_url,
+        "TOOLBUS_LOG_LEVEL": "warning",
+        **{f"TOOLBUS_{name.upper()}": value for name, value in settings.items()},
+    }
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services", command, env=env, stdin=asyncio.subprocess.DEVNULL
+    )
 
 
 async def stop_process(process: asyncio.subprocess.Process, *, grace_s: float = 20) -> None:

@@ -1,0 +1,77 @@
+"""A worker killed mid-load is known to be gone within seconds, and each of its trajectories hears
+so once (issue 11, item 2).
+
+Failed before: its trajectories were told after 0.35 s, 10 s (a batch it never acknowledged)
+or the call's timeout plus 10 s (calls it had acknowledged), and those last without
+``workspace_lost``, so the trajectory's next call failed a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from services.executor import ExecutorService
+from tests._processes import worker_process
+from tests.conftest import StackFactory
+
+# The registration of a worker with a 0.5 s heartbeat lives 5 s without one (the least TTL):
+# that, and the server's expiry of it, bounds how soon a death is known.
+_KNOWN_WITHIN_S = 8.0
+
+
+def _registered(executor: ExecutorService) -> Callable[[str], bool]:
+    def known(worker_id: str) -> bool:
+        return any(info.worker_id == worker_id for info, _ in executor.registered_workers())
+
+    return known
+
+
+async def test_a_killed_workers_trajectories_each_hear_workspace_lost_once_and_move_on(
+    make_stack: StackFactory, trajectory: Callable[[], str], nats_url: str, tmp_path: Path
+) -> None:
+    stack = await make_stack(executors=1, workers=0)
+    client, executor = stack.client, stack.executors[0]
+    doomed_id = f"doomed-{uuid.uuid4().hex[:6]}"
+    async with worker_process(
+        nats_url, tmp_path / "data", doomed_id, registered=_registered(executor), slots=2, heartbeat_s=2.0
+    ) as doomed:
+        running, idle = trajectory(), trajectory()
+        for tid in (running, idle):
+            opened = await client.execute(tid, "terminal", {"command": "echo mine > f"})
+            assert opened.success and opened.metadata["worker_id"] == doomed_id, opened.error
+        # One call runs (acknowledged, 60 s of timeout), one waits behind it in its slot.
+        long_call = asyncio.create_task(
+            client.execute(running, "terminal", {"command": "sleep 50"}, timeout_s=60)
+        )
+        behind = asyncio.create_task(
+            client.execute(running, "terminal", {"command": "true"}, timeout_s=60)
+        )
+        await asyncio.sleep(1.0)
+        await stack.add_worker()  # where the trajectories go next
+        os.kill(doomed.process.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        await doomed.process.wait()
+
+        heard = await asyncio.wait_for(asyncio.gather(long_call, behind), 30)
+        told_after_s = time.monotonic() - killed_at
+        for result in heard:
+            assert not result.success
+            assert result.metadata["error_kind"] == "infra"
+            assert result.metadata["workspace_lost"] is True, result
+        print("told after", told_after_s)
+        assert told_after_s < _KNOWN_WITHIN_S, told_after_s
+
+        # The idle trajectory hears it at its next call, once; then it has a new workspace.
+        lost = await client.execute(idle, "terminal", {"command": "cat f"})
+        assert not lost.success and lost.metadata["workspace_lost"] is True, lost
+        for tid in (idle, running):
+            fresh = await client.execute(tid, "terminal", {"command": "ls"})
+            assert fresh.success, fresh.error
+            assert fresh.metadata["worker_id"] != doomed_id
+            assert fresh.output == ""  # a new, empty workspace
