@@ -198,6 +198,9 @@ class CancelRequest(BaseModel):
 
 class CancelOutcome(StrEnum):
     CANCELLED = "cancelled"  # it was queued or running: stopped, its (cancelled) result follows
+    # Another request of the same uniq_id waits for its run, which goes on: this item alone is
+    # answered (a result saying so follows).
+    DETACHED = "detached"
     FINISHED = "finished"  # it had finished: its result was published
     NOT_FOUND = "not_found"  # never arrived: remembered, so that it never runs
 

@@ -86,7 +86,11 @@ class ToolCall(BaseModel):
         "levels, the arguments object being the first.",
     )
     uniq_id: str | None = Field(
-        default=None, max_length=256, description="Caller's id for this call, echoed in the result."
+        default=None,
+        max_length=256,
+        description="Caller's id for this call, unique within its trajectory, echoed in the "
+        "result. A repeat of the id within the retry window runs nothing: it gets the first "
+        "run's result (README, Failures).",
     )
 
     @field_validator("arguments", mode="before")

@@ -3,16 +3,17 @@
 A call that carries a ``uniq_id`` runs at most once per id within its trajectory's assignment:
 an item whose ``(trajectory, epoch, uniq_id)`` matches a run joins it as one more asker instead
 of running again (a client's retry, through any executor: every call of a trajectory reaches
-the worker that holds its slot). A run's state changes only here and in ``SlotCalls``, each in
-one step::
+the worker that holds its slot). A run's state changes only in ``SlotCalls``, each in one step::
 
     WAITING ──its tool starts──▶ RUNNING ──outcome──▶ DONE (held for the window: retries get it)
        └──every asker cancelled, or the slot released, before it started──▶ DONE (forgotten:
           nothing of it ran, so a retry runs it)
 
-A finished run's outcome is held for ``window_s`` within ``max_bytes`` of outcomes (the oldest
-go first when over); the id of one dropped for memory stays known for the window, so a retry of
-it is refused with a clear error instead of running a second time.
+A finished run's outcome is held for ``window_s`` within ``max_bytes`` (the oldest go first
+when over); the id of one dropped for memory stays known for the window, so a retry of it is
+refused with a clear error instead of running a second time. Only when even the known ids
+outgrow the memory are the oldest forgotten (logged). The entries of an assignment go when its
+slot is released: no call of it can come any more.
 """
 
 from __future__ import annotations
@@ -24,14 +25,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import pydantic_core
+import structlog
+
 from schemas.internal import BatchItem, ItemResult
 
 from ._setting_defaults import DEFAULT_RETRY_MEMORY_MB, DEFAULT_RETRY_WINDOW_S
 from ._slots import Slot
 
+log = structlog.get_logger("toolbus.worker")
+
 DEFAULT_RETRY_MEMORY_BYTES = DEFAULT_RETRY_MEMORY_MB * 1024 * 1024
-_MAX_REFUSED_IDS = 100_000  # ids whose outcome was dropped for memory, kept for the window
-_OUTCOME_OVERHEAD_BYTES = 512  # an outcome's size beyond its output and error, roughly
+# What a held outcome costs beyond its output and error (its objects, metadata and dicts:
+# about 2 KB for a small terminal result, measured with tracemalloc); a known id alone, less.
+_OUTCOME_OVERHEAD_BYTES = 2048
+_ID_OVERHEAD_BYTES = 256
+_FORGOTTEN_LOG_EVERY_S = 60.0
 
 RunKey = tuple[str, int, str]  # trajectory, epoch, uniq_id
 
@@ -66,6 +75,16 @@ def run_key(item: BatchItem) -> RunKey | None:
     return None if item.uniq_id is None else (item.trajectory_id, item.epoch, item.uniq_id)
 
 
+def same_call(item: BatchItem, other: BatchItem) -> bool:
+    return item.tool == other.tool and item.arguments == other.arguments
+
+
+def fingerprint(item: BatchItem) -> int:
+    """Of the call an item asks for (its tool and arguments), to tell a retry from another call
+    that reuses an id."""
+    return hash((item.tool, pydantic_core.to_json(item.arguments)))
+
+
 class Refused:
     """What a retry finds when its run's outcome was dropped for memory."""
 
@@ -74,10 +93,19 @@ REFUSED = Refused()
 
 
 @dataclass(slots=True)
-class _Held:
-    outcome: ItemResult  # only the outcome: a run holds its arguments, which may be large
+class Held:
+    """A finished run's outcome: only that, as a run holds its arguments, which may be large."""
+
+    outcome: ItemResult
+    fingerprint: int
     size: int
     until: float  # monotonic
+
+
+@dataclass(slots=True)
+class _Known:
+    size: int
+    until: float
 
 
 class RunsById:
@@ -92,22 +120,26 @@ class RunsById:
         self._max_bytes = max_bytes
         self._clock = clock
         self._live: dict[RunKey, CallRun] = {}  # WAITING or RUNNING
-        self._held: collections.OrderedDict[RunKey, _Held] = collections.OrderedDict()
-        self._held_bytes = 0
-        self._refused: collections.OrderedDict[RunKey, float] = collections.OrderedDict()
+        # Both in order of finishing (the window is the same for all): the oldest first.
+        self._held: collections.OrderedDict[RunKey, Held] = collections.OrderedDict()
+        self._refused: collections.OrderedDict[RunKey, _Known] = collections.OrderedDict()
+        self._bytes = 0
+        self._by_epoch: dict[int, set[RunKey]] = {}  # what forget_assignment drops
+        self._forgotten = 0
+        self._forgotten_logged_at = float("-inf")
 
     @property
     def held(self) -> int:
         return len(self._held)
 
-    def find(self, key: RunKey) -> CallRun | ItemResult | Refused | None:
+    def find(self, key: RunKey) -> CallRun | Held | Refused | None:
         """What an item of this key gets: the run it joins (WAITING or RUNNING), the outcome
         of a finished one, REFUSED, or None: it runs."""
         self._expire()
         if (run := self._live.get(key)) is not None:
             return run
         if (held := self._held.get(key)) is not None:
-            return held.outcome
+            return held
         return REFUSED if key in self._refused else None
 
     def started(self, run: CallRun) -> None:
@@ -118,34 +150,69 @@ class RunsById:
     def finished(self, run: CallRun, *, ran: bool) -> None:
         """The run is DONE: its outcome is held for the window if any of it ran, else its key
         is free again."""
-        assert run.key is not None and run.outcome is not None
-        if self._live.get(run.key) is run:
-            del self._live[run.key]
+        key = run.key
+        assert key is not None and run.outcome is not None
+        if self._live.get(key) is run:
+            del self._live[key]
         if not ran:
             return
         self._expire()
         size = _size(run.outcome)
-        self._held[run.key] = _Held(run.outcome, size, self._clock() + self.window_s)
-        self._held_bytes += size
-        while self._held_bytes > self._max_bytes and self._held:
-            key, dropped = self._held.popitem(last=False)
-            self._held_bytes -= dropped.size
-            self._refused[key] = dropped.until
-            if len(self._refused) > _MAX_REFUSED_IDS:
-                self._refused.popitem(last=False)
+        held = Held(run.outcome, fingerprint(run.item), size, self._clock() + self.window_s)
+        self._held[key] = held
+        self._by_epoch.setdefault(key[1], set()).add(key)
+        self._bytes += size
+        while self._bytes > self._max_bytes and self._held:
+            old_key, dropped = self._held.popitem(last=False)
+            known = _Known(len(old_key[0]) + len(old_key[2]) + _ID_OVERHEAD_BYTES, dropped.until)
+            self._refused[old_key] = known
+            self._bytes += known.size - dropped.size
+        while self._bytes > self._max_bytes and self._refused:
+            self._drop_refused(*self._refused.popitem(last=False))
+            self._note_forgotten()
+
+    def forget_assignment(self, epoch: int) -> None:
+        """The assignment ended (its slot is released): no item of it can come any more."""
+        for key in self._by_epoch.pop(epoch, ()):
+            if (held := self._held.pop(key, None)) is not None:
+                self._bytes -= held.size
+            if (known := self._refused.pop(key, None)) is not None:
+                self._bytes -= known.size
 
     def _expire(self) -> None:
-        # Both are in order of finishing, and the window is the same for all.
         now = self._clock()
         while self._held and next(iter(self._held.values())).until <= now:
-            _, dropped = self._held.popitem(last=False)
-            self._held_bytes -= dropped.size
-        while self._refused and next(iter(self._refused.values())) <= now:
-            self._refused.popitem(last=False)
+            key, held = self._held.popitem(last=False)
+            self._bytes -= held.size
+            self._unindex(key)
+        while self._refused and next(iter(self._refused.values())).until <= now:
+            self._drop_refused(*self._refused.popitem(last=False))
+
+    def _drop_refused(self, key: RunKey, known: _Known) -> None:
+        self._bytes -= known.size
+        self._unindex(key)
+
+    def _unindex(self, key: RunKey) -> None:
+        keys = self._by_epoch.get(key[1])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_epoch[key[1]]
+
+    def _note_forgotten(self) -> None:
+        self._forgotten += 1
+        now = self._clock()
+        if now - self._forgotten_logged_at >= _FORGOTTEN_LOG_EVERY_S:
+            self._forgotten_logged_at = now
+            log.warning(
+                "the retry memory is full: ids of calls that ran are forgotten within the "
+                "window, so a retry of one would run again (raise retry_memory_mb)",
+                forgotten=self._forgotten,
+            )
 
 
 def _size(outcome: ItemResult) -> int:
     result = outcome.result
     if result is None:
-        return _OUTCOME_OVERHEAD_BYTES * 4  # an artifact reply: small, and not run by id
+        return _OUTCOME_OVERHEAD_BYTES * 2  # an artifact reply: not run by id, so never held
     return len(result.output) + len(result.error) + _OUTCOME_OVERHEAD_BYTES

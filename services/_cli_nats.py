@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.parse
+from typing import Any
 
 import nats
 import nats.errors
@@ -16,6 +17,18 @@ from .settings import Settings
 log = structlog.get_logger("toolbus.cli")
 
 _CONNECT_DEADLINE_S = 15.0
+# A service keeps trying for ever, a second apart (nats-py adds jitter); a one-shot command
+# tries twice (nats-py reads 0 attempts as "no limit").
+SERVICE_RECONNECT: dict[str, Any] = {
+    "allow_reconnect": True,
+    "max_reconnect_attempts": -1,
+    "reconnect_time_wait": 1,
+}
+_ONE_SHOT_RECONNECT: dict[str, Any] = {
+    "allow_reconnect": False,
+    "max_reconnect_attempts": 1,
+    "reconnect_time_wait": 0.1,
+}
 
 
 def nats_url(settings: Settings) -> str:
@@ -67,10 +80,7 @@ async def connect(settings: Settings, name: str, *, service: bool = True) -> Cli
                 **auth,
                 connect_timeout=2,
                 error_cb=on_error,
-                allow_reconnect=service,
-                # nats-py reads 0 as "no limit" here; a one-shot command tries twice.
-                max_reconnect_attempts=-1 if service else 1,
-                reconnect_time_wait=1 if service else 0.1,
+                **(SERVICE_RECONNECT if service else _ONE_SHOT_RECONNECT),
             ),
             _CONNECT_DEADLINE_S if service else None,
         )

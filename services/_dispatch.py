@@ -141,11 +141,13 @@ class Dispatcher:
                 pending.started = True
             return await self._await_result(item, pending)
         except asyncio.CancelledError:
-            # The caller stops waiting (the executor stops): the call must stop too, or a
-            # retry would run it twice. The cancel goes on if this task is cancelled again.
-            stop = asyncio.ensure_future(self._cancel(lease.worker_id, item.item_id))
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(stop), _CANCEL_REQUEST_TIMEOUT_S)
+            # The caller stops waiting (the executor stops). A call with a uniq_id goes on: a
+            # retry of that id joins it or gets its result. One without must stop, or a retry
+            # would run it twice. The cancel goes on if this task is cancelled again.
+            if item.uniq_id is None:
+                stop = asyncio.ensure_future(self._cancel(lease.worker_id, item.item_id))
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stop), _CANCEL_REQUEST_TIMEOUT_S)
             raise
         finally:
             del self._pending[item.item_id]
@@ -283,6 +285,7 @@ async def _result_within(pending: _Pending, timeout_s: float) -> ItemResult | No
 
 _SAID = {
     CancelOutcome.CANCELLED: "cancelled on the worker",
+    CancelOutcome.DETACHED: "left running on the worker for another request of its uniq_id",
     CancelOutcome.FINISHED: "finished, but its result was lost",
     CancelOutcome.NOT_FOUND: "not found on the worker, and will not run",
 }

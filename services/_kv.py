@@ -80,6 +80,7 @@ class RevisionMismatch(Exception):
 class KvEntry:
     value: bytes | None  # None: the key was removed (a marker is its last message)
     revision: int
+    expired: bool = False  # its last message is the server's marker: its value's TTL ran out
 
 
 class KvBucket:
@@ -97,8 +98,9 @@ class KvBucket:
         except NotFoundError:
             return None
         headers = msg.headers or {}
-        removed = headers.get(_KV_OPERATION) in ("DEL", "PURGE") or _MARKER_REASON in headers
-        return KvEntry(None if removed or not msg.data else msg.data, msg.seq or 0)
+        expired = _MARKER_REASON in headers
+        removed = headers.get(_KV_OPERATION) in ("DEL", "PURGE") or expired
+        return KvEntry(None if removed or not msg.data else msg.data, msg.seq or 0, expired)
 
     async def write(
         self, key: str, value: bytes, *, expect: int | None, ttl_s: float | None = None

@@ -45,7 +45,18 @@ from schemas.internal import (
 from schemas.messages import ErrorKindOfResult, ToolResult
 
 from ._artifacts import ArtifactRunner
-from ._call_runs import Asker, CallRun, Refused, RunKey, RunsById, RunState, run_key
+from ._call_runs import (
+    Asker,
+    CallRun,
+    Held,
+    Refused,
+    RunKey,
+    RunsById,
+    RunState,
+    fingerprint,
+    run_key,
+    same_call,
+)
 from ._result_sender import ResultSender
 from ._slots import Slot, SlotTable
 from ._tools import ToolRunner
@@ -137,19 +148,17 @@ class SlotCalls:
                 ack.rejected[item.item_id] = reason
                 continue
             asker = Asker(item, header.reply_to, owed_start=False)
-            if isinstance(earlier, Refused):
-                refused = _refused(self._runs.window_s, item.uniq_id)
-                earlier = ItemResult(item_id=item.item_id, result=refused)
-            if isinstance(earlier, ItemResult):  # a retry of a finished call: answered at once
-                answered.append((asker, earlier))
+            match = self._match(item, earlier)
+            if isinstance(match, ItemResult):  # answered at once, after the ack
+                answered.append((asker, match))
                 _remember(self._finished, item.item_id)
                 continue
             slot.last_used = time.monotonic()
             slot.calls += 1
-            if earlier is not None:  # a retry of a call still waiting or running: it joins
-                asker.owed_start = earlier.state is RunState.WAITING
-                earlier.askers[item.item_id] = asker
-                self._asking[item.item_id] = earlier
+            if match is not None:  # a retry of a call still waiting or running: it joins
+                asker.owed_start = match.state is RunState.WAITING
+                match.askers[item.item_id] = asker
+                self._asking[item.item_id] = match
             else:
                 asker.owed_start = bool(slot.tasks)  # earlier calls of this slot go first
                 self._start(slot, asker, key, headers, subject, gate)
@@ -166,6 +175,26 @@ class SlotCalls:
 
         slot = self._table.accepting(item.trajectory_id, item.epoch)
         return slot, RejectReason.NO_SLOT
+
+    def _match(
+        self, item: BatchItem, earlier: CallRun | Held | Refused | None
+    ) -> ItemResult | CallRun | None:
+        """What an item whose id was seen gets: its answer at once (a finished run's outcome, a
+        refusal), the run it joins, or None: it runs."""
+        if earlier is None:
+            return None
+        if isinstance(earlier, Refused):
+            refused = _refused(self._runs.window_s, item.uniq_id)
+            return ItemResult(item_id=item.item_id, result=refused)
+        if isinstance(earlier, CallRun):
+            same = same_call(item, earlier.item)
+        else:
+            same = fingerprint(item) == earlier.fingerprint
+        if not same:  # the id of another call: say so, run neither again
+            return ItemResult(item_id=item.item_id, result=_reused(item.uniq_id))
+        if isinstance(earlier, Held):
+            return _for_asker(earlier.outcome, item.item_id, replayed=True)
+        return earlier
 
     def _start(
         self,
@@ -199,21 +228,30 @@ class SlotCalls:
         for item_id in item_ids:
             run = self._asking.get(item_id)
             if run is not None:
-                reply.outcomes[item_id] = CancelOutcome.CANCELLED
-                if len(run.askers) > 1:  # the run goes on for the others
-                    asker = run.askers.pop(item_id)
-                    del self._asking[item_id]
-                    _remember(self._finished, item_id)
-                    cancelled = _cancelled(asker.item.uniq_id)
-                    self._answer(asker, ItemResult(item_id=item_id, result=cancelled), run.slot)
-                elif run.task is not None:
-                    run.task.cancel()  # its cancelled result is published as it stops
+                reply.outcomes[item_id] = self._cancel_asker(run, item_id)
             elif item_id in self._finished:
                 reply.outcomes[item_id] = CancelOutcome.FINISHED
             else:
                 _remember(self._cancelled, item_id)
                 reply.outcomes[item_id] = CancelOutcome.NOT_FOUND
         return reply
+
+    def _cancel_asker(self, run: CallRun, item_id: str) -> CancelOutcome:
+        if len(run.askers) > 1:  # the run goes on for the others: this asker alone is answered
+            asker = run.askers.pop(item_id)
+            del self._asking[item_id]
+            _remember(self._finished, item_id)
+            detached = _cancelled(asker.item.uniq_id, still_running=True)
+            self._answer(asker, ItemResult(item_id=item_id, result=detached), run.slot)
+            return CancelOutcome.DETACHED
+        assert run.task is not None
+        run.task.cancel()  # its cancelled outcome is published as it stops ...
+        if run.state is RunState.WAITING:
+            # ... or now, when none of it ran: a retry that comes before the task has ended
+            # must run the call, not join a run that will never start.
+            cancelled = _cancelled(run.item.uniq_id)
+            self._finish(run, ItemResult(item_id=item_id, result=cancelled))
+        return CancelOutcome.CANCELLED
 
     # -- running ------------------------------------------------------------------------------
     async def _run(
@@ -317,7 +355,10 @@ class SlotCalls:
 
     # -- answering ----------------------------------------------------------------------------
     def _finish(self, run: CallRun, outcome: ItemResult) -> None:
-        """WAITING or RUNNING → DONE: the outcome goes to every asker, in one step."""
+        """WAITING or RUNNING → DONE: the outcome goes to every asker, in one step (a run
+        already DONE, finished by its cancel, is left as it is)."""
+        if run.state is RunState.DONE:
+            return
         ran = run.state is RunState.RUNNING
         run.state = RunState.DONE
         if outcome.result is not None:
@@ -333,12 +374,13 @@ class SlotCalls:
         log.debug("call done", success=_succeeded(outcome), slot=run.slot.index)
         self.calls_completed += 1
         for asker in askers.values():
-            self._answer(asker, outcome, run.slot, replayed=asker.item is not run.item)
+            # A retry that joined the run gets its outcome as a retry does, if any of it ran.
+            self._answer(asker, outcome, run.slot, replayed=ran and asker.item is not run.item)
 
     def _answer_all(self, answered: list[tuple[Asker, ItemResult]]) -> None:
         for asker, outcome in answered:
             slot = self._table.accepting(asker.item.trajectory_id, asker.item.epoch)
-            self._answer(asker, outcome, slot, replayed=True)
+            self._answer(asker, outcome, slot)
 
     def _answer(
         self, asker: Asker, outcome: ItemResult, slot: Slot | None, *, replayed: bool = False
@@ -374,13 +416,31 @@ def _refused(window_s: float, uniq_id: str | None) -> ToolResult:
     )
 
 
-def _cancelled(uniq_id: str | None = None) -> ToolResult:
+def _cancelled(uniq_id: str | None = None, *, still_running: bool = False) -> ToolResult:
+    if still_running:
+        return ToolResult(
+            uniq_id=uniq_id,
+            success=False,
+            error="Stopped waiting for the call, which still runs for another request of the "
+            "same uniq_id: a retry with that uniq_id gets its result",
+            metadata={"error_kind": str(ErrorKindOfResult.INFRA), "still_running": True},
+        )
     return ToolResult(
         uniq_id=uniq_id,
         success=False,
         error="Call cancelled: the trajectory was released, the call was given up on, or the "
         "worker stopped",
         metadata={"error_kind": str(ErrorKindOfResult.INFRA), "cancelled": True},
+    )
+
+
+def _reused(uniq_id: str | None) -> ToolResult:
+    return ToolResult(
+        uniq_id=uniq_id,
+        success=False,
+        error=f"uniq_id {uniq_id!r} was already used by another call of this trajectory (another "
+        "tool or other arguments): this call did not run. Give each call an id of its own",
+        metadata={"error_kind": str(ErrorKindOfResult.INFRA), "uniq_id_reused": True},
     )
 
 

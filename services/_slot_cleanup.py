@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,10 @@ class SlotCleaner:
         *,
         cancel_timeout_s: float = DEFAULT_CANCEL_TIMEOUT_S,
         sandbox_end_timeout_s: float = DEFAULT_SANDBOX_END_TIMEOUT_S,
+        assignment_ended: Callable[[int], None] = lambda epoch: None,
     ) -> None:
         self._table = table
+        self._assignment_ended = assignment_ended  # by epoch: what is kept of its calls goes
         self._cancel_timeout_s = cancel_timeout_s
         self._sandbox_end_timeout_s = sandbox_end_timeout_s
         self._running: dict[Slot, asyncio.Task[None]] = {}
@@ -87,6 +89,7 @@ class SlotCleaner:
     async def _release(self, slot: Slot, *, wipe: bool) -> None:
         # The sandbox ends even when a call would not stop: nothing of the slot runs on.
         problems = [await self._stop_calls(slot), await self._end_sandbox(slot)]
+        self._assignment_ended(slot.epoch)
         if any(problems):
             self._table.out_of_service(slot, "; ".join(p for p in problems if p))
             return

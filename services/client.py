@@ -70,6 +70,7 @@ from .settings import (
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 # An execute waits for a slot, then for the command: allow both, plus transfer time.
 DEFAULT_EXECUTE_MARGIN_S = DEFAULT_ACQUIRE_TIMEOUT_S + 15.0
+_OWN_ID_PREFIX = "toolbus-client-"  # of the ids the client gives calls that have none
 
 R = TypeVar("R", bound=BaseModel)
 T = TypeVar("T")
@@ -121,9 +122,13 @@ class ToolbusClient:
         # An ExecuteRequest's JSON, written directly: validating it here as well as in the
         # executor cost more than the rest of the client's work on a call. The executor's
         # answer to a bad value is as precise (a BadRequest naming the field).
-        call: dict[str, Any] = {"name": tool, "arguments": arguments or {}}
-        if uniq_id is not None:
-            call["uniq_id"] = uniq_id
+        # Every call has an id, so that sending it again after a reconnect runs nothing twice
+        # (the worker answers a repeat of an id with the first run's result).
+        call: dict[str, Any] = {
+            "name": tool,
+            "arguments": arguments or {},
+            "uniq_id": uniq_id or f"{_OWN_ID_PREFIX}{uuid.uuid4().hex}",
+        }
         request: dict[str, Any] = {"trajectory_id": trajectory_id, "tool": call}
         if timeout_s is not None:
             request["timeout_s"] = timeout_s
@@ -131,9 +136,16 @@ class ToolbusClient:
             request["allow_network"] = allow_network
         body = pydantic_core.to_json(request)
         wait = (timeout_s or MAX_TIMEOUT_S) + self._execute_margin_s
-        return await self._traced(
-            self._subjects.execute(tool), body, wait, ToolResult.model_validate_json
+        result = await self._traced(
+            self._subjects.execute(tool),
+            body,
+            wait,
+            ToolResult.model_validate_json,
+            resend_on_reconnect=True,
         )
+        if uniq_id is None:
+            result.uniq_id = None  # the caller gave none: ours is not its business
+        return result
 
     # -- artifacts ----------------------------------------------------------------------------
     async def read_artifact(
@@ -278,9 +290,12 @@ class ToolbusClient:
         body: bytes,
         timeout_s: float | None,
         parse: Callable[[bytes], T],
+        *,
+        resend_on_reconnect: bool = False,
     ) -> T:
         """The request as a CLIENT span whose context travels in the ``traceparent`` header,
-        so the service's spans join the caller's trace; a failed call marks it as an error."""
+        so the service's spans join the caller's trace; a failed call marks it as an error.
+        ``resend_on_reconnect``: see ``Requester.request``."""
         with tracing.span(
             f"send {subject}",
             kind=SpanKind.CLIENT,
@@ -289,7 +304,7 @@ class ToolbusClient:
             ),
         ) as span:
             try:
-                reply = parse(await self._request(subject, body, timeout_s))
+                reply = parse(await self._request(subject, body, timeout_s, resend_on_reconnect))
             except ServiceError as error:
                 tracing.mark_error(span, error.kind, error.message)
                 raise
@@ -303,7 +318,9 @@ class ToolbusClient:
                 tracing.mark_error(span, "artifact", getattr(reply, "error", None))
             return reply
 
-    async def _request(self, subject: str, body: bytes, timeout_s: float | None) -> bytes:
+    async def _request(
+        self, subject: str, body: bytes, timeout_s: float | None, resend_on_reconnect: bool
+    ) -> bytes:
         try:
             msg = await nats_request(
                 self._nc,
@@ -316,6 +333,7 @@ class ToolbusClient:
                     else self._headers
                 ),
                 requester=self._requester,
+                resend_on_reconnect=resend_on_reconnect,
             )
         except NoRespondersError:
             raise NoCapacity(

@@ -99,7 +99,8 @@ class SandboxWorker:
             capacity=config.slots,  # and spare_slots more, kept free for the next trajectory
         )
         self._warm = WarmPool(self._table, size=config.warm_slots)
-        self._cleaner = SlotCleaner(self._table)
+        runs = RunsById(window_s=config.retry_window_s, max_bytes=config.retry_memory_bytes)
+        self._cleaner = SlotCleaner(self._table, assignment_ended=runs.forget_assignment)
         self._calls = SlotCalls(
             nc,
             self._table,
@@ -112,7 +113,7 @@ class SandboxWorker:
                 disk_guard=self._disk_guard,
             ),
             artifacts=self._artifacts,
-            runs=RunsById(window_s=config.retry_window_s, max_bytes=config.retry_memory_bytes),
+            runs=runs,
         )
         js = nc.jetstream()
         self._registration = WorkerRegistration(

@@ -37,6 +37,42 @@ def _docker_answers() -> bool:
         client.close()
 
 
+class NatsServerProcess:
+    """A nats-server of the wheel on a port and a store of its own, which a test can stop and
+    start again (same port, same JetStream store), as an operator's restart does."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self._store_dir = store_dir
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [str(find_nats_server()), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
+             str(self._store_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_listening(self._process, self.port)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+            self._process = None
+
+
+def _wait_listening(process: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("nats-server did not start for the tests")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def nats_server(store_dir: Path) -> Iterator[str]:
     """Yield the URL of a running nats-server with JetStream."""
@@ -53,13 +89,7 @@ def nats_server(store_dir: Path) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nats-server did not start for the tests")
-            time.sleep(0.05)
+        _wait_listening(process, port)
         yield f"nats://127.0.0.1:{port}"
     finally:
         process.terminate()

@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client
 
 from observability.logging import configure_logging
+from services._cli_nats import SERVICE_RECONNECT
 from services.client import ToolbusClient
 from services.executor import ExecutorConfig, ExecutorService
 from services.worker import SandboxWorker, WorkerConfig
@@ -91,7 +92,7 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
     async with AsyncExitStack() as exit_stack:
 
         async def connect(name: str) -> Client:
-            connection = await nats.connect(nats_url, name=name)
+            connection = await nats.connect(nats_url, name=name, **SERVICE_RECONNECT)
             exit_stack.push_async_callback(connection.drain)
             return connection
 
@@ -112,9 +113,13 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
                     worker_id=worker_id,
                     slots=slots,
                     workspace_root=tmp_path / worker_id,
-                    heartbeat_s=0.5,
                     # The disk guard has its own test; others must not depend on free space.
-                    **{"min_free_disk_mb": 0, "spare_slots": 0, **(worker_options or {})},
+                    **{
+                        "heartbeat_s": 0.5,
+                        "min_free_disk_mb": 0,
+                        "spare_slots": 0,
+                        **(worker_options or {}),
+                    },
                 )
                 connection = await connect(worker_id)
                 worker = SandboxWorker(connection, config)

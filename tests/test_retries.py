@@ -15,10 +15,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from nats.aio.msg import Msg
 
 from schemas.internal import BatchAck, BatchHeader, BatchItem, ItemResult
 from services.client import ToolbusClient
+from services.exceptions import NoCapacity
+from services.executor import ExecutorConfig
 from services.worker import SandboxWorker
 from tests._processes import executor_process
 from tests._waits import until
@@ -26,6 +29,8 @@ from tests.conftest import StackFactory
 
 # Counts its runs in the workspace, and says which run it was once it has slept.
 _COUNTED = "echo run >> runs; sleep {sleep}; wc -l < runs"
+# Says it waits, then waits for the test's word (a file the test makes).
+_UNTIL_GO = "touch waiting; while [ ! -e go ]; do sleep 0.05; done"
 
 
 async def _runs(client: ToolbusClient, tid: str) -> str:
@@ -51,7 +56,7 @@ async def test_a_retry_after_its_executor_was_killed_gets_the_first_runs_result(
 
     async with executor_process(nats_url, ready=answers) as doomed:
         first = asyncio.create_task(
-            client.execute(tid, "terminal", {"command": _COUNTED.format(sleep=2)}, uniq_id="c1")
+            client.execute(tid, "terminal", {"command": _COUNTED.format(sleep=4)}, uniq_id="c1")
         )
         await until(lambda: _workspace_has(worker, tid, "runs"))
         os.kill(doomed.pid, signal.SIGKILL)
@@ -60,11 +65,11 @@ async def test_a_retry_after_its_executor_was_killed_gets_the_first_runs_result(
 
     survivor = await make_stack(executors=1, workers=0)
     retried = await survivor.client.execute(
-        tid, "terminal", {"command": _COUNTED.format(sleep=2)}, uniq_id="c1"
+        tid, "terminal", {"command": _COUNTED.format(sleep=4)}, uniq_id="c1"
     )
     assert retried.success, retried.error
     assert retried.output == "1\n"  # the first run's own output: it waited for that run
-    assert retried.uniq_id == "c1"
+    assert retried.uniq_id == "c1" and retried.metadata["replayed"] is True
     assert await _runs(survivor.client, tid) == "1"
 
 
@@ -130,7 +135,8 @@ async def test_a_retry_whose_result_is_no_longer_held_is_refused_not_run(
 ) -> None:
     # Results are held within a memory budget; past it the oldest go, but their ids stay
     # known for the window, so a retry of one is answered, never run a second time.
-    stack = await make_stack(worker_options={"retry_memory_bytes": 1})
+    # Room for one small result and a few ids.
+    stack = await make_stack(worker_options={"retry_memory_bytes": 3000})
     tid = trajectory()
     command = {"command": "echo run >> runs"}
     assert (await stack.client.execute(tid, "terminal", command, uniq_id="old")).success
@@ -251,13 +257,15 @@ async def test_a_cancelled_asker_leaves_the_run_to_the_others_and_the_last_one_e
     tid, name = trajectory(), _ids()
     await _held_trajectory(stack, tid)
     async with _Batches(stack.workers[0]) as batches:
-        batches.send(tid, (name("first"), "c", {"command": _COUNTED.format(sleep=1)}))
-        batches.send(tid, (name("retry"), "c", {"command": _COUNTED.format(sleep=1)}))
-        await until(lambda: _workspace_has(stack.workers[0], tid, "runs"))
+        command = {"command": f"{_UNTIL_GO}; {_COUNTED.format(sleep=0)}"}
+        batches.send(tid, (name("first"), "c", command))
+        batches.send(tid, (name("retry"), "c", command))
+        await until(lambda: _workspace_has(stack.workers[0], tid, "waiting"))
         # The first asker gives up (its executor's deadline): the run goes on for the retry.
-        assert batches.calls.cancel([name("first")]).outcomes[name("first")] == "cancelled"
+        assert batches.calls.cancel([name("first")]).outcomes[name("first")] == "detached"
         given_up = await batches.result(name("first"))
-        assert given_up.result is not None and given_up.result.metadata["cancelled"] is True
+        assert given_up.result is not None and given_up.result.metadata["still_running"] is True
+        _go(stack.workers[0], tid)
         retry = await batches.result(name("retry"))
         assert retry.result is not None and retry.result.output == "1\n"
 
@@ -294,3 +302,64 @@ async def test_a_call_cancelled_before_its_run_began_leaves_its_id_free_for_a_re
 def _workspace_has(worker: SandboxWorker, tid: str, name: str) -> bool:
     slot = worker._table.holding(tid)  # type: ignore[attr-defined]
     return slot is not None and (slot.workspace / name).exists()
+
+
+def _go(worker: SandboxWorker, tid: str) -> None:
+    slot = worker._table.holding(tid)  # type: ignore[attr-defined]
+    (slot.workspace / "go").touch()
+
+
+async def test_a_retry_that_comes_as_its_waiting_call_is_cancelled_runs_it(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    # Found in review: the cancelled run stayed joinable until its task ended, so a retry that
+    # came in between got "cancelled" for a call none of which had run.
+    stack = await make_stack()
+    tid, name = trajectory(), _ids()
+    await _held_trajectory(stack, tid)
+    async with _Batches(stack.workers[0]) as batches:
+        batches.send(
+            tid,
+            (name("long"), None, {"command": "sleep 1"}),
+            (name("first"), "w", {"command": _COUNTED.format(sleep=0)}),
+        )
+        batches.calls.cancel([name("first")])  # and, in the same loop turn, its retry comes
+        batches.send(tid, (name("retry"), "w", {"command": _COUNTED.format(sleep=0)}))
+        retry = await batches.result(name("retry"))
+    assert retry.result is not None and retry.result.success and retry.result.output == "1\n"
+
+
+async def test_an_id_reused_by_another_call_is_refused_not_answered_with_the_other_result(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    # Found in review: some agents number their tool calls per turn ("call_0"), so one id can
+    # name another call later; that call must not get the first one's output as its own.
+    stack = await make_stack()
+    tid = trajectory()
+    listed = await stack.client.execute(tid, "terminal", {"command": "echo one"}, uniq_id="call_0")
+    other = await stack.client.execute(tid, "terminal", {"command": "echo two"}, uniq_id="call_0")
+    assert listed.output == "one\n"
+    assert not other.success and other.metadata["uniq_id_reused"] is True, other
+    assert "did not run" in other.error
+
+
+async def test_an_executor_that_stops_leaves_a_call_with_an_id_running_for_its_retry(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    # Found in review: a stopping executor cancelled the call on the worker, half-way, so the
+    # client's retry got "cancelled" and could never run it.
+    stack = await make_stack(executor_config=ExecutorConfig(drain_timeout_s=0.5))
+    worker, tid = stack.workers[0], trajectory()
+    await _held_trajectory(stack, tid)
+    command = {"command": f"{_UNTIL_GO}; {_COUNTED.format(sleep=0)}"}
+    first = asyncio.create_task(stack.client.execute(tid, "terminal", command, uniq_id="s"))
+    await until(lambda: _workspace_has(worker, tid, "waiting"))
+    await stack.executors[0].__aexit__(None, None, None)  # as SIGTERM does
+    with pytest.raises(NoCapacity, match="shutting down"):
+        await first
+    successor = await make_stack(executors=1, workers=0)
+    retry = asyncio.create_task(successor.client.execute(tid, "terminal", command, uniq_id="s"))
+    await asyncio.sleep(0.3)
+    _go(worker, tid)
+    retried = await retry
+    assert retried.success and retried.output == "1\n", retried

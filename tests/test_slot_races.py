@@ -6,6 +6,7 @@ They poll the worker's state with a bound (``until``) where there is no event to
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -208,9 +209,12 @@ async def test_a_worker_starts_over_a_deeply_nested_workspace_left_by_its_last_r
         assert worker.slot_states()["free"] + worker.slot_states()["out_of_service"] == 1
 
 
-async def test_a_call_an_executor_stops_waiting_for_is_not_left_running(
+async def test_a_call_without_an_id_that_an_executor_stops_waiting_for_is_not_left_running(
     make_stack: StackFactory, trajectory: Callable[[], str], nats_url: str
 ) -> None:
+    # A call with a uniq_id is left running, for its retry (tests/test_retries.py); one without
+    # cannot be retried safely, so it stops. Sent as a client of another language would, with
+    # no uniq_id (the Python client gives every call one).
     from services.executor import ExecutorConfig, ExecutorService
 
     stack = await make_stack(workers=1, executors=0)
@@ -219,8 +223,10 @@ async def test_a_call_an_executor_stops_waiting_for_is_not_left_running(
     executor = ExecutorService(connection, ExecutorConfig(drain_timeout_s=0.5))
     await executor.__aenter__()
     t = trajectory()
+    command = {"command": "sleep 2; echo done > f"}
+    body = {"trajectory_id": t, "tool": {"name": "terminal", "arguments": command}, "timeout_s": 30}
     call = asyncio.create_task(
-        stack.client.execute(t, "terminal", {"command": "sleep 2; echo done > f"}, timeout_s=30)
+        stack.client.nc.request("tools.execute.terminal", json.dumps(body).encode(), timeout=30)
     )
     await until(lambda: bool(worker._calls.running))
     await executor.__aexit__(None, None, None)

@@ -39,7 +39,12 @@ async def test_a_killed_workers_trajectories_each_hear_workspace_lost_once_and_m
     client, executor = stack.client, stack.executors[0]
     doomed_id = f"doomed-{uuid.uuid4().hex[:6]}"
     async with worker_process(
-        nats_url, tmp_path / "data", doomed_id, registered=_registered(executor), slots=2, heartbeat_s=2.0
+        nats_url,
+        tmp_path / "data",
+        doomed_id,
+        registered=_registered(executor),
+        slots=2,
+        heartbeat_s=2.0,
     ) as doomed:
         running, idle = trajectory(), trajectory()
         for tid in (running, idle):
@@ -64,7 +69,6 @@ async def test_a_killed_workers_trajectories_each_hear_workspace_lost_once_and_m
             assert not result.success
             assert result.metadata["error_kind"] == "infra"
             assert result.metadata["workspace_lost"] is True, result
-        print("told after", told_after_s)
         assert told_after_s < _KNOWN_WITHIN_S, told_after_s
 
         # The idle trajectory hears it at its next call, once; then it has a new workspace.
