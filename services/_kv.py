@@ -13,11 +13,12 @@ not pile up in the stream.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StreamConfig
+from nats.js.api import KeyValueConfig
 from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -47,14 +48,15 @@ async def open_bucket(
         except BadRequestError:
             kv = await js.key_value(bucket)  # another process created it first
     stream = f"KV_{bucket}"
-    info = await js.stream_info(stream)
-    wanted: dict[str, object] = {}
-    if not info.config.allow_msg_ttl:
-        wanted["allow_msg_ttl"] = True
-    if marker_ttl_s and not info.config.subject_delete_marker_ttl:
-        wanted["subject_delete_marker_ttl"] = float(marker_ttl_s)
-    if wanted:
-        await js.update_stream(StreamConfig.from_response({**info.config.as_dict(), **wanted}))
+    current = (await js.stream_info(stream)).config
+    # Changed on the config as read (in seconds), not on its wire form (in nanoseconds).
+    wanted = current
+    if not wanted.allow_msg_ttl:
+        wanted = dataclasses.replace(wanted, allow_msg_ttl=True)
+    if marker_ttl_s and not wanted.subject_delete_marker_ttl:
+        wanted = dataclasses.replace(wanted, subject_delete_marker_ttl=float(marker_ttl_s))
+    if wanted is not current:
+        await js.update_stream(wanted)
     return kv
 
 

@@ -3,9 +3,12 @@
 The server removes a registration that was not refreshed within its TTL and leaves a marker
 that every executor's watch sees, so "this worker is gone" is decided in one place for all of
 them, not by each executor's clock. Heartbeats are compare-and-set on the last revision the
-worker wrote: when the server expired the registration meanwhile (the worker was stalled or cut
-off), the next beat fails with :class:`RegistrationLost`, the worker gives up its slots (their
-leases are already taken as lost) and registers again under a new incarnation.
+worker wrote. When the server expired the registration meanwhile (the worker was stalled or cut
+off, or the server was down), the next beat writes it back over the server's marker, with the
+same incarnation and its slots kept, unless an executor settled the expiry first (it removed
+the marker: the worker is gone, see ``_registry.py``); then the beat fails with
+:class:`RegistrationLost`, the worker gives up its slots (their leases are already taken as
+lost) and registers again under a new incarnation.
 """
 
 from __future__ import annotations
@@ -66,12 +69,30 @@ class WorkerRegistration:
                     self._key, payload, expect=self._revision, ttl_s=self.ttl_s
                 )
             except RevisionMismatch:
-                # An earlier write of ours may have been stored with its ack lost: adopt it.
-                if not await self._adopt_own_write():
+                # An earlier write of ours may have been stored with its ack lost: adopt it;
+                # or the server expired it, and nobody settled that yet: write it back.
+                if not await self._adopt_own_write() and not await self._write_back(payload):
                     raise RegistrationLost(self._key) from None
                 self._revision = await self._bucket.write(
                     self._key, payload, expect=self._revision, ttl_s=self.ttl_s
                 )
+
+    async def _write_back(self, payload: bytes) -> bool:
+        """(Under the lock) over the server's expiry marker, if that is the last message."""
+        entry = await self._bucket.get(self._key)
+        if entry is None or not entry.expired:
+            return False  # settled (removed: the worker is gone), or another incarnation's
+        try:
+            self._revision = await self._bucket.write(
+                self._key, payload, expect=entry.revision, ttl_s=self.ttl_s
+            )
+        except RevisionMismatch:
+            return False  # an executor settled it first
+        log.warning(
+            "the registration had expired (the server was unreachable, or the worker "
+            "stalled): written back, nothing was lost"
+        )
+        return True
 
     async def deregister(self) -> None:
         async with self._lock:
@@ -82,17 +103,13 @@ class WorkerRegistration:
             with contextlib.suppress(RevisionMismatch):  # expired or replaced already
                 await self._bucket.remove(self._key, expect=self._revision)
 
-    async def stored_age_s(self) -> float | None:
-        """How old the stored registration is, if it is this incarnation's (its revision is
-        adopted: a write whose ack was lost counts); None when it is gone or not ours."""
-        async with self._lock:
-            return await self._adopt_stored()
-
     async def _adopt_own_write(self) -> bool:
         return await self._adopt_stored() is not None
 
     async def _adopt_stored(self) -> float | None:
-        """(Under the lock) :meth:`stored_age_s`."""
+        """(Under the lock) how old the stored registration is, if it is this incarnation's
+        (its revision is adopted: a write whose ack was lost counts); None when it is gone or
+        not ours."""
         entry = await self._bucket.get(self._key)
         if entry is None or entry.value is None:
             return None
@@ -116,10 +133,12 @@ ANNOUNCE_DELAY_S = 0.05  # a burst of slot changes becomes one registration writ
 class Heartbeat:
     """Refreshes a registration every ``heartbeat_s`` and soon after a change (coalesced).
 
-    ``rejoin`` is called when the registration is lost, or may be: a beat that finds it gone,
-    or beats failing for as long as its TTL (executors then take the worker for gone, and it
-    must not go on serving the workspaces they have said are lost). Nothing else happens in the
-    loop: a beat never waits behind slot work.
+    ``rejoin`` is called when the registration is lost: a beat that finds it removed or
+    replaced (executors have taken the worker for gone, and it must not go on serving the
+    workspaces they said are lost). A beat that fails (the server is unreachable or slow) is
+    only logged: the worker cannot serve while cut off, and the beat after it finds out where
+    the registration stands (a beat follows each reconnect at once). Nothing else happens in
+    the loop: a beat never waits behind slot work.
     """
 
     def __init__(
@@ -137,12 +156,10 @@ class Heartbeat:
         self._rejoin = rejoin
         self._spawn = spawn
         self._soon: asyncio.TimerHandle | None = None
-        self._last_stored = time.monotonic()
 
     async def register(self) -> None:
         """A new incarnation (at start, and after a rejoin)."""
         await self._registration.register(self._info)
-        self._last_stored = time.monotonic()
 
     async def run(self) -> None:
         while True:
@@ -169,22 +186,5 @@ class Heartbeat:
         except RegistrationLost:
             await self._rejoin()
             return
-        except Exception as exc:  # a missed beat is logged; the next one retries ...
+        except Exception as exc:  # a missed beat is logged; the next one finds out
             log.warning("heartbeat failed", error=str(exc) or type(exc).__name__)
-            # ... until the registration may have expired. A write whose ack was late or lost
-            # may have landed: the stored registration says (a slow server is not a lost one).
-            if time.monotonic() - self._last_stored >= self._registration.ttl_s - 1:
-                age = await self._stored_age_s()
-                if age is not None and age < self._registration.ttl_s - 1:
-                    self._last_stored = time.monotonic() - age
-                    return
-                await self._rejoin()
-            return
-        self._last_stored = time.monotonic()
-
-    async def _stored_age_s(self) -> float | None:
-        try:
-            return await self._registration.stored_age_s()
-        except Exception as exc:  # unreadable too: it may have expired
-            log.warning("the registration could not be read", error=str(exc) or type(exc).__name__)
-            return None

@@ -9,6 +9,16 @@ does so as a new incarnation; the old incarnation is gone, with the workspaces l
 The view is a cache: before an executor acts on "gone" (a workspace is lost) it reads the
 registration itself (:meth:`confirm_gone`). Free-slot counts are hints: the worker's answer to
 an acquire request is what decides.
+
+A registration that expired is not yet a worker gone: the server also expires every
+registration whose TTL ran out while it was down, as it comes back, before the live workers
+could beat. The expiry is settled by one compare-and-set on the expired key, which the worker
+races with its own: the worker writes its registration back over the server's marker (same
+incarnation, its slots kept) when it finds it expired, and an executor removes the marker
+(a purge: the worker is gone) — whichever comes first decides for everyone, and the other one
+sees it. An executor that (re)connected within the worker's TTL first waits out the rest of it,
+so that a worker cut off by a server restart has time to come back; otherwise it settles at
+once, and a worker that was killed is known as gone within its TTL.
 """
 
 from __future__ import annotations
@@ -25,13 +35,16 @@ from pydantic import ValidationError
 
 from schemas.internal import WorkerInfo
 
-from ._kv import KvBucket
+from ._kv import KvBucket, KvEntry, RevisionMismatch
+from ._reconnects import ReconnectClock
+from ._registration import MIN_REGISTRATION_TTL_S
 from ._tasks import cancel_and_wait
 
 log = structlog.get_logger("toolbus.registry")
 
 GoneCallback = Callable[[str, str], None]  # (worker id, incarnation)
 _REWATCH_DELAY_S = 1.0
+_SETTLE_RETRY_S = 1.0  # a settle that could not reach the server tries again after this
 
 
 @dataclass(slots=True)
@@ -42,9 +55,11 @@ class _Entry:
 
 
 class WorkerRegistry:
-    def __init__(self, bucket: KvBucket) -> None:
+    def __init__(self, bucket: KvBucket, *, connection: ReconnectClock | None = None) -> None:
         self._bucket = bucket
+        self._connection = connection  # None: never wait before settling an expiry
         self._workers: dict[str, _Entry] = {}
+        self._settling: dict[str, asyncio.Task[bool]] = {}  # by worker id: an expiry settled
         # Each report of free slots is a new version: an acquisition that saw version v before
         # it asked the workers queues only if nothing was reported since.
         self._capacity_version = 0
@@ -63,8 +78,8 @@ class WorkerRegistry:
         await self._ready.wait()
 
     async def stop(self) -> None:
-        if self._watch_task:
-            await cancel_and_wait([self._watch_task])
+        tasks = [self._watch_task] if self._watch_task else []
+        await cancel_and_wait([*tasks, *self._settling.values()])
 
     async def _watch(self, watched: KeyValue) -> None:
         """For ever: a watch that ends or fails (a reconnect, a JetStream hiccup) is started
@@ -93,8 +108,11 @@ class WorkerRegistry:
                     continue
                 if seen is not None:
                     seen.add(entry.key)
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._remove(entry.key)
+                if entry.operation in ("DEL", "PURGE"):
+                    self._remove(entry.key)  # removed on purpose: by the worker, or settled
+                    continue
+                if not entry.value:  # the server's marker: the registration expired
+                    self._expired(entry.key, entry.revision or 0)
                     continue
                 try:
                     info = WorkerInfo.model_validate_json(entry.value)
@@ -124,18 +142,70 @@ class WorkerRegistry:
         for callback in self._on_gone:
             callback(worker_id, incarnation)
 
+    # -- an expired registration ---------------------------------------------------------------
+    def _expired(self, worker_id: str, revision: int) -> None:
+        """The server expired the registration: settled in a task (the worker stays in the view,
+        so its calls wait, until it is)."""
+        if worker_id in self._workers and worker_id not in self._settling:
+            self._settle_soon(worker_id, revision)
+
+    def _settle_soon(self, worker_id: str, revision: int) -> asyncio.Task[bool]:
+        task = asyncio.create_task(self._settle(worker_id, revision), name="settle-expiry")
+        self._settling[worker_id] = task
+        task.add_done_callback(lambda _: self._settling.pop(worker_id, None))
+        return task
+
+    async def _settle(self, worker_id: str, revision: int) -> bool:
+        """Remove the expired registration (the worker is gone) unless the worker wrote it back
+        first. True when the worker is gone."""
+        entry = self._workers.get(worker_id)
+        ttl_s = max(float(entry.info.ttl_s) if entry is not None else 0.0, MIN_REGISTRATION_TTL_S)
+        if self._connection is not None and self._connection.within(ttl_s):
+            # Just (re)connected: a server restart expires every registration at once. The
+            # live workers write theirs back as soon as their own connection is back.
+            await asyncio.sleep(ttl_s - self._connection.since_connect_s())
+        while True:
+            try:
+                try:
+                    await self._bucket.remove(worker_id, expect=revision)
+                except RevisionMismatch:
+                    return await self._read_back(worker_id)  # written back, or settled already
+            except Exception as exc:  # not reachable now: the expiry is not settled yet
+                log.warning("settling an expired registration failed", error=repr(exc))
+                await asyncio.sleep(_SETTLE_RETRY_S)
+                continue
+            log.info("worker registration expired", worker_id=worker_id)
+            self._remove(worker_id)
+            return True
+
+    async def _read_back(self, worker_id: str) -> bool:
+        """What the registration is after a settle lost its race. True when the worker is gone."""
+        stored = await self._bucket.get(worker_id)
+        info = _info(stored)
+        if info is None:
+            self._remove(worker_id)
+            return True
+        self._update(info)  # another incarnation: the one before is gone
+        return False
+
     # -- reading ------------------------------------------------------------------------------
     def is_registered(self, worker_id: str, incarnation: str) -> bool:
         entry = self._workers.get(worker_id)
         return entry is not None and entry.info.incarnation == incarnation
 
     async def confirm_gone(self, worker_id: str, incarnation: str) -> bool:
-        """Read the registration itself: True when that incarnation is not registered."""
+        """Read the registration itself: True when that incarnation is not registered. An
+        expired one is settled first (which may wait for the worker to write it back)."""
         stored = await self._bucket.get(worker_id)
-        info = None
-        if stored is not None and stored.value is not None:
-            with contextlib.suppress(ValidationError):
-                info = WorkerInfo.model_validate_json(stored.value)
+        if stored is not None and stored.expired:
+            settling = self._settling.get(worker_id) or self._settle_soon(
+                worker_id, stored.revision
+            )
+            if not await asyncio.shield(settling):
+                entry = self._workers.get(worker_id)
+                return entry is None or entry.info.incarnation != incarnation
+            return True
+        info = _info(stored)
         if info is None:
             self._remove(worker_id)
             return True
@@ -181,3 +251,12 @@ class WorkerRegistry:
     @property
     def capacity_version(self) -> int:
         return self._capacity_version
+
+
+def _info(stored: KvEntry | None) -> WorkerInfo | None:
+    if stored is None or stored.value is None:
+        return None
+    try:
+        return WorkerInfo.model_validate_json(stored.value)
+    except ValidationError:
+        return None

@@ -59,6 +59,7 @@ from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
 from ._placement import Placement
 from ._process import MAX_COMMAND_BYTES
+from ._reconnects import ReconnectClock
 from ._registration import WORKER_MARKER_TTL_S
 from ._registry import WorkerRegistry
 from ._replies import parse_request
@@ -100,7 +101,8 @@ class ExecutorService:
         self._results_subject = self._subjects.executor_results(self.executor_id)
         self._results_sub: Subscription | None = None
         js = nc.jetstream()
-        self._registry = WorkerRegistry(KvBucket(js, WORKERS_BUCKET))
+        self._connection = ReconnectClock(nc)
+        self._registry = WorkerRegistry(KvBucket(js, WORKERS_BUCKET), connection=self._connection)
         self._queue = SlotQueue(nc, subjects=self._subjects, executor_id=self.executor_id)
         self._placement = Placement(
             nc,
@@ -178,6 +180,7 @@ class ExecutorService:
             marker_ttl_s=WORKER_MARKER_TTL_S,
         )
         await open_bucket(js, LEASES_BUCKET, description="toolbus trajectory leases")
+        await self._connection.__aenter__()
         await self._registry.start(workers)
         await self._queue.start()
         self._results_sub = await self._nc.subscribe(
@@ -217,6 +220,7 @@ class ExecutorService:
             except Exception as exc:  # the connection is gone already
                 log.debug("unsubscribe failed", error=str(exc))
         await self._registry.stop()
+        await self._connection.__aexit__()
         for unobserve in self._unobserve:
             unobserve()
         log.info("executor stopped", executor_id=self.executor_id)

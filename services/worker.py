@@ -39,6 +39,7 @@ from ._diskguard import DiskGuard
 from ._fd_limits import check_fd_limit
 from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
+from ._reconnects import ReconnectClock
 from ._registration import (
     WORKER_MARKER_TTL_S,
     Heartbeat,
@@ -155,6 +156,8 @@ class SandboxWorker:
         self._tasks: set[asyncio.Task[None]] = set()  # request handlers and lease writes
         self._loops: list[asyncio.Task[None]] = []
         self._started_at = time.time()
+        self._connection = ReconnectClock(nc)
+        self._connection.on_reconnect(self._heartbeat.soon)
         self._stopping = False  # once set, nothing (a rejoin included) takes work again
         self._rejoining = False
 
@@ -254,6 +257,9 @@ class SandboxWorker:
         self._warm.start()  # and the rest are warmed, up to warm_slots
         self._loops = [
             asyncio.create_task(self._heartbeat.run(), name=f"heartbeat-{wid}"),
+            # A beat as soon as the connection is back: a registration the server expired
+            # while it was down is written back before executors settle it as gone.
+            asyncio.create_task(self._connection.run(), name=f"reconnects-{wid}"),
             asyncio.create_task(
                 self._keeper.maintain(self._config.heartbeat_s), name=f"slot-maintenance-{wid}"
             ),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from services.executor import ExecutorService
 from tests._processes import worker_process
+from tests._waits import until
 from tests.conftest import StackFactory
 
 # The registration of a worker with a 0.5 s heartbeat lives 5 s without one (the least TTL):
@@ -79,3 +80,37 @@ async def test_a_killed_workers_trajectories_each_hear_workspace_lost_once_and_m
             assert fresh.success, fresh.error
             assert fresh.metadata["worker_id"] != doomed_id
             assert fresh.output == ""  # a new, empty workspace
+
+
+async def test_a_worker_stalled_past_its_ttl_is_gone_and_comes_back_empty(
+    make_stack: StackFactory, trajectory: Callable[[], str], nats_url: str, tmp_path: Path
+) -> None:
+    # The server expires its registration while it is stopped; an executor settles that (the
+    # worker is gone) before the worker can write it back, so the worker, once it runs again,
+    # gives its slots up and registers anew: nobody is served from a workspace said lost.
+    stack = await make_stack(executors=1, workers=0)
+    client, executor = stack.client, stack.executors[0]
+    stalled_id = f"stalled-{uuid.uuid4().hex[:6]}"
+    async with worker_process(
+        nats_url, tmp_path / "data", stalled_id, registered=_registered(executor), slots=2
+    ) as stalled:
+        tid = trajectory()
+        opened = await client.execute(tid, "terminal", {"command": "echo mine > f"})
+        assert opened.success and opened.metadata["worker_id"] == stalled_id, opened.error
+        incarnation = _incarnation(executor, stalled_id)
+        stalled.pause()
+        # Its registration (TTL 5 s) expires and is settled: the worker is gone.
+        await until(lambda: _incarnation(executor, stalled_id) != incarnation, 20)
+        stalled.resume()
+        lost = await client.execute(tid, "terminal", {"command": "cat f"})
+        assert not lost.success and lost.metadata["workspace_lost"] is True, lost
+        fresh = await client.execute(tid, "terminal", {"command": "ls"})
+        assert fresh.success and fresh.output == "", fresh  # a new workspace, on it again
+        assert _incarnation(executor, stalled_id) not in (None, incarnation)
+
+
+def _incarnation(executor: ExecutorService, worker_id: str) -> str | None:
+    for info, _ in executor.registered_workers():
+        if info.worker_id == worker_id:
+            return info.incarnation
+    return None
