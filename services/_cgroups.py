@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,28 @@ class PidsCgroups:
             return CgroupProbe(None, f"cannot create {root}: {exc.strerror}")
         return CgroupProbe(cls(root, version=2))
 
+    def remove_worker(self, name: str) -> None:
+        """Remove the cgroups another worker of this host left (it died): whatever still runs
+        in them is killed first. Blocking."""
+        parent = self._root.parent
+        root = parent / name if self.version == 1 else parent / f"toolbus-{name}"
+        if root == self._root or not root.is_dir():
+            return
+        for slot in root.glob("slot_*"):
+            _kill_members(slot)
+        deadline = time.monotonic() + 2.0  # killed processes take a moment to be reaped
+        while True:
+            for slot in root.glob("slot_*"):
+                with contextlib.suppress(OSError):
+                    slot.rmdir()
+            with contextlib.suppress(OSError):
+                root.rmdir()
+            if not root.exists():
+                return
+            if time.monotonic() > deadline:
+                raise OSError(f"cannot remove {root}: it still holds processes")
+            time.sleep(0.05)
+
     def slot(self, index: int, max_pids: int) -> Path:
         path = self._root / f"slot_{index}"
         path.mkdir(exist_ok=True)
@@ -102,6 +126,16 @@ class PidsCgroups:
 def join_cgroup(path: Path) -> None:
     """In a child process before exec: move itself into the cgroup (its children follow)."""
     (path / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def _kill_members(cgroup: Path) -> None:
+    if (cgroup / "cgroup.kill").exists():  # cgroup v2, Linux 5.14+: the whole tree at once
+        with contextlib.suppress(OSError):
+            _write(cgroup / "cgroup.kill", "1")
+        return
+    for pid in _words(cgroup / "cgroup.procs"):
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def _own_v2_cgroup(mount: Path, self_cgroup: Path) -> Path | None:

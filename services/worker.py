@@ -39,6 +39,7 @@ from ._diskguard import DiskGuard
 from ._fd_limits import check_fd_limit
 from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
+from ._leftovers import AliveLock, clean_dead_workers
 from ._reconnects import ReconnectClock
 from ._registration import (
     WORKER_MARKER_TTL_S,
@@ -74,6 +75,8 @@ class SandboxWorker:
         self._nc = nc
         self._config = config
         self._disk_guard = DiskGuard(config.workspace_root, min_free_mb=config.min_free_disk_mb)
+        self._alive = AliveLock(config.workspace_root)
+        self._leftovers: asyncio.Task[list[str]] | None = None  # of dead workers, cleaned
         self._cgroup_probe = (
             PidsCgroups.create(config.worker_id)
             if config.pids_cgroup
@@ -211,6 +214,8 @@ class SandboxWorker:
         root = self._config.workspace_root
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o711)  # sandbox users pass through to their own slot; they cannot list it
+        # First: nothing of a worker of the same id that runs here may be touched.
+        self._alive.acquire()
         try:
             # Fails closed here when require_sandbox is set and bubblewrap cannot run.
             await self._sandboxes.probe(root / ".probe")
@@ -238,6 +243,11 @@ class SandboxWorker:
             # What a previous process of this worker id left is nobody's now: wiped first.
             self._table.add(Slot(index, workspace, tools, state=SlotState.WIPING))
         await asyncio.gather(*(self._cleaner.start_wipe(slot) for slot in self._table))
+        # What workers that died here left (files, cgroups): in the background, a big tree
+        # takes a while.
+        self._leftovers = asyncio.create_task(
+            asyncio.to_thread(clean_dead_workers, root, self._cgroups), name="dead-workers"
+        )
         js = self._nc.jetstream()
         await open_bucket(
             js,
@@ -312,10 +322,13 @@ class SandboxWorker:
         await self._endpoints.unsubscribe()
         await self._other_tasks(_STEP_TIMEOUT_S)
         await cancel_and_wait(self._tasks, timeout_s=_STEP_TIMEOUT_S)
+        if self._leftovers is not None:  # its thread finishes the directory it is at
+            await cancel_and_wait([self._leftovers], timeout_s=_STEP_TIMEOUT_S)
         await self._disk_guard.close()
         await self._sandboxes.close()  # the launcher zygote, once every sandbox has ended
         if self._cgroups is not None:
             await self._cgroups.remove()
+        self._alive.release()  # last: from here another worker may clean up what is left
         log.info("worker stopped", worker_id=self.worker_id)
 
     def _warn_about_setup(self) -> None:

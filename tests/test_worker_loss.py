@@ -114,3 +114,43 @@ def _incarnation(executor: ExecutorService, worker_id: str) -> str | None:
         if info.worker_id == worker_id:
             return info.incarnation
     return None
+
+
+async def test_the_next_worker_on_the_host_cleans_up_what_a_killed_one_left(
+    make_stack: StackFactory, trajectory: Callable[[], str], nats_url: str, tmp_path: Path
+) -> None:
+    stack = await make_stack(executors=1, workers=0)
+    client, executor = stack.client, stack.executors[0]
+    data_dir = tmp_path / "data"
+    dead_id, next_id = f"dead-{uuid.uuid4().hex[:6]}", f"next-{uuid.uuid4().hex[:6]}"
+    dead_root = data_dir / "workers" / dead_id
+    async with worker_process(
+        nats_url, data_dir, dead_id, registered=_registered(executor), slots=2
+    ) as dead:
+        wrote = await client.execute(
+            trajectory(), "terminal", {"command": "echo x > f; sleep 60 &"}
+        )
+        assert wrote.success and wrote.metadata["worker_id"] == dead_id, wrote.error
+        cgroup = _worker_cgroup(dead.process.pid, dead_id)
+        os.kill(dead.process.pid, signal.SIGKILL)
+        await dead.process.wait()
+    assert (dead_root / "slot_0").exists() or (dead_root / "slot_1").exists()
+    async with worker_process(nats_url, data_dir, next_id, registered=_registered(executor)):
+        await until(lambda: not dead_root.exists(), 20)
+        assert (data_dir / "workers" / next_id / "slot_0").is_dir()  # its own are untouched
+        if cgroup is not None:  # where the worker has pids cgroups of its own
+            await until(lambda: not cgroup.exists(), 20)
+
+
+def _worker_cgroup(pid: int, worker_id: str) -> Path | None:
+    """The pids cgroup tree a worker made for its slots, if it made one."""
+    v1 = Path("/sys/fs/cgroup/pids/toolbus") / worker_id
+    if v1.is_dir():
+        return v1
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            own = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+            for candidate in (own / f"toolbus-{worker_id}", own.parent / f"toolbus-{worker_id}"):
+                if candidate.is_dir():
+                    return candidate
+    return None
