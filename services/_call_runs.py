@@ -9,7 +9,8 @@ the worker that holds its slot). A run's state changes only in ``SlotCalls``, ea
        └──every asker cancelled, or the slot released, before it started──▶ DONE (forgotten:
           nothing of it ran, so a retry runs it)
 
-A finished run's outcome is held for ``window_s`` within ``max_bytes`` (the oldest go first
+A finished run's outcome is held, as the bytes that were sent (no object for the garbage
+collector to walk, its size exact), for ``window_s`` within ``max_bytes`` (the oldest go first
 when over); the id of one dropped for memory stays known for the window, so a retry of it is
 refused with a clear error instead of running a second time. Only when even the known ids
 outgrow the memory are the oldest forgotten (logged). The entries of an assignment go when its
@@ -24,11 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 import pydantic_core
 import structlog
 
-from schemas.internal import BatchItem, ItemResult
+from schemas.internal import BatchItem
 
 from ._setting_defaults import DEFAULT_RETRY_MEMORY_MB, DEFAULT_RETRY_WINDOW_S
 from ._slots import Slot
@@ -36,9 +38,9 @@ from ._slots import Slot
 log = structlog.get_logger("toolbus.worker")
 
 DEFAULT_RETRY_MEMORY_BYTES = DEFAULT_RETRY_MEMORY_MB * 1024 * 1024
-# What a held outcome costs beyond its output and error (its objects, metadata and dicts:
-# about 2 KB for a small terminal result, measured with tracemalloc); a known id alone, less.
-_OUTCOME_OVERHEAD_BYTES = 2048
+# What an entry costs beyond its encoded outcome (its key, tuple and dict slots); a known id
+# alone, less.
+_ENTRY_OVERHEAD_BYTES = 300
 _ID_OVERHEAD_BYTES = 256
 _FORGOTTEN_LOG_EVERY_S = 60.0
 
@@ -68,7 +70,6 @@ class CallRun:
     askers: dict[str, Asker] = field(default_factory=dict)  # by item id
     state: RunState = RunState.WAITING
     task: asyncio.Task[None] | None = None
-    outcome: ItemResult | None = None
 
 
 def run_key(item: BatchItem) -> RunKey | None:
@@ -92,18 +93,17 @@ class Refused:
 REFUSED = Refused()
 
 
-@dataclass(slots=True)
-class Held:
-    """A finished run's outcome: only that, as a run holds its arguments, which may be large."""
+class Held(NamedTuple):
+    """A finished run's outcome (only that: a run holds its arguments, which may be large).
+    Tuples of plain values: the garbage collector stops tracking them."""
 
-    outcome: ItemResult
+    payload: bytes  # the ItemResult as sent to the run's own asker
     fingerprint: int
     size: int
     until: float  # monotonic
 
 
-@dataclass(slots=True)
-class _Known:
+class _Known(NamedTuple):
     size: int
     until: float
 
@@ -135,32 +135,36 @@ class RunsById:
     def find(self, key: RunKey) -> CallRun | Held | Refused | None:
         """What an item of this key gets: the run it joins (WAITING or RUNNING), the outcome
         of a finished one, REFUSED, or None: it runs."""
-        self._expire()
         if (run := self._live.get(key)) is not None:
             return run
-        if (held := self._held.get(key)) is not None:
+        # Past their window, entries are as good as gone (finished() drops them).
+        now = self._clock()
+        if (held := self._held.get(key)) is not None and held.until > now:
             return held
-        return REFUSED if key in self._refused else None
+        known = self._refused.get(key)
+        return REFUSED if known is not None and known.until > now else None
 
     def started(self, run: CallRun) -> None:
         """A new run of this key: items of the key join it from now."""
         assert run.key is not None
         self._live[run.key] = run
 
-    def finished(self, run: CallRun, *, ran: bool) -> None:
-        """The run is DONE: its outcome is held for the window if any of it ran, else its key
-        is free again."""
+    def finished(self, run: CallRun, payload: bytes, *, ran: bool) -> None:
+        """The run is DONE with this (encoded) outcome: held for the window if any of it ran,
+        else its key is free again."""
         key = run.key
-        assert key is not None and run.outcome is not None
+        assert key is not None
         if self._live.get(key) is run:
             del self._live[key]
         if not ran:
             return
         self._expire()
-        size = _size(run.outcome)
-        held = Held(run.outcome, fingerprint(run.item), size, self._clock() + self.window_s)
+        size = len(payload) + _ENTRY_OVERHEAD_BYTES
+        held = Held(payload, fingerprint(run.item), size, self._clock() + self.window_s)
         self._held[key] = held
-        self._by_epoch.setdefault(key[1], set()).add(key)
+        if (keys := self._by_epoch.get(key[1])) is None:
+            keys = self._by_epoch[key[1]] = set()
+        keys.add(key)
         self._bytes += size
         while self._bytes > self._max_bytes and self._held:
             old_key, dropped = self._held.popitem(last=False)
@@ -209,10 +213,3 @@ class RunsById:
                 "window, so a retry of one would run again (raise retry_memory_mb)",
                 forgotten=self._forgotten,
             )
-
-
-def _size(outcome: ItemResult) -> int:
-    result = outcome.result
-    if result is None:
-        return _OUTCOME_OVERHEAD_BYTES * 2  # an artifact reply: not run by id, so never held
-    return len(result.output) + len(result.error) + _OUTCOME_OVERHEAD_BYTES

@@ -48,7 +48,15 @@ class ResultSender:
         """Queue a result (or a started notice): it leaves with the others of this loop turn.
 
         Synchronous, so a call cancelled right after cannot lose its result."""
-        entry = (outcome.item_id, _is_notice(outcome), fit_result(outcome, self.budget))
+        self._queue(
+            reply_to, (outcome.item_id, _is_notice(outcome), fit_result(outcome, self.budget))
+        )
+
+    def send_encoded(self, reply_to: str, item_id: str, payload: bytes) -> None:
+        """As :meth:`send`, for a result already encoded with :func:`fit_result`."""
+        self._queue(reply_to, (item_id, False, payload))
+
+    def _queue(self, reply_to: str, entry: tuple[str, bool, bytes]) -> None:
         queue = self._queued.get(reply_to)
         if queue is not None:  # a sender for this reply_to is on its way: it takes this one
             queue.append(entry)

@@ -57,7 +57,7 @@ from ._call_runs import (
     run_key,
     same_call,
 )
-from ._result_sender import ResultSender
+from ._result_sender import ResultSender, fit_result
 from ._slots import Slot, SlotTable
 from ._tools import ToolRunner
 
@@ -193,7 +193,8 @@ class SlotCalls:
         if not same:  # the id of another call: say so, run neither again
             return ItemResult(item_id=item.item_id, result=_reused(item.uniq_id))
         if isinstance(earlier, Held):
-            return _for_asker(earlier.outcome, item.item_id, replayed=True)
+            outcome = ItemResult.model_validate_json(earlier.payload)
+            return _for_asker(outcome, item.item_id, replayed=True)
         return earlier
 
     def _start(
@@ -364,18 +365,22 @@ class SlotCalls:
         if outcome.result is not None:
             outcome.result.uniq_id = run.item.uniq_id
             outcome.result.metadata.update(worker_id=self._worker_id, slot=run.slot.index)
-        run.outcome = outcome
+        # Encoded once, for the run's own asker and for the retries to come.
+        payload = fit_result(outcome, self._results.budget)
         askers, run.askers = run.askers, {}
         for item_id in askers:
             del self._asking[item_id]
             _remember(self._finished, item_id)
         if run.key is not None:
-            self._runs.finished(run, ran=ran)
+            self._runs.finished(run, payload, ran=ran)
         log.debug("call done", success=_succeeded(outcome), slot=run.slot.index)
         self.calls_completed += 1
+        run.slot.last_used = time.monotonic()
         for asker in askers.values():
-            # A retry that joined the run gets its outcome as a retry does, if any of it ran.
-            self._answer(asker, outcome, run.slot, replayed=ran and asker.item is not run.item)
+            if asker.item is run.item:
+                self._results.send_encoded(asker.reply_to, asker.item.item_id, payload)
+            else:  # a retry that joined the run: its outcome, as a retry gets it if any ran
+                self._answer(asker, outcome, run.slot, replayed=ran)
 
     def _answer_all(self, answered: list[tuple[Asker, ItemResult]]) -> None:
         for asker, outcome in answered:

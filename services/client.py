@@ -14,6 +14,7 @@ a tool that ran and failed is a ``ToolResult`` with ``success=False``, not an ex
 from __future__ import annotations
 
 import io
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -94,6 +95,9 @@ class ToolbusClient:
         self._headers = {AUTHORIZATION_HEADER: f"Bearer {token}"} if token else None
         self._request_timeout_s = request_timeout_s
         self._execute_margin_s = execute_margin_s
+        # Ids of calls that come without one: this client's own prefix and a count.
+        self._own_ids = f"{_OWN_ID_PREFIX}{uuid.uuid4().hex}-"
+        self._own_count = itertools.count(1)
 
     @classmethod
     @asynccontextmanager
@@ -127,7 +131,7 @@ class ToolbusClient:
         call: dict[str, Any] = {
             "name": tool,
             "arguments": arguments or {},
-            "uniq_id": uniq_id or f"{_OWN_ID_PREFIX}{uuid.uuid4().hex}",
+            "uniq_id": uniq_id or f"{self._own_ids}{next(self._own_count)}",
         }
         request: dict[str, Any] = {"trajectory_id": trajectory_id, "tool": call}
         if timeout_s is not None:

@@ -135,10 +135,10 @@ async def test_a_retry_whose_result_is_no_longer_held_is_refused_not_run(
 ) -> None:
     # Results are held within a memory budget; past it the oldest go, but their ids stay
     # known for the window, so a retry of one is answered, never run a second time.
-    # Room for one small result and a few ids.
-    stack = await make_stack(worker_options={"retry_memory_bytes": 3000})
+    # Room for one result of 2,000 characters (about 2.5 KB held) and a few ids, not two.
+    stack = await make_stack(worker_options={"retry_memory_bytes": 4000})
     tid = trajectory()
-    command = {"command": "echo run >> runs"}
+    command = {"command": "echo run >> runs; head -c 2000 /dev/zero | tr '\\0' a"}
     assert (await stack.client.execute(tid, "terminal", command, uniq_id="old")).success
     assert (await stack.client.execute(tid, "terminal", command, uniq_id="new")).success
     refused = await stack.client.execute(tid, "terminal", command, uniq_id="old")
