@@ -19,12 +19,13 @@ from schemas.internal import ItemResult, Lease, LostReason, RejectReason
 from schemas.messages import ToolResult
 
 from ._batcher import OutgoingItem
-from ._dispatch import CallRejected, Dispatcher, WorkerGone
+from ._dispatch import CallRejected, Dispatcher, SendAgain, WorkerGone
 from ._failures import infra_failure, workspace_lost
 from ._placement import Placement, WorkspaceLost
 from .exceptions import NoCapacity
 
 _MAX_ATTEMPTS = 4  # the worker refused the call on this many leases in a row: 503
+_MAX_SENDS_AGAIN = 5  # after reconnects of this executor (then it waits, as for a call with no id)
 _UNDELIVERED_RETRY_S = 0.2  # a batch that reached no worker: wait, then try again ...
 _UNDELIVERED_PATIENCE_S = 20.0  # ... for this long (more than a registration's TTL)
 
@@ -65,7 +66,7 @@ class CallRouter:
         ``acquire=False``: a trajectory without a slot gets NotFound instead of a new slot.
         """
         rejected: tuple[Lease, RejectReason] | None = None
-        attempts = 0
+        attempts = sent_again = 0
         patience = time.monotonic() + _UNDELIVERED_PATIENCE_S
         while True:
             try:
@@ -87,7 +88,10 @@ class CallRouter:
                 created_at=time.time(),
             )
             try:
-                return await self._dispatcher.run(lease, item)
+                return await self._dispatcher.run(lease, item, resend=sent_again < _MAX_SENDS_AGAIN)
+            except SendAgain:
+                sent_again += 1  # the same call, the same uniq_id: it runs once
+                continue
             except CallRejected as rejection:
                 reason = rejection.reason
                 if reason is RejectReason.UNREADABLE:

@@ -53,6 +53,12 @@ class WorkerGone(Exception):
     """The worker incarnation the call was sent to is no longer registered."""
 
 
+class SendAgain(Exception):
+    """This executor's connection came back while the call ran: its result, published meanwhile,
+    may be lost. A call with a uniq_id is sent again (the worker runs nothing twice: the new item
+    joins the run, or gets its held result)."""
+
+
 class CallRejected(Exception):
     """The worker did not take the call, which did not and will not run there."""
 
@@ -66,6 +72,7 @@ class _Pending:
     worker_id: str
     incarnation: str
     run_s: float  # timeout_s + grace: how long its run may take before it is given up on
+    resendable: bool  # it has a uniq_id: sent again, not waited for, when a result may be lost
     # What the call waits on: its result; None when its deadline passed first (then a fresh
     # future takes its place, for a result that still comes).
     result: asyncio.Future[ItemResult | None]
@@ -114,12 +121,17 @@ class Dispatcher:
             await link.close()
 
     # -- a call -------------------------------------------------------------------------------
-    async def run(self, lease: Lease, item: OutgoingItem) -> ItemResult:
+    async def run(self, lease: Lease, item: OutgoingItem, *, resend: bool = True) -> ItemResult:
         """The worker's result for the call; CallRejected when it did not take it; WorkerGone
-        when its worker incarnation went away before the result came."""
+        when its worker incarnation went away before the result came; SendAgain (``resend``
+        and the call has a uniq_id) when this executor reconnected meanwhile."""
         loop = asyncio.get_running_loop()
         pending = _Pending(
-            lease.worker_id, lease.incarnation, item.timeout_s + self._grace_s, loop.create_future()
+            lease.worker_id,
+            lease.incarnation,
+            item.timeout_s + self._grace_s,
+            resend and item.uniq_id is not None,
+            loop.create_future(),
         )
         self._pending[item.item_id] = pending
         try:
@@ -250,6 +262,14 @@ class Dispatcher:
             pending.run_started()  # its run starts now: so does its deadline
             return
         pending.result.set_result(item)
+
+    def reconnected(self) -> None:
+        """This executor's connection is back: results of its calls published while it was away
+        are lost. Calls that can be sent again are (SendAgain); the others wait as before."""
+        for pending in self._pending.values():
+            if pending.resendable and not pending.result.done():
+                pending.result.set_exception(SendAgain())
+                pending.result.exception()  # retrieved: a waiter may have gone already
 
     def _worker_gone(self, worker_id: str, incarnation: str) -> None:
         for pending in self._pending.values():

@@ -83,6 +83,7 @@ class KvEntry:
     value: bytes | None  # None: the key was removed (a marker is its last message)
     revision: int
     expired: bool = False  # its last message is the server's marker: its value's TTL ran out
+    stored_at: float | None = None  # Unix time the server stored its last message
 
 
 class KvBucket:
@@ -102,7 +103,9 @@ class KvBucket:
         headers = msg.headers or {}
         expired = _MARKER_REASON in headers
         removed = headers.get(_KV_OPERATION) in ("DEL", "PURGE") or expired
-        return KvEntry(None if removed or not msg.data else msg.data, msg.seq or 0, expired)
+        stored_at = msg.time.timestamp() if msg.time is not None else None
+        value = None if removed or not msg.data else msg.data
+        return KvEntry(value, msg.seq or 0, expired, stored_at)
 
     async def write(
         self, key: str, value: bytes, *, expect: int | None, ttl_s: float | None = None

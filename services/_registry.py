@@ -16,17 +16,23 @@ could beat. The expiry is settled by one compare-and-set on the expired key, whi
 races with its own: the worker writes its registration back over the server's marker (same
 incarnation, its slots kept) when it finds it expired, and an executor removes the marker
 (a purge: the worker is gone) — whichever comes first decides for everyone, and the other one
-sees it. An executor that (re)connected within the worker's TTL first waits out the rest of it,
-so that a worker cut off by a server restart has time to come back; otherwise it settles at
-once, and a worker that was killed is known as gone within its TTL.
+sees it. An executor first waits one TTL when the expiry may not be the worker's doing: when
+it (re)connected less than a TTL ago (a server restart expires every registration at once), or
+when the marker came late (a stream that lost its leader with a cluster node expires what it
+could not expire meanwhile, as soon as it has a leader again, and no worker could beat in
+between). Then it asks the worker itself (over core NATS, which a cluster node's loss or a
+slow JetStream does not stop): one that answers is alive and is given another TTL to write its
+registration back, or to register anew. A worker that was killed answers nobody (its
+subscriptions went with its connection), so it is known as gone within its TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -43,8 +49,10 @@ from ._tasks import cancel_and_wait
 log = structlog.get_logger("toolbus.registry")
 
 GoneCallback = Callable[[str, str], None]  # (worker id, incarnation)
+Ping = Callable[[str], Awaitable[bool]]  # does the worker of this id answer now?
 _REWATCH_DELAY_S = 1.0
 _SETTLE_RETRY_S = 1.0  # a settle that could not reach the server tries again after this
+_LATE_EXPIRY_S = 2.0  # a marker this much later than the TTL said: the server could not expire
 
 
 @dataclass(slots=True)
@@ -52,12 +60,20 @@ class _Entry:
     info: WorkerInfo
     seen_at: float  # monotonic, for the status only
     free_hint: int
+    stored_at: float | None = None  # Unix time the server stored the registration, if known
 
 
 class WorkerRegistry:
-    def __init__(self, bucket: KvBucket, *, connection: ReconnectClock | None = None) -> None:
+    def __init__(
+        self,
+        bucket: KvBucket,
+        *,
+        connection: ReconnectClock | None = None,
+        ping: Ping | None = None,
+    ) -> None:
         self._bucket = bucket
         self._connection = connection  # None: never wait before settling an expiry
+        self._ping = ping  # None: an expiry is settled without asking the worker
         self._workers: dict[str, _Entry] = {}
         self._settling: dict[str, asyncio.Task[bool]] = {}  # by worker id: an expiry settled
         # Each report of free slots is a new version: an acquisition that saw version v before
@@ -108,25 +124,26 @@ class WorkerRegistry:
                     continue
                 if seen is not None:
                     seen.add(entry.key)
-                if entry.operation in ("DEL", "PURGE"):
-                    self._remove(entry.key)  # removed on purpose: by the worker, or settled
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    # nats-py shows the server's expiry marker as a purge too: read which.
+                    await self._removal_seen(entry.key)
                     continue
-                if not entry.value:  # the server's marker: the registration expired
-                    self._expired(entry.key, entry.revision or 0)
-                    continue
+                stored_at = _unix_time(entry.created)
                 try:
                     info = WorkerInfo.model_validate_json(entry.value)
                 except ValidationError:
                     log.warning("ignoring malformed worker registration", key=entry.key)
                     continue
-                self._update(info)
+                self._update(info, stored_at)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
-    def _update(self, info: WorkerInfo) -> None:
+    def _update(self, info: WorkerInfo, stored_at: float | None = None) -> None:
         previous = self._workers.get(info.worker_id)
-        self._workers[info.worker_id] = _Entry(info, time.monotonic(), info.slots_free)
+        self._workers[info.worker_id] = _Entry(
+            info, time.monotonic(), info.slots_free, stored_at or None
+        )
         if previous is not None and previous.info.incarnation != info.incarnation:
             self._gone(info.worker_id, previous.info.incarnation)
         if info.slots_free > 0:
@@ -143,27 +160,60 @@ class WorkerRegistry:
             callback(worker_id, incarnation)
 
     # -- an expired registration ---------------------------------------------------------------
-    def _expired(self, worker_id: str, revision: int) -> None:
+    async def _removal_seen(self, worker_id: str) -> None:
+        """A registration went: removed on purpose (the worker stopped, or an expiry was
+        settled), or expired, which is only settled here."""
+        if worker_id not in self._workers:
+            return
+        stored = await self._stored(worker_id)
+        if stored is not None and stored.expired:
+            self._expired(worker_id, stored.revision, stored.stored_at)
+        elif (info := _info(stored)) is not None:  # registered again meanwhile
+            self._update(info, stored.stored_at if stored else None)
+        else:
+            self._remove(worker_id)
+
+    def _expired(self, worker_id: str, revision: int, marked_at: float | None) -> None:
         """The server expired the registration: settled in a task (the worker stays in the view,
         so its calls wait, until it is)."""
         if worker_id in self._workers and worker_id not in self._settling:
-            self._settle_soon(worker_id, revision)
+            self._settle_soon(worker_id, revision, marked_at)
 
-    def _settle_soon(self, worker_id: str, revision: int) -> asyncio.Task[bool]:
-        task = asyncio.create_task(self._settle(worker_id, revision), name="settle-expiry")
+    def _settle_soon(
+        self, worker_id: str, revision: int, marked_at: float | None
+    ) -> asyncio.Task[bool]:
+        settle = self._settle(worker_id, revision, marked_at)
+        task = asyncio.create_task(settle, name="settle-expiry")
         self._settling[worker_id] = task
         task.add_done_callback(lambda _: self._settling.pop(worker_id, None))
         return task
 
-    async def _settle(self, worker_id: str, revision: int) -> bool:
+    async def _settle(self, worker_id: str, revision: int, marked_at: float | None) -> bool:
         """Remove the expired registration (the worker is gone) unless the worker wrote it back
         first. True when the worker is gone."""
         entry = self._workers.get(worker_id)
         ttl_s = max(float(entry.info.ttl_s) if entry is not None else 0.0, MIN_REGISTRATION_TTL_S)
+        wait_s = 0.0
         if self._connection is not None and self._connection.within(ttl_s):
             # Just (re)connected: a server restart expires every registration at once. The
             # live workers write theirs back as soon as their own connection is back.
-            await asyncio.sleep(ttl_s - self._connection.since_connect_s())
+            wait_s = ttl_s - self._connection.since_connect_s()
+        stored_at = entry.stored_at if entry is not None else None
+        if stored_at and marked_at and marked_at - stored_at > ttl_s + _LATE_EXPIRY_S:
+            # Expired late: the stream could not, and the worker could not beat, meanwhile.
+            late_s = round(marked_at - stored_at - ttl_s, 3)
+            log.info("a registration expired late", worker_id=worker_id, late_s=late_s)
+            wait_s = ttl_s
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        while self._ping is not None and await self._ping(worker_id):
+            # Alive (cut off from JetStream, not from us): it writes the registration back at
+            # its next beats, or registers anew. Asked again after a TTL, if it has not.
+            await asyncio.sleep(ttl_s)
+            stored = await self._stored(worker_id)
+            if stored is None or not stored.expired:  # written back, replaced, or removed
+                return await self._read_back(worker_id)
+            revision = stored.revision or revision
         while True:
             try:
                 try:
@@ -178,6 +228,13 @@ class WorkerRegistry:
             self._remove(worker_id)
             return True
 
+    async def _stored(self, worker_id: str) -> KvEntry | None:
+        try:
+            return await self._bucket.get(worker_id)
+        except Exception as exc:  # unreadable now: as if still expired
+            log.warning("reading a registration failed", error=repr(exc))
+            return KvEntry(None, 0, expired=True)
+
     async def _read_back(self, worker_id: str) -> bool:
         """What the registration is after a settle lost its race. True when the worker is gone."""
         stored = await self._bucket.get(worker_id)
@@ -185,7 +242,8 @@ class WorkerRegistry:
         if info is None:
             self._remove(worker_id)
             return True
-        self._update(info)  # another incarnation: the one before is gone
+        # Written back (the same incarnation), or another incarnation: the one before is gone.
+        self._update(info, stored.stored_at if stored else None)
         return False
 
     # -- reading ------------------------------------------------------------------------------
@@ -199,7 +257,7 @@ class WorkerRegistry:
         stored = await self._bucket.get(worker_id)
         if stored is not None and stored.expired:
             settling = self._settling.get(worker_id) or self._settle_soon(
-                worker_id, stored.revision
+                worker_id, stored.revision, stored.stored_at
             )
             if not await asyncio.shield(settling):
                 entry = self._workers.get(worker_id)
@@ -210,7 +268,7 @@ class WorkerRegistry:
             self._remove(worker_id)
             return True
         if worker_id not in self._workers or self._workers[worker_id].info != info:
-            self._update(info)
+            self._update(info, stored.stored_at if stored else None)
         return info.incarnation != incarnation
 
     def alive(self) -> list[tuple[WorkerInfo, float]]:
@@ -260,3 +318,8 @@ def _info(stored: KvEntry | None) -> WorkerInfo | None:
         return WorkerInfo.model_validate_json(stored.value)
     except ValidationError:
         return None
+
+
+def _unix_time(created: object) -> float | None:
+    """A watch entry's ``created`` (nats-py gives the server's timestamp as a datetime)."""
+    return created.timestamp() if isinstance(created, datetime.datetime) else None

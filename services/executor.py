@@ -35,7 +35,7 @@ from observability import tracing
 from observability.metrics import ToolbusMetrics
 from schemas.artifacts import ARTIFACT_OPERATIONS
 from schemas.errors import ErrorKind
-from schemas.internal import ItemResult, WorkerInfo
+from schemas.internal import CancelRequest, ItemResult, WorkerInfo
 from schemas.messages import (
     ExecuteRequest,
     ReleaseReply,
@@ -74,6 +74,8 @@ __all__ = ["ExecutorConfig", "ExecutorService"]
 log = structlog.get_logger("toolbus.executor")
 
 _MAX_ARTIFACT_TIMEOUT_S = 3600.0
+_PING_TIMEOUT_S = 2.0  # a worker that does not answer an empty cancel within this is not alive
+_EMPTY_CANCEL = CancelRequest(item_ids=[]).model_dump_json().encode()
 
 
 class ExecutorService:
@@ -102,7 +104,9 @@ class ExecutorService:
         self._results_sub: Subscription | None = None
         js = nc.jetstream()
         self._connection = ReconnectClock(nc)
-        self._registry = WorkerRegistry(KvBucket(js, WORKERS_BUCKET), connection=self._connection)
+        self._registry = WorkerRegistry(
+            KvBucket(js, WORKERS_BUCKET), connection=self._connection, ping=self._ping_worker
+        )
         self._queue = SlotQueue(nc, subjects=self._subjects, executor_id=self.executor_id)
         self._placement = Placement(
             nc,
@@ -120,6 +124,7 @@ class ExecutorService:
             make_link=self._make_link,
             result_grace_s=self._config.result_grace_s,
         )
+        self._connection.on_reconnect(self._dispatcher.reconnected)
         self._calls = CallRouter(self._placement, self._dispatcher, ids=ItemIds(self.executor_id))
         self._tool_list = (
             ToolListReply(
@@ -224,6 +229,16 @@ class ExecutorService:
         for unobserve in self._unobserve:
             unobserve()
         log.info("executor stopped", executor_id=self.executor_id)
+
+    async def _ping_worker(self, worker_id: str) -> bool:
+        """Whether the worker answers now (an empty cancel, which every worker answers)."""
+        try:
+            await self._nc.request(
+                self._subjects.worker_cancel(worker_id), _EMPTY_CANCEL, timeout=_PING_TIMEOUT_S
+            )
+        except Exception:  # no responders, a timeout, a connection that is down
+            return False
+        return True
 
     # -- tools.execute.* ----------------------------------------------------------------------
     async def _execute(self, msg: Msg) -> bytes:
