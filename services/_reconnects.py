@@ -13,9 +13,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import structlog
 from nats.aio.client import Client
 
 from ._tasks import cancel_and_wait
+
+log = structlog.get_logger("toolbus")
 
 _CHECK_EVERY_S = 0.1
 
@@ -30,12 +33,16 @@ class ReconnectClock:
         self._clock = clock
         self._connected_at = clock()
         self._callbacks: list[Callable[[], None]] = []
+        self._seen = nc.stats["reconnects"]  # the reconnects the callbacks were called for
         self._task: asyncio.Task[None] | None = None
 
     def within(self, seconds: float) -> bool:
-        return self._clock() - self._connected_at < seconds
+        """Connected less than ``seconds`` ago; not connected counts too."""
+        return not self._nc.is_connected or self.since_connect_s() < seconds
 
     def since_connect_s(self) -> float:
+        if self._nc.stats["reconnects"] != self._seen:  # before the watch's next look
+            self._connected_at = self._clock()
         return self._clock() - self._connected_at
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
@@ -52,12 +59,15 @@ class ReconnectClock:
     async def run(self) -> None:
         """Watch the connection for ever (``async with`` runs this in a task of its own)."""
         self._connected_at = self._clock()
-        seen = self._nc.stats["reconnects"]
+        self._seen = self._nc.stats["reconnects"]
         while True:
             await asyncio.sleep(_CHECK_EVERY_S)
             count = self._nc.stats["reconnects"]
-            if count != seen and self._nc.is_connected:
-                seen = count
+            if count != self._seen and self._nc.is_connected:
+                self._seen = count
                 self._connected_at = self._clock()
                 for callback in self._callbacks:
-                    callback()
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("a reconnect callback failed")

@@ -71,7 +71,9 @@ class WorkerRegistration:
             except RevisionMismatch:
                 # An earlier write of ours may have been stored with its ack lost: adopt it;
                 # or the server expired it, and nobody settled that yet: write it back.
-                if not await self._adopt_own_write() and not await self._write_back(payload):
+                if await self._write_back(payload):
+                    return  # this beat's write was the write-back
+                if not await self._adopt_own_write():
                     raise RegistrationLost(self._key) from None
                 self._revision = await self._bucket.write(
                     self._key, payload, expect=self._revision, ttl_s=self.ttl_s

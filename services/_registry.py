@@ -80,6 +80,7 @@ class WorkerRegistry:
         # it asked the workers queues only if nothing was reported since.
         self._capacity_version = 0
         self._watch_task: asyncio.Task[None] | None = None
+        self._watched: KeyValue | None = None
         self._ready = asyncio.Event()
         self._on_gone: list[GoneCallback] = []
 
@@ -90,8 +91,18 @@ class WorkerRegistry:
     async def start(self, watched: KeyValue) -> None:
         """Watch the bucket (``watched`` is the same bucket, bound); returns once the
         registrations already there are known."""
+        self._watched = watched
         self._watch_task = asyncio.create_task(self._watch(watched), name="worker-registry-watch")
         await self._ready.wait()
+
+    def rewatch(self) -> None:
+        """Watch anew (after a reconnect: a server that restarted lost the watch's consumer,
+        and nats-py would notice only after its heartbeats are missed, seconds later)."""
+        if self._watched is not None and self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = asyncio.create_task(
+                self._watch(self._watched), name="worker-registry-watch"
+            )
 
     async def stop(self) -> None:
         tasks = [self._watch_task] if self._watch_task else []
@@ -193,40 +204,40 @@ class WorkerRegistry:
         first. True when the worker is gone."""
         entry = self._workers.get(worker_id)
         ttl_s = max(float(entry.info.ttl_s) if entry is not None else 0.0, MIN_REGISTRATION_TTL_S)
-        wait_s = 0.0
-        if self._connection is not None and self._connection.within(ttl_s):
-            # Just (re)connected: a server restart expires every registration at once. The
-            # live workers write theirs back as soon as their own connection is back.
-            wait_s = ttl_s - self._connection.since_connect_s()
         stored_at = entry.stored_at if entry is not None else None
         if stored_at and marked_at and marked_at - stored_at > ttl_s + _LATE_EXPIRY_S:
             # Expired late: the stream could not, and the worker could not beat, meanwhile.
             late_s = round(marked_at - stored_at - ttl_s, 3)
             log.info("a registration expired late", worker_id=worker_id, late_s=late_s)
-            wait_s = ttl_s
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
-        while self._ping is not None and await self._ping(worker_id):
-            # Alive (cut off from JetStream, not from us): it writes the registration back at
-            # its next beats, or registers anew. Asked again after a TTL, if it has not.
             await asyncio.sleep(ttl_s)
-            stored = await self._stored(worker_id)
-            if stored is None or not stored.expired:  # written back, replaced, or removed
-                return await self._read_back(worker_id)
-            revision = stored.revision or revision
         while True:
-            try:
+            if self._connection is not None and self._connection.within(ttl_s):
+                # Just (re)connected: a server restart expires every registration at once. The
+                # live workers write theirs back as soon as their own connection is back.
+                wait_s = ttl_s - self._connection.since_connect_s()
+                await asyncio.sleep(max(wait_s, _SETTLE_RETRY_S))  # (or still disconnected)
+                continue
+            if self._ping is not None and await self._ping(worker_id):
+                # Alive (cut off from JetStream, not from us): it writes the registration back
+                # at its next beats, or registers anew. Asked again after a TTL, if it has not.
+                await asyncio.sleep(ttl_s)
+            else:
                 try:
                     await self._bucket.remove(worker_id, expect=revision)
                 except RevisionMismatch:
-                    return await self._read_back(worker_id)  # written back, or settled already
-            except Exception as exc:  # not reachable now: the expiry is not settled yet
-                log.warning("settling an expired registration failed", error=repr(exc))
-                await asyncio.sleep(_SETTLE_RETRY_S)
-                continue
-            log.info("worker registration expired", worker_id=worker_id)
-            self._remove(worker_id)
-            return True
+                    pass  # written back, replaced, removed, or expired again: read below
+                except Exception as exc:  # not reachable now: the expiry is not settled yet
+                    log.warning("settling an expired registration failed", error=repr(exc))
+                    await asyncio.sleep(_SETTLE_RETRY_S)
+                    continue
+                else:
+                    log.info("worker registration expired", worker_id=worker_id)
+                    self._remove(worker_id)
+                    return True
+            stored = await self._stored(worker_id)
+            if stored is None or not stored.expired:  # written back, replaced, or removed
+                return await self._read_back(worker_id)
+            revision = stored.revision or revision  # expired (again): settled as before
 
     async def _stored(self, worker_id: str) -> KvEntry | None:
         try:

@@ -100,15 +100,17 @@ class Requester:
 
     async def _watch_reconnects(self) -> None:
         """While resendable requests wait: after each reconnect, send them again."""
+        seen = self._nc.stats["reconnects"]
         while self._resendable:
             await asyncio.sleep(_RECONNECT_CHECK_S)
             reconnects = self._nc.stats["reconnects"]
-            if not self._nc.is_connected:
+            if reconnects == seen or not self._nc.is_connected:
                 continue
+            seen = reconnects
             for token, request in list(self._resendable.items()):
                 if request.reconnects < reconnects:
                     request.reconnects = reconnects
-                    request.resent_at = request.resent_at or time.monotonic()
+                    request.resent_at = time.monotonic()  # its 503s are doubted from now
                     await self._resend(token, request)
 
     async def _resend(self, token: str, request: _Resendable) -> None:
@@ -124,6 +126,14 @@ class Requester:
             )
         except Exception as exc:  # disconnected again: the next reconnect sends it again
             log.debug("a request could not be sent again", error=repr(exc))
+
+    def _coming_back(self, request: _Resendable) -> bool:
+        """A no-responders answer to a request sent across a reconnect: doubted for a while."""
+        if request.reconnects < self._nc.stats["reconnects"]:  # sent before it, answered after
+            request.reconnects = self._nc.stats["reconnects"]
+            request.resent_at = time.monotonic()
+        resent_at = request.resent_at
+        return resent_at is not None and time.monotonic() - resent_at < _RESEND_FOR_S
 
     def _resend_later(self, token: str, request: _Resendable) -> None:
         def resend() -> None:
@@ -156,9 +166,7 @@ class Requester:
             return
         request = self._resendable.get(token)
         no_responders = msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS_STATUS
-        resent_at = request.resent_at if request is not None else None
-        if no_responders and resent_at is not None and time.monotonic() - resent_at < _RESEND_FOR_S:
-            assert request is not None
+        if no_responders and request is not None and self._coming_back(request):
             self._resend_later(token, request)  # the services are still coming back
             return
         reply.set_result(msg)

@@ -131,7 +131,7 @@ class ToolbusClient:
         call: dict[str, Any] = {
             "name": tool,
             "arguments": arguments or {},
-            "uniq_id": uniq_id or f"{self._own_ids}{next(self._own_count)}",
+            "uniq_id": f"{self._own_ids}{next(self._own_count)}" if uniq_id is None else uniq_id,
         }
         request: dict[str, Any] = {"trajectory_id": trajectory_id, "tool": call}
         if timeout_s is not None:

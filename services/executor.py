@@ -125,6 +125,7 @@ class ExecutorService:
             result_grace_s=self._config.result_grace_s,
         )
         self._connection.on_reconnect(self._dispatcher.reconnected)
+        self._connection.on_reconnect(self._registry.rewatch)
         self._calls = CallRouter(self._placement, self._dispatcher, ids=ItemIds(self.executor_id))
         self._tool_list = (
             ToolListReply(
@@ -186,24 +187,30 @@ class ExecutorService:
         )
         await open_bucket(js, LEASES_BUCKET, description="toolbus trajectory leases")
         await self._connection.__aenter__()
-        await self._registry.start(workers)
-        await self._queue.start()
-        self._results_sub = await self._nc.subscribe(
-            self._results_subject, cb=self._dispatcher.on_result
-        )
-        handlers: dict[str, Handler] = {
-            "execute": self._execute,
-            "artifacts": self._artifacts,
-            "release": self._release,
-            "status": self._status,
-            "list": self._list_tools,
-        }
-        await self._server.serve(handlers)
-        self._unobserve = [
-            self._metrics.observe_slots(self._slots_in_use_and_free),
-            self._metrics.observe_queue_depth(lambda: self.calls_in_flight),
-        ]
-        await self._nc.flush()
+        try:
+            await self._registry.start(workers)
+            await self._queue.start()
+            self._results_sub = await self._nc.subscribe(
+                self._results_subject, cb=self._dispatcher.on_result
+            )
+            handlers: dict[str, Handler] = {
+                "execute": self._execute,
+                "artifacts": self._artifacts,
+                "release": self._release,
+                "status": self._status,
+                "list": self._list_tools,
+            }
+            await self._server.serve(handlers)
+            self._unobserve = [
+                self._metrics.observe_slots(self._slots_in_use_and_free),
+                self._metrics.observe_queue_depth(lambda: self.calls_in_flight),
+            ]
+            await self._nc.flush()
+        except BaseException:
+            # Nothing of a start that failed goes on (the watch, the reconnect clock).
+            await self._registry.stop()
+            await self._connection.__aexit__()
+            raise
         log.info("executor started", executor_id=self.executor_id, prefix=self._subjects.prefix)
         return self
 

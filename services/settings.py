@@ -174,8 +174,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         default=DEFAULT_HEARTBEAT_S,
         gt=0,
+        # A registration's TTL (3 beats) stays within the 60 s its expiry marker lives, which
+        # is how long a worker cut off can still write it back.
+        le=15,
         validation_alias=_env("heartbeat_s"),
-        description="Seconds between worker heartbeats; 3 missed ones mark a worker gone.",
+        description="Seconds between worker heartbeats (at most 15); 3 missed ones mark a "
+        "worker gone.",
     )
 
     # -- scheduling ---------------------------------------------------------------------------

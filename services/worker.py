@@ -388,9 +388,17 @@ class SandboxWorker:
             await self._other_tasks(_STEP_TIMEOUT_S)  # acquisitions under way finish first
             await _bounded(self._offers.settled(), _STEP_TIMEOUT_S)  # and slots being offered
             await self._keeper.give_up_all(LostReason.WORKER_EXPIRED)
-            await self._heartbeat.register()
-        except Exception as exc:  # not registered: the next beat tries again
-            log.warning("registering again failed", worker_id=self.worker_id, error=repr(exc))
+            while not self._stopping:  # until registered: nothing else gives work back
+                try:
+                    await self._heartbeat.register()
+                    break
+                except Exception as exc:
+                    log.warning(
+                        "registering again failed", worker_id=self.worker_id, error=repr(exc)
+                    )
+                    await asyncio.sleep(self._config.heartbeat_s)
+        except Exception as exc:
+            log.warning("giving up the slots failed", worker_id=self.worker_id, error=repr(exc))
             return
         finally:
             self._rejoining = False
