@@ -57,6 +57,7 @@ from ._call_runs import (
     run_key,
     same_call,
 )
+from ._failures import infra_failure
 from ._result_sender import ResultSender, fit_result
 from ._slots import Slot, SlotTable
 from ._tools import ToolRunner
@@ -411,41 +412,37 @@ def _for_asker(outcome: ItemResult, item_id: str, *, replayed: bool) -> ItemResu
 
 
 def _refused(window_s: float, uniq_id: str | None) -> ToolResult:
-    return ToolResult(
-        uniq_id=uniq_id,
-        success=False,
-        error="This call already ran (a call of the same uniq_id in this trajectory, within "
+    return infra_failure(
+        "This call already ran (a call of the same uniq_id in this trajectory, within "
         f"{window_s:g}s), but its result is no longer held: the worker's memory for results "
         "was full. It was not run again; give it a new uniq_id to run it again",
-        metadata={"error_kind": str(ErrorKindOfResult.INFRA), "replayed": True},
+        uniq_id=uniq_id,
+        replayed=True,
     )
 
 
 def _cancelled(uniq_id: str | None = None, *, still_running: bool = False) -> ToolResult:
     if still_running:
-        return ToolResult(
+        return infra_failure(
+            "Stopped waiting for the call, which still runs for another request of the same "
+            "uniq_id: a retry with that uniq_id gets its result",
             uniq_id=uniq_id,
-            success=False,
-            error="Stopped waiting for the call, which still runs for another request of the "
-            "same uniq_id: a retry with that uniq_id gets its result",
-            metadata={"error_kind": str(ErrorKindOfResult.INFRA), "still_running": True},
+            still_running=True,
         )
-    return ToolResult(
+    return infra_failure(
+        "Call cancelled: the trajectory was released, the call was given up on, or the worker "
+        "stopped",
         uniq_id=uniq_id,
-        success=False,
-        error="Call cancelled: the trajectory was released, the call was given up on, or the "
-        "worker stopped",
-        metadata={"error_kind": str(ErrorKindOfResult.INFRA), "cancelled": True},
+        cancelled=True,
     )
 
 
 def _reused(uniq_id: str | None) -> ToolResult:
-    return ToolResult(
-        uniq_id=uniq_id,
-        success=False,
-        error=f"uniq_id {uniq_id!r} was already used by another call of this trajectory (another "
+    return infra_failure(
+        f"uniq_id {uniq_id!r} was already used by another call of this trajectory (another "
         "tool or other arguments): this call did not run. Give each call an id of its own",
-        metadata={"error_kind": str(ErrorKindOfResult.INFRA), "uniq_id_reused": True},
+        uniq_id=uniq_id,
+        uniq_id_reused=True,
     )
 
 

@@ -11,6 +11,8 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+from services.executor import ExecutorService
+
 _READY_TIMEOUT_S = 30.0
 
 
@@ -106,3 +108,12 @@ async def stop_process(process: asyncio.subprocess.Process, *, grace_s: float = 
     except TimeoutError:
         process.kill()
         await process.wait()
+
+
+def registered_with(executor: ExecutorService) -> Callable[[str], bool]:
+    """For ``worker_process``: whether the executor knows the worker of this id."""
+
+    def known(worker_id: str) -> bool:
+        return any(info.worker_id == worker_id for info, _ in executor.registered_workers())
+
+    return known

@@ -22,18 +22,11 @@ from pathlib import Path
 import pytest
 
 from services.exceptions import NoCapacity, NotFound
-from services.executor import ExecutorConfig, ExecutorService
-from tests._processes import worker_process
+from services.executor import ExecutorConfig
+from tests._processes import registered_with, worker_process
 from tests.conftest import StackFactory
 
 NOBODY = 65534
-
-
-def _registered(executor: ExecutorService) -> Callable[[str], bool]:
-    def known(worker_id: str) -> bool:
-        return any(info.worker_id == worker_id for info, _ in executor.registered_workers())
-
-    return known
 
 
 # -- 2. every new trajectory starts in an empty workspace ---------------------------------------
@@ -140,7 +133,10 @@ async def test_a_stalled_worker_keeps_its_trajectories_and_two_executors_agree_o
     stack = await make_stack(executors=2, workers=0)
     first, second = stack.executors
     async with worker_process(
-        nats_url, tmp_path / "data", f"stall-{uuid.uuid4().hex[:6]}", registered=_registered(first)
+        nats_url,
+        tmp_path / "data",
+        f"stall-{uuid.uuid4().hex[:6]}",
+        registered=registered_with(first),
     ) as stalling:
         tid = trajectory()
         wrote = await first.execute(

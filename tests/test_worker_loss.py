@@ -17,20 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.executor import ExecutorService
-from tests._processes import worker_process
+from tests._processes import registered_with, worker_process
 from tests._waits import until
 from tests.conftest import StackFactory
 
 # The registration of a worker with a 0.5 s heartbeat lives 5 s without one (the least TTL):
 # that, and the server's expiry of it, bounds how soon a death is known.
 _KNOWN_WITHIN_S = 8.0
-
-
-def _registered(executor: ExecutorService) -> Callable[[str], bool]:
-    def known(worker_id: str) -> bool:
-        return any(info.worker_id == worker_id for info, _ in executor.registered_workers())
-
-    return known
 
 
 async def test_a_killed_workers_trajectories_each_hear_workspace_lost_once_and_move_on(
@@ -43,7 +36,7 @@ async def test_a_killed_workers_trajectories_each_hear_workspace_lost_once_and_m
         nats_url,
         tmp_path / "data",
         doomed_id,
-        registered=_registered(executor),
+        registered=registered_with(executor),
         slots=2,
         heartbeat_s=2.0,
     ) as doomed:
@@ -92,7 +85,7 @@ async def test_a_worker_stalled_past_its_ttl_is_gone_and_comes_back_empty(
     client, executor = stack.client, stack.executors[0]
     stalled_id = f"stalled-{uuid.uuid4().hex[:6]}"
     async with worker_process(
-        nats_url, tmp_path / "data", stalled_id, registered=_registered(executor), slots=2
+        nats_url, tmp_path / "data", stalled_id, registered=registered_with(executor), slots=2
     ) as stalled:
         tid = trajectory()
         opened = await client.execute(tid, "terminal", {"command": "echo mine > f"})
@@ -125,7 +118,7 @@ async def test_the_next_worker_on_the_host_cleans_up_what_a_killed_one_left(
     dead_id, next_id = f"dead-{uuid.uuid4().hex[:6]}", f"next-{uuid.uuid4().hex[:6]}"
     dead_root = data_dir / "workers" / dead_id
     async with worker_process(
-        nats_url, data_dir, dead_id, registered=_registered(executor), slots=2
+        nats_url, data_dir, dead_id, registered=registered_with(executor), slots=2
     ) as dead:
         wrote = await client.execute(
             trajectory(), "terminal", {"command": "echo x > f; sleep 60 &"}
@@ -135,7 +128,7 @@ async def test_the_next_worker_on_the_host_cleans_up_what_a_killed_one_left(
         os.kill(dead.process.pid, signal.SIGKILL)
         await dead.process.wait()
     assert (dead_root / "slot_0").exists() or (dead_root / "slot_1").exists()
-    async with worker_process(nats_url, data_dir, next_id, registered=_registered(executor)):
+    async with worker_process(nats_url, data_dir, next_id, registered=registered_with(executor)):
         await until(lambda: not dead_root.exists(), 20)
         assert (data_dir / "workers" / next_id / "slot_0").is_dir()  # its own are untouched
         if cgroup is not None:  # where the worker has pids cgroups of its own
