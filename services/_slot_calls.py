@@ -29,7 +29,7 @@ from typing import Any
 
 import structlog
 from nats.aio.client import Client
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from observability import tracing
@@ -45,6 +45,16 @@ from schemas.internal import (
 from schemas.messages import ErrorKindOfResult, ToolResult
 
 from ._artifacts import ArtifactRunner
+from ._call_outcomes import (
+    cancelled_result,
+    describe_result,
+    error_message,
+    error_type,
+    for_asker,
+    refused_result,
+    reused_result,
+    succeeded,
+)
 from ._call_runs import (
     Asker,
     CallRun,
@@ -57,7 +67,6 @@ from ._call_runs import (
     run_key,
     same_call,
 )
-from ._failures import infra_failure
 from ._result_sender import ResultSender, fit_result
 from ._slots import Slot, SlotTable
 from ._tools import ToolRunner
@@ -185,17 +194,17 @@ class SlotCalls:
         if earlier is None:
             return None
         if isinstance(earlier, Refused):
-            refused = _refused(self._runs.window_s, item.uniq_id)
+            refused = refused_result(self._runs.window_s, item.uniq_id)
             return ItemResult(item_id=item.item_id, result=refused)
         if isinstance(earlier, CallRun):
             same = same_call(item, earlier.item)
         else:
             same = fingerprint(item) == earlier.fingerprint
         if not same:  # the id of another call: say so, run neither again
-            return ItemResult(item_id=item.item_id, result=_reused(item.uniq_id))
+            return ItemResult(item_id=item.item_id, result=reused_result(item.uniq_id))
         if isinstance(earlier, Held):
             outcome = ItemResult.model_validate_json(earlier.payload)
-            return _for_asker(outcome, item.item_id, replayed=True)
+            return for_asker(outcome, item.item_id, replayed=True)
         return earlier
 
     def _start(
@@ -222,7 +231,7 @@ class SlotCalls:
         self._live.discard(run)
         if run.state is not RunState.DONE:
             # Cancelled before its first step: none of its code ran, nor published.
-            self._finish(run, ItemResult(item_id=run.item.item_id, result=_cancelled()))
+            self._finish(run, ItemResult(item_id=run.item.item_id, result=cancelled_result()))
 
     # -- cancel -------------------------------------------------------------------------------
     def cancel(self, item_ids: list[str]) -> CancelReply:
@@ -243,7 +252,7 @@ class SlotCalls:
             asker = run.askers.pop(item_id)
             del self._asking[item_id]
             _remember(self._finished, item_id)
-            detached = _cancelled(asker.item.uniq_id, still_running=True)
+            detached = cancelled_result(asker.item.uniq_id, still_running=True)
             self._answer(asker, ItemResult(item_id=item_id, result=detached), run.slot)
             return CancelOutcome.DETACHED
         assert run.task is not None
@@ -251,7 +260,7 @@ class SlotCalls:
         if run.state is RunState.WAITING:
             # ... or now, when none of it ran: a retry that comes before the task has ended
             # must run the call, not join a run that will never start.
-            cancelled = _cancelled(run.item.uniq_id)
+            cancelled = cancelled_result(run.item.uniq_id)
             self._finish(run, ItemResult(item_id=item_id, result=cancelled))
         return CancelOutcome.CANCELLED
 
@@ -302,7 +311,7 @@ class SlotCalls:
                     await self._run_tool(slot, item, outcome)
                     outcome.execution_s = time.time() - began
             except asyncio.CancelledError:
-                outcome.result = _cancelled()
+                outcome.result = cancelled_result()
                 tracing.mark_error(span, "cancelled")
                 self._finish(run, outcome)
                 raise
@@ -315,8 +324,8 @@ class SlotCalls:
                 )
                 tracing.mark_error(span, type(exc).__qualname__)
             else:
-                if not _succeeded(outcome):
-                    tracing.mark_error(span, _error_type(outcome))
+                if not succeeded(outcome):
+                    tracing.mark_error(span, error_type(outcome))
             # No await from here on: a cancel that comes now cannot lose a finished call's result.
             self._finish(run, outcome)
 
@@ -338,9 +347,9 @@ class SlotCalls:
                     timeout_s=item.timeout_s,
                     allow_network=item.allow_network,
                 )
-                _describe_result(span, outcome.result)
-            if not _succeeded(outcome):
-                tracing.mark_error(span, _error_type(outcome), _error_message(outcome))
+                describe_result(span, outcome.result)
+            if not succeeded(outcome):
+                tracing.mark_error(span, error_type(outcome), error_message(outcome))
 
     async def _run_artifact_operation(self, slot: Slot, item: BatchItem) -> dict[str, Any]:
         operation = item.tool.removeprefix(_ARTIFACTS)
@@ -374,7 +383,7 @@ class SlotCalls:
             _remember(self._finished, item_id)
         if run.key is not None:
             self._runs.finished(run, payload, ran=ran)
-        log.debug("call done", success=_succeeded(outcome), slot=run.slot.index)
+        log.debug("call done", success=succeeded(outcome), slot=run.slot.index)
         self.calls_completed += 1
         run.slot.last_used = time.monotonic()
         for asker in askers.values():
@@ -396,7 +405,7 @@ class SlotCalls:
         if slot is not None:
             slot.last_used = time.monotonic()
         if outcome.item_id != asker.item.item_id or replayed:
-            outcome = _for_asker(outcome, asker.item.item_id, replayed=replayed)
+            outcome = for_asker(outcome, asker.item.item_id, replayed=replayed)
         self._results.send(asker.reply_to, outcome)
 
     async def results_sent(self) -> None:
@@ -404,85 +413,7 @@ class SlotCalls:
         await self._results.flush()
 
 
-def _for_asker(outcome: ItemResult, item_id: str, *, replayed: bool) -> ItemResult:
-    result = outcome.result
-    if result is not None and replayed:
-        result = result.model_copy(update={"metadata": {**result.metadata, "replayed": True}})
-    return outcome.model_copy(update={"item_id": item_id, "result": result})
-
-
-def _refused(window_s: float, uniq_id: str | None) -> ToolResult:
-    return infra_failure(
-        "This call already ran (a call of the same uniq_id in this trajectory, within "
-        f"{window_s:g}s), but its result is no longer held: the worker's memory for results "
-        "was full. It was not run again; give it a new uniq_id to run it again",
-        uniq_id=uniq_id,
-        replayed=True,
-    )
-
-
-def _cancelled(uniq_id: str | None = None, *, still_running: bool = False) -> ToolResult:
-    if still_running:
-        return infra_failure(
-            "Stopped waiting for the call, which still runs for another request of the same "
-            "uniq_id: a retry with that uniq_id gets its result",
-            uniq_id=uniq_id,
-            still_running=True,
-        )
-    return infra_failure(
-        "Call cancelled: the trajectory was released, the call was given up on, or the worker "
-        "stopped",
-        uniq_id=uniq_id,
-        cancelled=True,
-    )
-
-
-def _reused(uniq_id: str | None) -> ToolResult:
-    return infra_failure(
-        f"uniq_id {uniq_id!r} was already used by another call of this trajectory (another "
-        "tool or other arguments): this call did not run. Give each call an id of its own",
-        uniq_id=uniq_id,
-        uniq_id_reused=True,
-    )
-
-
 def _remember(ids: collections.OrderedDict[str, None], item_id: str) -> None:
     ids[item_id] = None
     while len(ids) > _REMEMBERED_IDS:
         ids.popitem(last=False)
-
-
-def _succeeded(outcome: ItemResult) -> bool:
-    if outcome.result is not None:
-        return outcome.result.success
-    return bool((outcome.reply or {}).get("success"))
-
-
-def _error_type(outcome: ItemResult) -> str:
-    """``error.type`` of a failed call: the result's error kind (exit, timeout, ...)."""
-    if outcome.result is not None:
-        return str(outcome.result.metadata.get("error_kind") or "tool")
-    return "artifact"
-
-
-def _error_message(outcome: ItemResult) -> str | None:
-    if outcome.result is not None:
-        return outcome.result.error
-    error = (outcome.reply or {}).get("error")
-    return str(error) if error is not None else None
-
-
-def _describe_result(span: Span, result: ToolResult) -> None:
-    if not span.is_recording():
-        return
-    metadata = result.metadata
-    attributes = {
-        "toolbus.status": metadata.get("status"),
-        "process.exit.code": metadata.get("exit_code"),
-        "toolbus.sandboxed": metadata.get("sandboxed"),
-        "toolbus.truncated": metadata.get("truncated"),
-        "toolbus.output_bytes": (metadata.get("stdout_bytes") or 0)
-        + (metadata.get("stderr_bytes") or 0),
-        "toolbus.success": result.success,
-    }
-    span.set_attributes({key: value for key, value in attributes.items() if value is not None})
