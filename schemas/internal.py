@@ -194,6 +194,11 @@ class BatchAck(BaseModel):
 
 class CancelRequest(BaseModel):
     item_ids: list[str]
+    after_s: float | None = Field(
+        default=None,
+        description="Cancel only after this long, and only those items still waiting then: an "
+        "executor that stops leaves a call with a uniq_id this long for its retry to join.",
+    )
 
 
 class CancelOutcome(StrEnum):
@@ -201,6 +206,7 @@ class CancelOutcome(StrEnum):
     # Another request of the same uniq_id waits for its run, which goes on: this item alone is
     # answered (a result saying so follows).
     DETACHED = "detached"
+    DEFERRED = "deferred"  # asked with after_s: cancelled then, if it still waits
     FINISHED = "finished"  # it had finished: its result was published
     NOT_FOUND = "not_found"  # never arrived: remembered, so that it never runs
 

@@ -44,6 +44,9 @@ from ._requests import nats_request
 log = structlog.get_logger("toolbus.executor")
 
 DEFAULT_RESULT_GRACE_S = 10.0  # beyond a call's own timeout, for spawn, transfer and clean-up
+# A call with a uniq_id that a stopping executor gives up on runs this long for its retry to join
+# before it is cancelled (a client that does not retry must not find its slot busy for long).
+DEFAULT_ABANDONED_GRACE_S = 30.0
 _CANCEL_REQUEST_TIMEOUT_S = 5.0
 _CANCELLED_RESULT_WAIT_S = 5.0  # for the result of a call the worker said it cancelled
 _UNREACHABLE_RETRY_S = 1.0  # between attempts to reach a registered worker that does not answer
@@ -102,12 +105,14 @@ class Dispatcher:
         subjects: Subjects,
         make_link: Callable[[str], WorkerLink],
         result_grace_s: float = DEFAULT_RESULT_GRACE_S,
+        abandoned_grace_s: float = DEFAULT_ABANDONED_GRACE_S,
     ) -> None:
         self._nc = nc
         self._registry = registry
         self._subjects = subjects
         self._make_link = make_link
         self._grace_s = result_grace_s
+        self._abandoned_grace_s = abandoned_grace_s
         self._links: dict[str, WorkerLink] = {}
         self._pending: dict[str, _Pending] = {}
         registry.on_gone(self._worker_gone)
@@ -153,13 +158,16 @@ class Dispatcher:
                 pending.started = True
             return await self._await_result(item, pending)
         except asyncio.CancelledError:
-            # The caller stops waiting (the executor stops). A call with a uniq_id goes on: a
-            # retry of that id joins it or gets its result. One without must stop, or a retry
-            # would run it twice. The cancel goes on if this task is cancelled again.
-            if item.uniq_id is None:
-                stop = asyncio.ensure_future(self._cancel(lease.worker_id, item.item_id))
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(stop), _CANCEL_REQUEST_TIMEOUT_S)
+            # The caller stops waiting (the executor stops): the call must stop too, or a
+            # retry would run it twice. One with a uniq_id is left a while first: a retry of
+            # that id joins it meanwhile (or gets its result), and then it goes on for the
+            # retry. The cancel goes on if this task is cancelled again.
+            after_s = None if item.uniq_id is None else self._abandoned_grace_s
+            stop = asyncio.ensure_future(
+                self._cancel(lease.worker_id, item.item_id, after_s=after_s)
+            )
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stop), _CANCEL_REQUEST_TIMEOUT_S)
             raise
         finally:
             del self._pending[item.item_id]
@@ -228,9 +236,11 @@ class Dispatcher:
             ),
         )
 
-    async def _cancel(self, worker_id: str, item_id: str) -> CancelOutcome | None:
+    async def _cancel(
+        self, worker_id: str, item_id: str, *, after_s: float | None = None
+    ) -> CancelOutcome | None:
         """The worker's word on the cancelled call, or None when it did not answer."""
-        request = CancelRequest(item_ids=[item_id]).model_dump_json().encode()
+        request = CancelRequest(item_ids=[item_id], after_s=after_s).model_dump_json().encode()
         try:
             msg = await nats_request(
                 self._nc,
@@ -306,6 +316,7 @@ async def _result_within(pending: _Pending, timeout_s: float) -> ItemResult | No
 _SAID = {
     CancelOutcome.CANCELLED: "cancelled on the worker",
     CancelOutcome.DETACHED: "left running on the worker for another request of its uniq_id",
+    CancelOutcome.DEFERRED: "left running on the worker a while, for a retry of its uniq_id",
     CancelOutcome.FINISHED: "finished, but its result was lost",
     CancelOutcome.NOT_FOUND: "not found on the worker, and will not run",
 }

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from schemas.subjects import Subjects
 
-from ._dispatch import DEFAULT_RESULT_GRACE_S
+from ._dispatch import DEFAULT_ABANDONED_GRACE_S, DEFAULT_RESULT_GRACE_S
 from ._worker_config import DEFAULT_RELEASE_WAIT_S
 from .settings import (
     DEFAULT_ACQUIRE_TIMEOUT_S,
@@ -41,6 +41,7 @@ class ExecutorConfig:
     tool_server_url: str | None = None
     tool_server_token: str | None = None
     result_grace_s: float = DEFAULT_RESULT_GRACE_S
+    abandoned_grace_s: float = DEFAULT_ABANDONED_GRACE_S  # see _dispatch.py
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     worker_release_wait_s: float = DEFAULT_RELEASE_WAIT_S
 

@@ -234,11 +234,17 @@ class SlotCalls:
             self._finish(run, ItemResult(item_id=run.item.item_id, result=cancelled_result()))
 
     # -- cancel -------------------------------------------------------------------------------
-    def cancel(self, item_ids: list[str]) -> CancelReply:
+    def cancel(self, item_ids: list[str], *, after_s: float | None = None) -> CancelReply:
+        """Cancel these items (each an asker of its run); with ``after_s``, those that still
+        wait then (a retry may join their runs meanwhile, which then go on for it)."""
         reply = CancelReply()
+        loop = asyncio.get_running_loop()
         for item_id in item_ids:
             run = self._asking.get(item_id)
-            if run is not None:
+            if run is not None and after_s is not None:
+                loop.call_later(after_s, self._cancel_if_asking, run, item_id)
+                reply.outcomes[item_id] = CancelOutcome.DEFERRED
+            elif run is not None:
                 reply.outcomes[item_id] = self._cancel_asker(run, item_id)
             elif item_id in self._finished:
                 reply.outcomes[item_id] = CancelOutcome.FINISHED
@@ -246,6 +252,10 @@ class SlotCalls:
                 _remember(self._cancelled, item_id)
                 reply.outcomes[item_id] = CancelOutcome.NOT_FOUND
         return reply
+
+    def _cancel_if_asking(self, run: CallRun, item_id: str) -> None:
+        if self._asking.get(item_id) is run:  # else it was answered meanwhile
+            self._cancel_asker(run, item_id)
 
     def _cancel_asker(self, run: CallRun, item_id: str) -> CancelOutcome:
         if len(run.askers) > 1:  # the run goes on for the others: this asker alone is answered

@@ -117,7 +117,8 @@ class WorkerEndpoints:
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
-            reply = self._calls.cancel(CancelRequest.model_validate_json(msg.data).item_ids)
+            request = CancelRequest.model_validate_json(msg.data)
+            reply = self._calls.cancel(request.item_ids, after_s=request.after_s)
         except Exception:  # answered all the same: no outcome is "ask again"
             log.exception("a cancel request failed")
             reply = CancelReply()

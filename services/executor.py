@@ -123,6 +123,7 @@ class ExecutorService:
             subjects=self._subjects,
             make_link=self._make_link,
             result_grace_s=self._config.result_grace_s,
+            abandoned_grace_s=self._config.abandoned_grace_s,
         )
         self._connection.on_reconnect(self._dispatcher.reconnected)
         self._connection.on_reconnect(self._registry.rewatch)

@@ -347,3 +347,26 @@ async def test_an_executor_that_stops_leaves_a_call_with_an_id_running_for_its_r
     _go(worker, tid)
     retried = await retry
     assert retried.success and retried.output == "1\n", retried
+
+
+async def test_a_call_a_stopped_executor_left_for_a_retry_that_never_comes_is_cancelled(
+    make_stack: StackFactory, trajectory: Callable[[], str]
+) -> None:
+    # Else a client that does not retry would find its trajectory's slot busy until the
+    # abandoned call's own timeout: its next calls queue behind it.
+    config = ExecutorConfig(drain_timeout_s=0.5, abandoned_grace_s=1.0)
+    stack = await make_stack(executor_config=config)
+    worker, tid = stack.workers[0], trajectory()
+    await _held_trajectory(stack, tid)
+    command = {"command": f"{_UNTIL_GO}; {_COUNTED.format(sleep=0)}"}
+    first = asyncio.create_task(stack.client.execute(tid, "terminal", command, uniq_id="a"))
+    await until(lambda: _workspace_has(worker, tid, "waiting"))
+    await stack.executors[0].__aexit__(None, None, None)
+    with pytest.raises(NoCapacity, match="shutting down"):
+        await first
+    await until(lambda: not worker._calls.running, 10)  # type: ignore[attr-defined]
+    _go(worker, tid)
+    successor = await make_stack(executors=1, workers=0)
+    retried = await successor.client.execute(tid, "terminal", command, uniq_id="a")
+    assert not retried.success and retried.metadata["cancelled"] is True  # ran half: the answer
+    assert not _workspace_has(worker, tid, "runs")  # it never got past its wait
