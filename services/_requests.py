@@ -100,7 +100,7 @@ class Requester:
 
     async def _watch_reconnects(self) -> None:
         """While resendable requests wait: after each reconnect, send them again."""
-        seen = self._nc.stats["reconnects"]
+        seen = -1  # a first look at once: a reconnect may have come before this task began
         while self._resendable:
             await asyncio.sleep(_RECONNECT_CHECK_S)
             reconnects = self._nc.stats["reconnects"]
