@@ -128,10 +128,6 @@ class RunsById:
         self._forgotten = 0
         self._forgotten_logged_at = float("-inf")
 
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     def find(self, key: RunKey) -> CallRun | Held | Refused | None:
         """What an item of this key gets: the run it joins (WAITING or RUNNING), the outcome
         of a finished one, REFUSED, or None: it runs."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -25,7 +24,7 @@ from pydantic import ValidationError
 
 from schemas.internal import WorkerInfo
 
-from ._kv import KvBucket, RevisionMismatch
+from ._kv import KvBucket, KvEntry, RevisionMismatch
 
 log = structlog.get_logger("toolbus.worker")
 
@@ -69,61 +68,53 @@ class WorkerRegistration:
                     self._key, payload, expect=self._revision, ttl_s=self.ttl_s
                 )
             except RevisionMismatch:
-                # An earlier write of ours may have been stored with its ack lost: adopt it;
-                # or the server expired it, and nobody settled that yet: write it back.
-                if await self._write_back(payload):
-                    return  # this beat's write was the write-back
-                if not await self._adopt_own_write():
-                    raise RegistrationLost(self._key) from None
-                self._revision = await self._bucket.write(
-                    self._key, payload, expect=self._revision, ttl_s=self.ttl_s
-                )
+                await self._after_mismatch(payload)
 
-    async def _write_back(self, payload: bytes) -> bool:
-        """(Under the lock) over the server's expiry marker, if that is the last message."""
+    async def _after_mismatch(self, payload: bytes) -> None:
+        """(Under the lock) the stored registration decides, read once: the server's expiry
+        marker, which nobody settled yet (written back over); ours, stored with its ack lost
+        (adopted, and written over); else it is not ours any more (RegistrationLost)."""
         entry = await self._bucket.get(self._key)
-        if entry is None or not entry.expired:
-            return False  # settled (removed: the worker is gone), or another incarnation's
-        try:
-            self._revision = await self._bucket.write(
-                self._key, payload, expect=entry.revision, ttl_s=self.ttl_s
+        if entry is not None and entry.expired:
+            try:
+                self._revision = await self._bucket.write(
+                    self._key, payload, expect=entry.revision, ttl_s=self.ttl_s
+                )
+            except RevisionMismatch:
+                raise RegistrationLost(self._key) from None  # an executor settled it first
+            log.warning(
+                "the registration had expired (the server was unreachable, or the worker "
+                "stalled): written back, nothing was lost"
             )
-        except RevisionMismatch:
-            return False  # an executor settled it first
-        log.warning(
-            "the registration had expired (the server was unreachable, or the worker "
-            "stalled): written back, nothing was lost"
+            return
+        if not self._adopt(entry):
+            raise RegistrationLost(self._key)
+        self._revision = await self._bucket.write(
+            self._key, payload, expect=self._revision, ttl_s=self.ttl_s
         )
-        return True
 
     async def deregister(self) -> None:
         async with self._lock:
             if not self.incarnation:
                 return  # never registered (a start that failed first): nothing is ours
-            if not self._revision and await self._adopt_stored() is None:
+            if not self._revision and not self._adopt(await self._bucket.get(self._key)):
                 return  # its write never landed (one whose ack was lost is adopted here)
             with contextlib.suppress(RevisionMismatch):  # expired or replaced already
                 await self._bucket.remove(self._key, expect=self._revision)
 
-    async def _adopt_own_write(self) -> bool:
-        return await self._adopt_stored() is not None
-
-    async def _adopt_stored(self) -> float | None:
-        """(Under the lock) how old the stored registration is, if it is this incarnation's
-        (its revision is adopted: a write whose ack was lost counts); None when it is gone or
-        not ours."""
-        entry = await self._bucket.get(self._key)
+    def _adopt(self, entry: KvEntry | None) -> bool:
+        """(Under the lock) whether the stored registration is this incarnation's; if so its
+        revision is adopted (a write whose ack was lost counts)."""
         if entry is None or entry.value is None:
-            return None
+            return False
         try:
             stored = WorkerInfo.model_validate_json(entry.value)
         except ValidationError:
-            return None
+            return False
         if stored.incarnation != self.incarnation:
-            return None
+            return False
         self._revision = entry.revision
-        # Written after it was encoded: it is at most this old, by the worker's own clock.
-        return max(time.time() - stored.updated_at, 0.0)
+        return True
 
     def _encode(self, info: Callable[[], WorkerInfo]) -> bytes:
         return info().model_dump_json().encode()

@@ -61,6 +61,7 @@ class _Entry:
     seen_at: float  # monotonic, for the status only
     free_hint: int
     stored_at: float | None = None  # Unix time the server stored the registration, if known
+    revision: int = 0  # its revision in the bucket, if known: a read older than it is stale
 
 
 class WorkerRegistry:
@@ -145,15 +146,15 @@ class WorkerRegistry:
                 except ValidationError:
                     log.warning("ignoring malformed worker registration", key=entry.key)
                     continue
-                self._update(info, stored_at)
+                self._update(info, stored_at, entry.revision or 0)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
-    def _update(self, info: WorkerInfo, stored_at: float | None = None) -> None:
+    def _update(self, info: WorkerInfo, stored_at: float | None = None, revision: int = 0) -> None:
         previous = self._workers.get(info.worker_id)
         self._workers[info.worker_id] = _Entry(
-            info, time.monotonic(), info.slots_free, stored_at or None
+            info, time.monotonic(), info.slots_free, stored_at or None, revision
         )
         if previous is not None and previous.info.incarnation != info.incarnation:
             self._gone(info.worker_id, previous.info.incarnation)
@@ -179,10 +180,8 @@ class WorkerRegistry:
         stored = await self._stored(worker_id)
         if stored is not None and stored.expired:
             self._expired(worker_id, stored.revision, stored.stored_at)
-        elif (info := _info(stored)) is not None:  # registered again meanwhile
-            self._update(info, stored.stored_at if stored else None)
-        else:
-            self._remove(worker_id)
+        else:  # removed on purpose, or registered again meanwhile
+            self._apply(worker_id, stored)
 
     def _expired(self, worker_id: str, revision: int, marked_at: float | None) -> None:
         """The server expired the registration: settled in a task (the worker stays in the view,
@@ -236,7 +235,7 @@ class WorkerRegistry:
                     return True
             stored = await self._stored(worker_id)
             if stored is None or not stored.expired:  # written back, replaced, or removed
-                return await self._read_back(worker_id)
+                return self._apply(worker_id, stored)
             revision = stored.revision or revision  # expired (again): settled as before
 
     async def _stored(self, worker_id: str) -> KvEntry | None:
@@ -246,15 +245,20 @@ class WorkerRegistry:
             log.warning("reading a registration failed", error=repr(exc))
             return KvEntry(None, 0, expired=True)
 
-    async def _read_back(self, worker_id: str) -> bool:
-        """What the registration is after a settle lost its race. True when the worker is gone."""
-        stored = await self._bucket.get(worker_id)
+    def _apply(self, worker_id: str, stored: KvEntry | None) -> bool:
+        """Take what a read of the registration found into the view (a registration: written
+        back, or another incarnation, and the one before is gone; none: removed). A read older
+        than what the watch has seen meanwhile changes nothing. True when the worker is gone."""
+        current = self._workers.get(worker_id)
+        if stored is not None and current is not None and current.revision > stored.revision:
+            return False  # the watch moved on while this was read
         info = _info(stored)
         if info is None:
             self._remove(worker_id)
             return True
-        # Written back (the same incarnation), or another incarnation: the one before is gone.
-        self._update(info, stored.stored_at if stored else None)
+        assert stored is not None
+        if current is None or current.info != info:  # (the same: its free-slot hint is kept)
+            self._update(info, stored.stored_at, stored.revision)
         return False
 
     # -- reading ------------------------------------------------------------------------------
@@ -274,13 +278,9 @@ class WorkerRegistry:
                 entry = self._workers.get(worker_id)
                 return entry is None or entry.info.incarnation != incarnation
             return True
-        info = _info(stored)
-        if info is None:
-            self._remove(worker_id)
-            return True
-        if worker_id not in self._workers or self._workers[worker_id].info != info:
-            self._update(info, stored.stored_at if stored else None)
-        return info.incarnation != incarnation
+        self._apply(worker_id, stored)
+        entry = self._workers.get(worker_id)
+        return entry is None or entry.info.incarnation != incarnation
 
     def alive(self) -> list[tuple[WorkerInfo, float]]:
         """Registered workers (free slots as this executor last knew them), seconds since heard."""
