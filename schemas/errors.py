@@ -33,7 +33,8 @@ class ErrorKind(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
-    OVERLOADED = "overloaded"
+    OVERLOADED = "overloaded"  # the executor holds max_pending_calls calls already
+    TOO_MANY_CALLS = "too_many_calls"  # this trajectory has max_calls_per_trajectory in flight
     NO_CAPACITY = "no_capacity"
     WORKER_UNAVAILABLE = "worker_unavailable"
     INTERNAL = "internal"
@@ -47,3 +48,8 @@ class ErrorBody(BaseModel):
     code: int = Field(description="HTTP-like status code, same as Nats-Service-Error-Code.")
     error: str = Field(description="Stable machine-readable kind, e.g. 'invalid_json'.")
     message: str = Field(description="What was wrong, for people.")
+    retry_after_s: float | None = Field(
+        default=None,
+        description="Set on 429: seconds after which the same call is likely to be taken. "
+        "A refused call did not run, so sending it again is safe.",
+    )

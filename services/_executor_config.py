@@ -14,6 +14,7 @@ from .settings import (
     DEFAULT_BATCH_WINDOW_MS,
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_CALLS_PER_TRAJECTORY,
     DEFAULT_MAX_PENDING_CALLS,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_TIMEOUT_S,
@@ -34,6 +35,7 @@ class ExecutorConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS
+    max_calls_per_trajectory: int = DEFAULT_MAX_CALLS_PER_TRAJECTORY
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     default_timeout_s: float = DEFAULT_TIMEOUT_S
     max_timeout_s: float = MAX_TIMEOUT_S
@@ -59,6 +61,7 @@ class ExecutorConfig:
             max_batch_size=settings.max_batch_size,
             max_batch_bytes=settings.max_batch_bytes,
             max_pending_calls=settings.max_pending_calls,
+            max_calls_per_trajectory=settings.max_calls_per_trajectory,
             max_request_bytes=settings.max_request_bytes,
             default_timeout_s=settings.default_timeout_s,
             max_timeout_s=settings.max_timeout_s,

@@ -36,7 +36,7 @@ async def reply_error(nc: Client, msg: Msg, error: ServiceError) -> None:
     header = " ".join(error.message.split())[:_MAX_HEADER_CHARS]
     await nc.publish(
         msg.reply,
-        error.body().model_dump_json().encode(),
+        error.body().model_dump_json(exclude_none=True).encode(),  # retry_after_s: 429 only
         headers={ERROR_HEADER: header, ERROR_CODE_HEADER: str(int(error.code))},
     )
 

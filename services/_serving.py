@@ -47,6 +47,8 @@ from .exceptions import (
 log = structlog.get_logger("toolbus.executor")
 
 Handler = Callable[[Msg], Awaitable[bytes]]
+# A full executor frees up as its calls end, many a second: a second is a fair wait.
+_OVERLOADED_RETRY_AFTER_S = 1.0
 _CALL_ENDPOINTS = ("execute", "artifacts")  # what the call rates count (not status, list, ...)
 
 
@@ -217,7 +219,8 @@ class RequestServer:
         try:
             if self._pending_calls > self._max_pending_calls:
                 raise Overloaded(
-                    f"executor holds {self._max_pending_calls} calls already; retry later"
+                    f"executor holds {self._max_pending_calls} calls already; retry later",
+                    retry_after_s=_OVERLOADED_RETRY_AFTER_S,
                 )
             self._check_auth(msg)
             body = await handler(msg)

@@ -30,6 +30,9 @@ DEFAULT_MAX_UPLOAD_MB = 1024
 DEFAULT_MAX_UPLOAD_ENTRIES = 200_000
 DEFAULT_MAX_REQUEST_BYTES = 256 * 1024
 DEFAULT_MAX_PENDING_CALLS = 10_000
+# Calls of one trajectory in flight at one executor; past it 429 (README, Fair share). A slot
+# runs one call at a time, so more than an agent's parallel tool calls only wait in its queue.
+DEFAULT_MAX_CALLS_PER_TRAJECTORY = 64
 DEFAULT_HEARTBEAT_S = 2.0
 DEFAULT_MAX_PROCESSES = 512
 DEFAULT_MAX_MEMORY_MB = 4096
@@ -55,6 +58,7 @@ __all__ = [
     "DEFAULT_MAX_ARTIFACT_ENTRIES",
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_BATCH_SIZE",
+    "DEFAULT_MAX_CALLS_PER_TRAJECTORY",
     "DEFAULT_MAX_CPU_S",
     "DEFAULT_MAX_FILE_CHARS",
     "DEFAULT_MAX_FILE_MB",

@@ -29,13 +29,25 @@ class ServiceError(ToolbusError):
     code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
     default_kind: ClassVar[ErrorKind] = ErrorKind.INTERNAL
 
-    def __init__(self, message: str, *, kind: ErrorKind | str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: ErrorKind | str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.kind = str(kind or self.default_kind)
+        self.retry_after_s = retry_after_s  # a hint for when to send the call again (429)
 
     def body(self) -> ErrorBody:
-        return ErrorBody(code=int(self.code), error=self.kind, message=self.message)
+        return ErrorBody(
+            code=int(self.code),
+            error=self.kind,
+            message=self.message,
+            retry_after_s=self.retry_after_s,
+        )
 
     @staticmethod
     def from_reply(code: int, body: ErrorBody | None, header_message: str) -> ServiceError:
@@ -43,7 +55,7 @@ class ServiceError(ToolbusError):
         cls = _BY_CODE.get(code, ServiceError)
         if body is None:
             return cls(header_message)
-        return cls(body.message, kind=body.error)
+        return cls(body.message, kind=body.error, retry_after_s=body.retry_after_s)
 
     def __str__(self) -> str:
         return f"{int(self.code)} {self.kind}: {self.message}"

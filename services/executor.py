@@ -55,6 +55,7 @@ from ._dispatch import Dispatcher
 from ._executor_config import ExecutorConfig
 from ._external import ExternalTools
 from ._failures import infra_failure
+from ._fair_share import TrajectoryLimits
 from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
 from ._placement import Placement
@@ -128,6 +129,7 @@ class ExecutorService:
         self._connection.on_reconnect(self._dispatcher.reconnected)
         self._connection.on_reconnect(self._registry.rewatch)
         self._calls = CallRouter(self._placement, self._dispatcher, ids=ItemIds(self.executor_id))
+        self._limits = TrajectoryLimits(max_calls=self._config.max_calls_per_trajectory)
         self._tool_list = (
             ToolListReply(
                 tools=[tool.spec() for tool in BUILTIN_TOOLS.values()], aliases=TOOL_ALIASES
@@ -267,17 +269,18 @@ class ExecutorService:
             tool=tool or request.tool.name,
             uniq_id=request.tool.uniq_id,
         )
-        if tool is None:
-            return await self._execute_external(request, requested)
-        _check_runnable(tool, request.tool.arguments)
-        result = await self.execute(
-            request.trajectory_id,
-            tool,
-            request.tool.arguments,
-            timeout_s=self._config.clamp_timeout(requested),
-            uniq_id=request.tool.uniq_id,
-            allow_network=request.allow_network is not False,
-        )
+        with self._limits.admit(request.trajectory_id):
+            if tool is None:
+                return await self._execute_external(request, requested)
+            _check_runnable(tool, request.tool.arguments)
+            result = await self.execute(
+                request.trajectory_id,
+                tool,
+                request.tool.arguments,
+                timeout_s=self._config.clamp_timeout(requested),
+                uniq_id=request.tool.uniq_id,
+                allow_network=request.allow_network is not False,
+            )
         log.debug("call answered", success=result.success)
         return result.model_dump_json().encode()
 
@@ -350,7 +353,10 @@ class ExecutorService:
         tool = f"artifacts.{operation}"
         _annotate_span(trajectory_id, tool)
         started = time.perf_counter()
-        with structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool=tool):
+        with (
+            structlog.contextvars.bound_contextvars(trajectory_id=trajectory_id, tool=tool),
+            self._limits.admit(trajectory_id),
+        ):
             # Only an upload may give a trajectory its first slot; the others need its files.
             with self._stats.in_flight():
                 done = await self._calls.run(

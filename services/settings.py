@@ -213,6 +213,13 @@ class Settings(BaseSettings):
         validation_alias=_env("max_pending_calls"),
         description="Calls one executor holds at once; past it new calls get 429.",
     )
+    max_calls_per_trajectory: int = Field(
+        default=DEFAULT_MAX_CALLS_PER_TRAJECTORY,
+        ge=1,
+        validation_alias=_env("max_calls_per_trajectory"),
+        description="Calls of one trajectory one executor holds at once; past it that "
+        "trajectory's new calls get 429 (too_many_calls) and the others are served.",
+    )
     max_request_bytes: int = Field(
         default=DEFAULT_MAX_REQUEST_BYTES,
         ge=1024,
