@@ -2,7 +2,9 @@
 
 Each child gets the service's settings through ``TOOLBUS_*`` environment variables, its own
 worker id, and is stopped with SIGTERM (then SIGKILL) when the backend exits; it also gets
-SIGTERM if toolbus itself dies, so no worker is left orphaned.
+SIGTERM if toolbus itself dies, so no worker is left orphaned. An autoscaler starts more and
+stops chosen ones (``backends/scaling.py``); a worker started takes the lowest index no running
+worker has, so ``env_for`` (its sandbox users' uids) never gives two running workers one range.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ DEFAULT_READY_TIMEOUT_S = 30.0
 
 
 class LocalWorkers:
-    """``count`` worker processes; ``env_for(k)`` adds variables for the k-th one started."""
+    """``count`` worker processes; ``env_for(k)`` adds variables for the worker of index k."""
 
     def __init__(
         self,
@@ -38,12 +40,16 @@ class LocalWorkers:
         self._env = dict(env)
         self._env_for = env_for
         self._python = python
-        self._started = 0
         self._processes: dict[str, asyncio.subprocess.Process] = {}
+        self._indexes: dict[str, int] = {}  # of the workers in _processes
 
     @property
     def worker_ids(self) -> list[str]:
         return list(self._processes)
+
+    def running(self) -> list[str]:
+        """The workers started here whose process has not ended."""
+        return [wid for wid, process in self._processes.items() if process.returncode is None]
 
     async def __aenter__(self) -> LocalWorkers:
         try:
@@ -56,8 +62,9 @@ class LocalWorkers:
 
     async def start_worker(self) -> str:
         worker_id = f"local-{uuid.uuid4().hex[:8]}"
-        extra = self._env_for(self._started) if self._env_for is not None else {}
-        self._started += 1
+        self._forget_ended()
+        index = min(set(range(len(self._indexes) + 1)) - set(self._indexes.values()))
+        extra = self._env_for(index) if self._env_for is not None else {}
         env = {**self._env, **extra, "TOOLBUS_WORKER_ID": worker_id}
         try:
             process = await asyncio.create_subprocess_exec(
@@ -72,8 +79,23 @@ class LocalWorkers:
         except OSError as exc:
             raise StartupError(f"could not start a local worker: {exc.strerror}") from exc
         self._processes[worker_id] = process
-        log.info("local worker started", worker_id=worker_id, pid=process.pid)
+        self._indexes[worker_id] = index
+        log.info("local worker started", worker_id=worker_id, pid=process.pid, index=index)
         return worker_id
+
+    async def stop_worker(self, worker_id: str) -> None:
+        """SIGTERM to one worker (SIGKILL if it has not ended within the stop timeout)."""
+        process = self._processes.pop(worker_id, None)
+        self._indexes.pop(worker_id, None)
+        if process is not None:
+            await stop_process(process)
+            log.info("local worker stopped", worker_id=worker_id, code=process.returncode)
+
+    def _forget_ended(self) -> None:
+        """Workers whose process ended on its own: their index is free again."""
+        for worker_id in [wid for wid in self._processes if wid not in self.running()]:
+            del self._processes[worker_id]
+            self._indexes.pop(worker_id, None)
 
     async def wait_registered(
         self, registered: Callable[[], int], *, timeout_s: float = DEFAULT_READY_TIMEOUT_S
@@ -102,6 +124,7 @@ class LocalWorkers:
     async def stop_all(self) -> None:
         processes = list(self._processes.values())
         self._processes.clear()
+        self._indexes.clear()
         await asyncio.gather(*(stop_process(process) for process in processes))
 
     async def __aexit__(

@@ -27,6 +27,14 @@ from pydantic import BaseModel, Field
 from .messages import ToolResult
 
 
+class DrainState(StrEnum):
+    """A worker on its way out of service (an autoscaler's scale-down), as it says itself."""
+
+    SERVING = "serving"  # gives slots to new trajectories
+    DRAINING = "draining"  # gives none; its trajectories keep theirs until done or the deadline
+    DRAINED = "drained"  # holds no slot: it may be stopped without losing anything
+
+
 class WorkerInfo(BaseModel):
     """A worker's registration in the workers KV bucket, refreshed every heartbeat."""
 
@@ -44,6 +52,25 @@ class WorkerInfo(BaseModel):
     slots_warm: int = Field(
         default=0, description="Free slots whose sandbox is already started (warm_slots)."
     )
+    slots_held: int = Field(default=0, description="Slots a trajectory holds now.")
+    drain: DrainState = Field(
+        default=DrainState.SERVING, description="Whether it gives slots to new trajectories."
+    )
+
+
+class DrainRequest(BaseModel):
+    """An autoscaler to a worker (``worker_drain``): stop giving slots to new trajectories, and
+    be empty by ``deadline_s`` (its trajectories' slots then given up, workspaces lost); with
+    ``drain`` false, serve again; None: only say the state."""
+
+    drain: bool | None = True
+    deadline_s: float = Field(default=300.0, ge=0.0)
+
+
+class DrainReply(BaseModel):
+    state: DrainState | None = Field(default=None, description="None: the request failed.")
+    slots_held: int = 0
+    error: str | None = None
 
 
 class LostReason(StrEnum):
@@ -53,6 +80,7 @@ class LostReason(StrEnum):
     WORKER_STOPPED = "worker_stopped"  # the worker shut down
     WORKER_EXPIRED = "worker_expired"  # the worker missed its registration's TTL and reset
     WORKER_GONE = "worker_gone"  # the worker's registration is gone (found by an executor)
+    WORKER_DRAINED = "worker_drained"  # the worker was drained (scale-down) past its deadline
     UNREADABLE = "unreadable"  # the stored lease could not be read (another release's format)
 
 

@@ -15,6 +15,7 @@ SERVICE_NAME = "toolbus"
 
 LEASES_BUCKET = "toolbus-leases"
 WORKERS_BUCKET = "toolbus-workers"
+SCALER_BUCKET = "toolbus-scaler"  # the autoscalers' leader lease
 # Trajectories waiting for a slot (a work-queue stream), and the workers' one shared consumer.
 WAITING_STREAM = "toolbus-waiting"
 WAITING_CONSUMER = "slot-waiters"
@@ -82,6 +83,10 @@ class Subjects:
 
     def worker_cancel(self, worker_id: str) -> str:
         return f"{self.internal}.worker.{worker_id}.cancel"
+
+    def worker_drain(self, worker_id: str) -> str:
+        """An autoscaler drains the worker before it is stopped (``DrainRequest``)."""
+        return f"{self.internal}.worker.{worker_id}.drain"
 
     def executor_results(self, executor_id: str) -> str:
         return f"{self.internal}.executor.{executor_id}.results"

@@ -12,11 +12,15 @@ import structlog
 
 from backends.local import LocalWorkers
 from backends.nomad import NomadConfig, NomadWorkers
+from backends.scaling import LocalPool, NomadPool
+from schemas.subjects import Subjects
 
+from ._autoscaler import Autoscaler, WorkerPool
 from ._cli_nats import connect, nats_url
 from ._cli_settings import settings_env, worker_uid_range
 from ._cli_signals import until_signalled
 from ._embedded import EmbeddedNatsServer
+from ._scale_policy import ScalePolicy
 from .exceptions import ToolbusError
 from .executor import ExecutorConfig, ExecutorService
 from .settings import Settings
@@ -31,6 +35,10 @@ async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None =
             "--backend nomad needs --nats-url: Nomad runs the workers on other hosts, which "
             "cannot reach an embedded NATS server"
         )
+    if settings.autoscale and settings.backend == "external":
+        raise ToolbusError(
+            "--autoscale needs a backend that starts workers: --backend local or nomad"
+        )
     # Exit order is the reverse: executor stops accepting, then workers, then NATS.
     async with AsyncExitStack() as stack:
         if settings.nats_url is None:
@@ -44,14 +52,16 @@ async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None =
         nc = await connect(settings, "toolbus-executor")
         stack.push_async_callback(nc.drain)
         workers: LocalWorkers | NomadWorkers | None = None
-        if settings.backend == "local" and settings.workers > 0:
+        pool: WorkerPool | None = None
+        if settings.backend == "local" and (settings.workers > 0 or settings.autoscale):
             workers = await stack.enter_async_context(
                 LocalWorkers(
-                    count=settings.workers,
+                    count=_first_local_workers(settings),
                     env=settings_env(settings),
                     env_for=lambda k: worker_uid_range(settings, k),
                 )
             )
+            pool = LocalPool(workers)
         elif settings.backend == "nomad":
             config = NomadConfig.from_settings(
                 settings,
@@ -60,14 +70,39 @@ async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None =
                 nats_address=settings.nomad_nats_address,
             )
             workers = await stack.enter_async_context(NomadWorkers(config))
+            pool = NomadPool(workers)
         executor = await stack.enter_async_context(
             ExecutorService(nc, ExecutorConfig.from_settings(settings))
         )
         if workers is not None:
             await workers.wait_registered(lambda: executor.status().pool.containers)
+        if settings.autoscale and pool is not None:  # stops first: no scaling while stopping
+            await stack.enter_async_context(
+                Autoscaler(
+                    nc,
+                    pool,
+                    ScalePolicy(
+                        min_workers=settings.min_workers,
+                        max_workers=settings.max_workers,
+                        slots_per_worker=settings.slots,
+                        headroom_slots=settings.scale_headroom_slots,
+                        cooldown_s=settings.scale_cooldown_s,
+                    ),
+                    executor=executor,
+                    subjects=Subjects(prefix=settings.prefix),
+                    drain_timeout_s=settings.scale_drain_timeout_s,
+                )
+            )
         (ready or _print_banner)(url)
         await until_signalled()
         log.info("stopping")
+
+
+def _first_local_workers(settings: Settings) -> int:
+    """``--workers``; within ``min_workers..max_workers`` when autoscaling."""
+    if not settings.autoscale:
+        return settings.workers
+    return max(settings.min_workers, min(settings.workers, settings.max_workers))
 
 
 def _print_banner(url: str) -> None:

@@ -27,6 +27,8 @@ _LOST_BECAUSE = {
     LostReason.WORKER_STOPPED: "is on a sandbox worker that stopped",
     LostReason.WORKER_EXPIRED: "was given up by a sandbox worker that lost its registration",
     LostReason.WORKER_GONE: "is on a sandbox worker that is gone",
+    LostReason.WORKER_DRAINED: "was on a sandbox worker taken out of service (scale-down) that "
+    "could not wait longer for the trajectory to end",
     LostReason.UNREADABLE: "cannot be found (its lease is unreadable)",
 }
 

@@ -39,7 +39,7 @@ import structlog
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from schemas.internal import WorkerInfo
+from schemas.internal import DrainState, WorkerInfo
 
 from ._kv import KvBucket, KvEntry, RevisionMismatch
 from ._reconnects import ReconnectClock
@@ -291,9 +291,17 @@ class WorkerRegistry:
         ]
 
     def candidates(self) -> list[str]:
-        """Workers that may have a free slot, most free first."""
+        """Workers that may have a free slot, most free first (a draining one has none)."""
         ranked = sorted(self._workers.values(), key=lambda entry: entry.free_hint, reverse=True)
-        return [entry.info.worker_id for entry in ranked if entry.free_hint > 0]
+        return [
+            entry.info.worker_id
+            for entry in ranked
+            if entry.free_hint > 0 and entry.info.drain is DrainState.SERVING
+        ]
+
+    def registrations(self) -> list[WorkerInfo]:
+        """Every registered worker as it last said (an autoscaler's view: held slots, drain)."""
+        return [entry.info for entry in self._workers.values()]
 
     # -- hints --------------------------------------------------------------------------------
     def note_acquired(self, worker_id: str) -> None:

@@ -45,6 +45,12 @@ DEFAULT_SLOT_IDLE_TIMEOUT_S = 3600.0
 # A retry of a call (same uniq_id) within this long gets the first run's result (README, Failures).
 DEFAULT_RETRY_WINDOW_S = 600.0
 DEFAULT_RETRY_MEMORY_MB = 256  # per worker, for those results
+# Autoscaling (README, Autoscaling): free slots kept beyond what is held and waited for, how long
+# fewer workers must be wanted before one is drained, and how long a drain waits for its
+# trajectories before it gives their slots up.
+DEFAULT_SCALE_HEADROOM_SLOTS = 8
+DEFAULT_SCALE_COOLDOWN_S = 60.0
+DEFAULT_SCALE_DRAIN_TIMEOUT_S = 300.0
 
 __all__ = [
     "DEFAULT_ACQUIRE_TIMEOUT_S",
@@ -75,6 +81,9 @@ __all__ = [
     "DEFAULT_RETRY_MEMORY_MB",
     "DEFAULT_RETRY_WINDOW_S",
     "DEFAULT_SANDBOX_UID_BASE",
+    "DEFAULT_SCALE_COOLDOWN_S",
+    "DEFAULT_SCALE_DRAIN_TIMEOUT_S",
+    "DEFAULT_SCALE_HEADROOM_SLOTS",
     "DEFAULT_SLOTS",
     "DEFAULT_SLOT_IDLE_TIMEOUT_S",
     "DEFAULT_SPARE_SLOTS",

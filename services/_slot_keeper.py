@@ -74,13 +74,21 @@ class SlotKeeper:
         self._release_wait_s = release_wait_s
         self._spawn = spawn
         self.accepting = False
+        # Draining (an autoscaler's scale-down): no slot for a new trajectory, while calls and
+        # lease renewals of the held ones go on (``accepting``).
+        self.draining = False
         self.queue = QueueView()  # what the worker knows of the waiting queue
+
+    @property
+    def giving(self) -> bool:
+        """Whether a new trajectory may get a slot here now."""
+        return self.accepting and not self.draining
 
     # -- giving -------------------------------------------------------------------------------
     async def acquire(self, trajectory_id: str) -> AcquireReply:
         """A direct acquisition: give the trajectory a free, clean slot and write its lease
         (the one it has, if any); FULL while trajectories wait for a slot (they come first)."""
-        newcomer = self.accepting and self._table.holding(trajectory_id) is None
+        newcomer = self.giving and self._table.holding(trajectory_id) is None
         if newcomer and not await self._direct_turn():
             return AcquireReply(outcome=AcquireOutcome.FULL, slots_free=0)
         # No await since the turn was given: assign() takes the slot in this step.
@@ -101,13 +109,13 @@ class SlotKeeper:
             return AcquireReply(outcome=AcquireOutcome.STOPPING), False
         if (held := self._held_reply(trajectory_id)) is not None:
             return held, False
-        slot = self._table.assign(trajectory_id)
-        while slot is None and self.accepting and (dirty := self._table.claim_dirty()) is not None:
+        slot = self._table.assign(trajectory_id) if self.giving else None
+        while slot is None and self.giving and (dirty := self._table.claim_dirty()) is not None:
             await asyncio.shield(self._cleaner.start_wipe(dirty))  # the deferred wipe, now
             if (held := self._held_reply(trajectory_id)) is not None:
                 return held, False  # another acquisition of it got a slot meanwhile
             # Another acquisition may have taken the slot wiped here: then wipe the next one.
-            slot = self._table.assign(trajectory_id) if self.accepting else None
+            slot = self._table.assign(trajectory_id) if self.giving else None
         if slot is None:
             return AcquireReply(outcome=AcquireOutcome.FULL, slots_free=0), False
         return await self._lease(trajectory_id, slot), True

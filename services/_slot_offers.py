@@ -111,7 +111,7 @@ class SlotOffers:
 
     def _can_serve(self) -> bool:
         return (
-            self._keeper.accepting
+            self._keeper.giving
             and self._assignable() > self._view.claims
             and len(self._serving) < MAX_OFFERS_AT_ONCE
         )

@@ -7,6 +7,7 @@
   slow release must not hold back the next one), and always answered, with a failure reply when
   the handler failed.
 - ``cancel``: an executor gives up on calls; always answered.
+- ``drain``: an autoscaler takes the worker out of service, or back (``_worker_drain.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from schemas.internal import (
     AcquireRequest,
     CancelReply,
     CancelRequest,
+    DrainReply,
+    DrainRequest,
     WorkerReleaseReply,
     WorkerReleaseRequest,
 )
@@ -45,6 +48,7 @@ class WorkerEndpoints:
         worker_id: str,
         calls: SlotCalls,
         keeper: SlotKeeper,
+        drain: Callable[[DrainRequest], Awaitable[DrainReply]],
         spawn: Callable[[Awaitable[object]], None],
     ) -> None:
         self._nc = nc
@@ -52,6 +56,7 @@ class WorkerEndpoints:
         self._worker_id = worker_id
         self._calls = calls
         self._keeper = keeper
+        self._drain = drain
         self._spawn = spawn  # runs a handler in a task the worker waits for at shutdown
         self._subscriptions: list[Subscription] = []
 
@@ -73,6 +78,12 @@ class WorkerEndpoints:
                 ),
             ),
             (subjects.worker_cancel(wid), self._on_cancel),
+            (
+                subjects.worker_drain(wid),
+                self._answered(
+                    self._on_drain, lambda exc: DrainReply(error=f"{type(exc).__name__}: {exc}")
+                ),
+            ),
         ):
             self._subscriptions.append(await self._nc.subscribe(subject, cb=handler))
         await self._nc.flush()
@@ -133,3 +144,6 @@ class WorkerEndpoints:
         return await self._keeper.release(
             request.trajectory_id, epoch=request.epoch, reset_workspace=request.reset_workspace
         )
+
+    async def _on_drain(self, msg: Msg) -> DrainReply:
+        return await self._drain(DrainRequest.model_validate_json(msg.data))

@@ -43,6 +43,7 @@ from schemas.messages import (
     StatusReply,
     ToolListReply,
     ToolResult,
+    WaitingStatus,
 )
 from schemas.subjects import LEASES_BUCKET, QUEUE_GROUP, SERVICE_NAME, WORKERS_BUCKET
 from schemas.tools import BUILTIN_TOOLS, TOOL_ALIASES, canonical_tool_name
@@ -396,6 +397,10 @@ class ExecutorService:
         """The workers registered now, and seconds since each was last heard."""
         return self._registry.alive()
 
+    async def queue_status(self) -> WaitingStatus:
+        """Trajectories waiting for a slot, every executor's (the waiting stream's length)."""
+        return await self._queue.status()
+
     def _slots_in_use_and_free(self) -> tuple[int, int]:
         alive = self.registered_workers()
         free = sum(info.slots_free for info, _ in alive)
@@ -408,7 +413,7 @@ class ExecutorService:
 
     async def _status(self, msg: Msg) -> bytes:
         reply = self.status()
-        reply.waiting = await self._queue.status()
+        reply.waiting = await self.queue_status()
         return reply.model_dump_json().encode()
 
     async def _list_tools(self, msg: Msg) -> bytes:

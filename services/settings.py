@@ -134,6 +134,33 @@ class Settings(BaseSettings):
         validation_alias=_env("max_workers", "TOOL_EXECUTOR_MAX_CONTAINERS"),
         description="Most workers the backend starts.",
     )
+    autoscale: bool = Field(
+        default=False,
+        validation_alias=_env("autoscale"),
+        description="`serve` with a backend (local or nomad) starts and stops workers between "
+        "--min-workers and --max-workers to follow the slots held and waited for (README, "
+        "Autoscaling); off: --workers local ones, or --min-workers on Nomad.",
+    )
+    scale_headroom_slots: int = Field(
+        default=DEFAULT_SCALE_HEADROOM_SLOTS,
+        ge=0,
+        validation_alias=_env("scale_headroom_slots"),
+        description="Free slots the autoscaler keeps beyond those held and waited for.",
+    )
+    scale_cooldown_s: float = Field(
+        default=DEFAULT_SCALE_COOLDOWN_S,
+        ge=0,
+        validation_alias=_env("scale_cooldown_s"),
+        description="Fewer workers must be wanted this long, with no change meanwhile, before "
+        "the autoscaler drains one.",
+    )
+    scale_drain_timeout_s: float = Field(
+        default=DEFAULT_SCALE_DRAIN_TIMEOUT_S,
+        ge=0,
+        validation_alias=_env("scale_drain_timeout_s"),
+        description="How long a worker being drained waits for its trajectories to end; then "
+        "their slots are given up (their next call hears workspace_lost) and it is stopped.",
+    )
     nomad_address: str = Field(
         default="http://localhost:4646",
         validation_alias=_env("nomad_address", "TOOL_EXECUTOR_NOMAD_ADDRESS"),

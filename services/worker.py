@@ -57,6 +57,7 @@ from ._tasks import cancel_and_wait, finish_or_cancel
 from ._tools import SlotTools, ToolLimits, ToolRunner
 from ._warm_pool import WarmPool
 from ._worker_config import WorkerConfig
+from ._worker_drain import WorkerDrain
 from ._worker_endpoints import WorkerEndpoints
 
 __all__ = ["SandboxWorker", "WorkerConfig", "new_worker_id"]
@@ -135,6 +136,9 @@ class SandboxWorker:
             release_wait_s=config.release_wait_s,
             spawn=self._spawn,
         )
+        self._drain = WorkerDrain(
+            self._keeper, self._table, worker_id=config.worker_id, changed=self._announce_change
+        )
         self._offers = SlotOffers(
             nc,
             self._keeper,
@@ -147,6 +151,7 @@ class SandboxWorker:
             worker_id=config.worker_id,
             calls=self._calls,
             keeper=self._keeper,
+            drain=self._drain.request,
             spawn=self._spawn,
         )
         self._heartbeat = Heartbeat(
@@ -299,6 +304,7 @@ class SandboxWorker:
         self._stopping = True
         self._accepting = False
         await _bounded(self._offers.stop(), _STEP_TIMEOUT_S)
+        await _bounded(self._drain.close(), _STEP_TIMEOUT_S)
         # No new warm start; warm sandboxes end (bounded: SIGTERM always ends a worker).
         await _bounded(self._warm.close(_STEP_TIMEOUT_S), 2 * _STEP_TIMEOUT_S)
         await self._other_tasks(_STEP_TIMEOUT_S)
@@ -358,7 +364,7 @@ class SandboxWorker:
             host=socket.gethostname(),
             pid=os.getpid(),
             slots_total=self._table.capacity,
-            slots_free=self._table.free if self._accepting else 0,
+            slots_free=self._table.free if self._keeper.giving else 0,
             slots_out_of_service=self._table.count(SlotState.OUT_OF_SERVICE),
             slots_warm=self._warm.warm,
             started_at=self._started_at,
@@ -366,13 +372,16 @@ class SandboxWorker:
             heartbeat_s=self._config.heartbeat_s,
             incarnation=self._registration.incarnation,
             ttl_s=self._registration.ttl_s,
+            slots_held=self._drain.slots_held,
+            drain=self._drain.state,
         )
 
     def _announce_change(self) -> None:
-        """Free slots changed: serve a waiting trajectory, warm the free ones, tell executors
-        soon (while taking work)."""
+        """Free slots (or the drain) changed: serve a waiting trajectory, warm the free ones,
+        tell executors soon (while taking work)."""
         self._offers.wake()
         self._warm.wanted()
+        self._drain.slots_changed()
         if self._accepting:
             self._heartbeat.soon()
 
