@@ -27,11 +27,13 @@ from backends.scaling import LocalPool, NomadPool
 from schemas.internal import DrainState
 from schemas.subjects import SCALER_BUCKET, Subjects
 from services._autoscaler import Autoscaler, WorkerPool
+from services._cli_services import run_serve
 from services._cli_settings import worker_uid_range
 from services._kv import KvBucket, open_bucket
 from services._leadership import Leadership
 from services._scale_policy import ScalePolicy
 from services.client import ToolbusClient
+from services.exceptions import ToolbusError
 from services.executor import ExecutorService
 from services.settings import Settings
 from services.worker import SandboxWorker, WorkerConfig
@@ -296,3 +298,49 @@ async def test_nomad_pool_against_a_real_nomad() -> None:
         assert group["Count"] == 2
         allocations = await workers.allocations()
         assert await pool.worker_ids() == {a.id for a in allocations if a.live}
+
+
+# -- serve --autoscale ----------------------------------------------------------------------------
+async def test_serve_with_autoscale_starts_a_worker_when_trajectories_wait(
+    nats_url: str, tmp_path: Path, trajectory: Callable[[], str]
+) -> None:
+    settings = Settings(
+        nats_url=nats_url,
+        autoscale=True,
+        workers=1,
+        min_workers=1,
+        max_workers=2,
+        slots=1,
+        spare_slots=0,
+        scale_headroom_slots=0,
+        heartbeat_s=0.5,
+        min_free_disk_mb=0,
+        data_dir=tmp_path / "data",
+        log_level="warning",
+    )
+    ready = asyncio.Event()
+    serve = asyncio.create_task(run_serve(settings, ready=lambda url: ready.set()))
+    connection = await nats.connect(nats_url)
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        client = ToolbusClient(connection)
+        # Two trajectories, one slot: the second waits until a second worker is started.
+        results = await asyncio.gather(
+            *(
+                client.execute(tid, "terminal", {"command": "true"}, timeout_s=60)
+                for tid in (trajectory(), trajectory())
+            )
+        )
+        assert all(r.success for r in results), results
+        assert len({r.metadata["worker_id"] for r in results}) == 2
+    finally:
+        serve.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve
+        await connection.drain()
+
+
+async def test_autoscale_needs_a_backend_that_starts_workers(nats_url: str) -> None:
+    settings = Settings(nats_url=nats_url, autoscale=True, backend="external")
+    with pytest.raises(ToolbusError, match="--autoscale needs a backend"):
+        await run_serve(settings)
