@@ -200,6 +200,14 @@ class WorkerStatus(BaseModel):
     slots_free: int
     age_s: float = Field(description="Seconds since the worker's last heartbeat.")
     slots_warm: int = Field(default=0, description="Free slots whose sandbox is started.")
+    slots_held: int | None = Field(
+        default=None, description="Slots trajectories hold (None: the worker does not say)."
+    )
+    state: Literal["serving", "draining", "drained"] = Field(
+        default="serving",
+        description="draining: taken out of service (a scale-down); it gives no slot to a new "
+        "trajectory and serves those it holds; drained: it holds none and is about to stop.",
+    )
 
 
 class PoolStatus(BaseModel):

@@ -169,7 +169,8 @@ class Autoscaler:
 
     async def _take(self, step: Step, seen: WorkersSeen, now: float) -> None:
         for worker_id in step.resume:
-            await self._ask(worker_id, DrainRequest(drain=False))
+            if self.is_leader:
+                await self._ask(worker_id, DrainRequest(drain=False))
         if step.start and self.is_leader:
             await self._pool.start_workers(step.start)
         if step.resume or step.start:

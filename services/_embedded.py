@@ -74,6 +74,11 @@ class EmbeddedNatsServer:
     def url(self) -> str:
         return f"nats://{self._host}:{self._port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (for benchmarks that measure it)."""
+        return self._process.pid if self._process is not None else None
+
     async def __aenter__(self) -> EmbeddedNatsServer:
         binary = self._binary or find_nats_server()
         if self._port == 0:

@@ -299,10 +299,6 @@ class WorkerRegistry:
             if entry.free_hint > 0 and entry.info.drain is DrainState.SERVING
         ]
 
-    def registrations(self) -> list[WorkerInfo]:
-        """Every registered worker as it last said (an autoscaler's view: held slots, drain)."""
-        return [entry.info for entry in self._workers.values()]
-
     # -- hints --------------------------------------------------------------------------------
     def note_acquired(self, worker_id: str) -> None:
         if entry := self._workers.get(worker_id):

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from schemas.messages import StatusReply
 
-_WORKER_COLUMNS = ("WORKER", "HOST", "SLOTS", "FREE", "WARM", "IN USE", "LAST SEEN")
-_LEFT_ALIGNED = {"WORKER", "HOST"}
+_WORKER_COLUMNS = ("WORKER", "HOST", "SLOTS", "FREE", "WARM", "IN USE", "STATE", "LAST SEEN")
+_LEFT_ALIGNED = {"WORKER", "HOST", "STATE"}
 
 
 def render_status(status: StatusReply) -> str:
@@ -36,7 +36,12 @@ def render_status(status: StatusReply) -> str:
             str(worker.slots_total),
             str(worker.slots_free),
             str(worker.slots_warm),
-            str(worker.slots_total - worker.slots_free),
+            str(
+                worker.slots_held
+                if worker.slots_held is not None
+                else worker.slots_total - worker.slots_free
+            ),
+            worker.state,
             f"{worker.age_s:.1f}s ago",
         )
         for worker in sorted(status.workers, key=lambda worker: worker.worker_id)

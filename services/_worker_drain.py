@@ -77,16 +77,19 @@ class WorkerDrain:
                 self._until_empty(request.deadline_s), name=f"drain-{self._worker_id}"
             )
         elif request.drain is False and self._state is not DrainState.SERVING:
-            await self.close()
+            # The state first, in this step: a request that comes while the task stops sees it.
+            task, self._task = self._task, None
             self._set(DrainState.SERVING, draining=False)
             log.info("serving again", worker_id=self._worker_id)
+            if task is not None:
+                await cancel_and_wait([task])
         return DrainReply(state=self._state, slots_held=self.slots_held)
 
     async def close(self) -> None:
-        """Stop the drain's task (at a resume, or when the worker stops)."""
-        if self._task is not None:
-            await cancel_and_wait([self._task])
-            self._task = None
+        """Stop the drain's task (when the worker stops)."""
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait([task])
 
     def _set(self, state: DrainState, *, draining: bool) -> None:
         # One step: what executors and the offers read changes with the state.

@@ -70,9 +70,26 @@ def test_render_status_shows_executor_rates_slots_and_a_workers_table() -> None:
     assert lines[1] == "pool: 2 workers, 12 slots (acquired 3, free 9; 5 of the free warm)"
     # Sorted by id; columns as wide as their widest cell; names left, numbers right.
     assert lines[2:] == [
-        "WORKER              HOST             SLOTS  FREE  WARM  IN USE  LAST SEEN",
-        "w-a                 node-12.cluster      4     3     1       1  12.0s ago",
-        "worker-b-long-name  gpu-7                8     6     4       2   0.4s ago",
+        "WORKER              HOST             SLOTS  FREE  WARM  IN USE  STATE    LAST SEEN",
+        "w-a                 node-12.cluster      4     3     1       1  serving  12.0s ago",
+        "worker-b-long-name  gpu-7                8     6     4       2  serving   0.4s ago",
+    ]
+
+
+def test_a_draining_worker_shows_its_state_and_the_slots_it_holds() -> None:
+    draining = WorkerStatus(
+        worker_id="w-c",
+        host="gpu-8",
+        slots_total=8,
+        slots_free=0,
+        age_s=1.0,
+        slots_held=2,
+        state="draining",
+    )
+    lines = render_status(_status(workers=[draining])).splitlines()
+    assert lines[2:] == [
+        "WORKER  HOST   SLOTS  FREE  WARM  IN USE  STATE     LAST SEEN",
+        "w-c     gpu-8      8     0     0       2  draining   1.0s ago",
     ]
 
 

@@ -45,6 +45,10 @@ async def test_a_draining_worker_gives_no_new_slot_and_serves_its_trajectories_t
     reply = await _drain(nc, draining, DrainRequest(deadline_s=60))
     assert (reply.state, reply.slots_held) == (DrainState.DRAINING, 1)
     await until(lambda: _seen_as(executor, draining) is DrainState.DRAINING, 10)
+    status = executor.status()  # what `toolbus status` shows
+    [shown] = [w for w in status.workers if w.worker_id == draining.worker_id]
+    assert (shown.state, shown.slots_held) == ("draining", 1)
+    assert status.pool.slots_by_state["draining"] == 1  # its free slot is not free
 
     # New trajectories go elsewhere, though the draining worker has a free slot.
     for _ in range(2):
