@@ -102,6 +102,17 @@ class PidsCgroups:
                 raise OSError(f"cannot remove {root}: it still holds processes")
             time.sleep(0.05)
 
+    def kill_leftovers(self) -> int:
+        """Kill what still runs in this worker's own slot cgroups: the sandboxes of an earlier
+        process of the same worker id that was killed (they outlive it, reparented to init).
+        Call before the first slot starts. Returns how many slot cgroups held processes."""
+        found = 0
+        for slot in self._root.glob("slot_*"):
+            if _words(slot / "cgroup.procs"):
+                found += 1
+                _kill_members(slot)
+        return found
+
     def slot(self, index: int, max_pids: int) -> Path:
         path = self._root / f"slot_{index}"
         path.mkdir(exist_ok=True)

@@ -222,6 +222,10 @@ class SandboxWorker:
         # First: nothing of a worker of the same id that runs here may be touched.
         self._alive.acquire()
         try:
+            if self._cgroups is not None and (killed := self._cgroups.kill_leftovers()):
+                log.warning(
+                    "killed the sandboxes a killed process of this worker left", slots=killed
+                )
             # Fails closed here when require_sandbox is set and bubblewrap cannot run.
             await self._sandboxes.probe(root / ".probe")
             await self._start(root, slots)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -139,3 +142,18 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
             return stack
 
         yield factory
+
+
+def _dump_asyncio_tasks(signum: int, frame: object) -> None:
+    """SIGUSR1: every asyncio task's stack to /tmp/toolbus-tasks-<pid>.txt (a hung test's)."""
+    loop = asyncio._get_running_loop()
+    with open(f"/tmp/toolbus-tasks-{os.getpid()}.txt", "a") as out:
+        if loop is None:
+            print("no running loop", file=out)
+            return
+        for task in asyncio.all_tasks(loop):
+            print(f"--- {task!r}", file=out)
+            task.print_stack(file=out)
+
+
+signal.signal(signal.SIGUSR1, _dump_asyncio_tasks)

@@ -147,3 +147,56 @@ def _worker_cgroup(pid: int, worker_id: str) -> Path | None:
                 if candidate.is_dir():
                     return candidate
     return None
+
+
+def _members(cgroup: Path) -> set[int]:
+    """Pids in the slot cgroups of a worker's cgroup tree."""
+    pids: set[int] = set()
+    for procs in cgroup.glob("slot_*/cgroup.procs"):
+        pids.update(int(pid) for pid in procs.read_text().split())
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_a_worker_started_again_with_its_id_kills_what_its_killed_process_left(
+    make_stack: StackFactory, trajectory: Callable[[], str], nats_url: str, tmp_path: Path
+) -> None:
+    # A worker's sandboxes outlive it when it is killed with SIGKILL (reparented to init, in
+    # the slots' cgroups): the next process of the same worker id, which takes its slots and
+    # their cgroups over, ends them first.
+    stack = await make_stack(executors=1, workers=0)
+    client, executor = stack.client, stack.executors[0]
+    data_dir, worker_id = tmp_path / "data", f"again-{uuid.uuid4().hex[:6]}"
+    async with worker_process(
+        nats_url, data_dir, worker_id, registered=registered_with(executor), slots=2
+    ) as first:
+        cgroup = _worker_cgroup(first.process.pid, worker_id)
+        started = await client.execute(trajectory(), "terminal", {"command": "true"})
+        assert started.success, started.error
+        os.kill(first.process.pid, signal.SIGKILL)
+        await first.process.wait()
+    if cgroup is None:  # no pids cgroups on this host: nothing holds what is left to find it
+        return
+    # Whether a sandbox outlives the kill depends on how far its teardown chain got, so one
+    # is left for sure: a process in the killed worker's slot cgroup, as its sandboxes are.
+    leftover = await asyncio.create_subprocess_exec("sleep", "600")
+    (cgroup / "slot_0" / "cgroup.procs").write_text(str(leftover.pid))
+    orphans = {pid for pid in _members(cgroup) if _alive(pid)}
+    assert leftover.pid in orphans
+    try:
+        async with worker_process(
+            nats_url, data_dir, worker_id, registered=registered_with(executor)
+        ):
+            await until(lambda: not any(_alive(pid) for pid in orphans), 10)
+        assert await leftover.wait() == -signal.SIGKILL
+    finally:
+        if leftover.returncode is None:
+            leftover.kill()
+            await leftover.wait()
