@@ -39,7 +39,8 @@ async def run_serve(settings: Settings, *, ready: Callable[[str], None] | None =
         raise ToolbusError(
             "--autoscale needs a backend that starts workers: --backend local or nomad"
         )
-    # Exit order is the reverse: executor stops accepting, then workers, then NATS.
+    # Exit order is the reverse: no more scaling, the executor stops accepting, then the
+    # workers, then NATS.
     async with AsyncExitStack() as stack:
         if settings.nats_url is None:
             server = await stack.enter_async_context(

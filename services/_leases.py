@@ -12,6 +12,8 @@ shortcut: whenever a worker does not have what a cached lease says, the stored l
 from __future__ import annotations
 
 import collections
+import time
+from collections.abc import Callable
 
 import structlog
 from pydantic import ValidationError
@@ -23,6 +25,7 @@ from ._kv import KvBucket, RevisionMismatch, encode_key
 log = structlog.get_logger("toolbus.leases")
 
 DEFAULT_CACHE_ENTRIES = 100_000
+DEFAULT_CACHE_IDLE_S = 60.0
 TOMBSTONE_TTL_S = 24 * 3600  # a lost workspace is announced to a trajectory that comes back
 
 
@@ -77,28 +80,53 @@ class LeaseStore:
 
 
 class LeaseCache:
-    """An executor's recently used leases, bounded (least recently used out)."""
+    """An executor's recently used leases, bounded: least recently used out, and any not used
+    for ``idle_s``. A trajectory's release goes through one executor, so the others keep its
+    entry until it is evicted; the idle bound keeps the cache at the trajectories of the last
+    ``idle_s`` under churn (the soak found RSS growing with every trajectory ever served). A
+    trajectory idle longer reads its lease from KV again at its next call."""
 
-    def __init__(self, max_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
-        self._entries: collections.OrderedDict[str, Lease] = collections.OrderedDict()
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_CACHE_ENTRIES,
+        *,
+        idle_s: float = DEFAULT_CACHE_IDLE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._entries: collections.OrderedDict[str, tuple[Lease, float]] = collections.OrderedDict()
         self._max_entries = max_entries
+        self._idle_s = idle_s
+        self._clock = clock
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, trajectory_id: str) -> Lease | None:
-        lease = self._entries.get(trajectory_id)
-        if lease is not None:
-            self._entries.move_to_end(trajectory_id)
-        return lease
+        now = self._clock()
+        self._evict(now)
+        entry = self._entries.get(trajectory_id)
+        if entry is None:
+            return None
+        self._entries[trajectory_id] = (entry[0], now)
+        self._entries.move_to_end(trajectory_id)
+        return entry[0]
 
     def put(self, trajectory_id: str, lease: Lease) -> None:
-        self._entries[trajectory_id] = lease
+        now = self._clock()
+        self._entries[trajectory_id] = (lease, now)
         self._entries.move_to_end(trajectory_id)
-        while len(self._entries) > self._max_entries:
+        self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        """The oldest first (the order is of last use): past the bound, or idle too long."""
+        while self._entries:
+            _, (_, used_at) = next(iter(self._entries.items()))
+            if len(self._entries) <= self._max_entries and now - used_at < self._idle_s:
+                return
             self._entries.popitem(last=False)
 
     def forget(self, trajectory_id: str, lease: Lease | None = None) -> None:
         """Drop the entry (only if it is still ``lease``, when given)."""
-        if lease is None or self._entries.get(trajectory_id) == lease:
+        entry = self._entries.get(trajectory_id)
+        if lease is None or (entry is not None and entry[0] == lease):
             self._entries.pop(trajectory_id, None)

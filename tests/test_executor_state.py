@@ -85,3 +85,16 @@ def test_the_lease_cache_keeps_the_most_recently_used_leases_only() -> None:
     assert cache.get("t0") is not None
     cache.forget("t0")
     assert cache.get("t0") is None
+
+
+def test_the_lease_cache_drops_leases_not_used_for_its_idle_time() -> None:
+    now = [0.0]
+    cache = LeaseCache(idle_s=60.0, clock=lambda: now[0])
+    lease = Lease(worker_id="w", incarnation="i", slot=0, epoch=1, acquired_at=0.0)
+    cache.put("released-elsewhere", lease)
+    cache.put("busy", lease)
+    for _ in range(3):  # used every 30 s: kept; the other one is not used again
+        now[0] += 30.0
+        assert cache.get("busy") == lease
+    assert cache.get("released-elsewhere") is None
+    assert len(cache) == 1
