@@ -1,0 +1,424 @@
+"""Soak: hours of rollout churn in minutes. Half the slots busy with trajectories that come and go,
+a worker and an executor killed (kill -9) midway and started again; at the end, nothing of the
+service may have grown.
+
+    .venv/bin/python benchmarks/soak.py [--duration 1200] [--slots 16] [--trajectories N] [--json]
+
+Everything is started here and stopped at the end (also on Ctrl-C or SIGTERM), each part in a
+process of its own, as a deployment runs them: an embedded nats-server, two executors
+(``toolbus executor``) and two sandbox workers (``toolbus worker``, ``--slots`` slots each, one
+data directory). The client is this process. ``--trajectories`` (default: half the slots) loop,
+each as a trajectory of an agent would: a new trajectory id; ``ls -A``, which must print
+nothing (a file of an earlier trajectory would be a leak between trajectories); ``write_file``
+of a random text, ``read_file`` of it (it must come back), a ``terminal`` call; release. A call
+that fails to arrive (a timeout, no executor) is retried with its ``uniq_id``; one that says the
+workspace is lost ends its trajectory, which starts over.
+
+Timeline, in fractions of ``--duration``: load from 0; at 0.15 the load pauses (every trajectory
+finishes and releases, the slots settle) and the **baseline** is taken; load again; at 0.40 a
+worker is killed and started again with its id; at 0.65 an executor; at 0.95 the load pauses
+again and the **final** figures are taken, in the same quiet state as the baseline.
+
+Figures: RSS and open fds of each process (a restarted one against the baseline of the one it
+replaced), the processes of the stack (this process's descendants and anything running as a
+sandbox user of the soak's uid range: a killed worker's orphans count), the pids cgroups of the
+soak's workers, and the keys of the ``toolbus-leases`` and ``toolbus-workers`` buckets. Pass:
+every RSS within +5% of its baseline, every count at most its baseline, no leak and no wrong
+content. Exit code 1 on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+from _common import BenchError, Report, describe, machine_info, progress, run_and_report
+from nats.js.errors import NoKeysError
+
+from schemas.subjects import LEASES_BUCKET, WORKERS_BUCKET
+from services._children import child_preexec, stop_process
+from services._cli_settings import settings_env, worker_uid_range
+from services._embedded import EmbeddedNatsServer
+from services.client import ToolbusClient
+from services.settings import Settings
+
+RSS_GROWTH_LIMIT = 0.05
+SANDBOX_UID_BASE = 2_120_000_000  # the soak's sandbox users: apart from the tests' and serve's
+CGROUP_ROOT = Path("/sys/fs/cgroup/pids/toolbus")  # cgroup v1 (where the workers put slots)
+CALL_TIMEOUT_S = 30.0
+CALL_TRIES = 4
+SETTLE_TIMEOUT_S = 120.0
+SETTLE_QUIET_S = 10.0  # after the slots are all free: wipes end, warm sandboxes start
+
+
+# -- the stack: one process per part --------------------------------------------------------------
+class Stack:
+    def __init__(self, url: str, settings: Settings) -> None:
+        self._url = url
+        self._settings = settings
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.restarted: set[str] = set()
+
+    async def start(self, role: str) -> None:
+        command, _, index = role.partition("-")
+        env = settings_env(self._settings.model_copy(update={"nats_url": self._url}))
+        if command == "worker":
+            env |= worker_uid_range(self._settings, int(index))
+            env["TOOLBUS_WORKER_ID"] = f"soak-{role}"
+        self.processes[role] = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services",
+            command,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=child_preexec,  # own session; SIGTERM if this process dies
+        )
+
+    async def kill_and_restart(self, role: str) -> None:
+        process = self.processes[role]
+        process.kill()
+        await process.wait()
+        progress(f"killed {role} (pid {process.pid}); starting it again")
+        await self.start(role)
+        self.restarted.add(role)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(stop_process(p) for p in self.processes.values()))
+
+
+# -- the load -------------------------------------------------------------------------------------
+@dataclass
+class Tally:
+    trajectories: int = 0
+    calls: int = 0
+    retries: int = 0
+    leaks: int = 0  # a new trajectory's workspace was not empty
+    wrong: int = 0  # read_file did not return what write_file wrote
+    ended: Counter[str] = field(default_factory=Counter)  # trajectories cut short, by why
+
+
+class Load:
+    def __init__(self, client: ToolbusClient, trajectories: int) -> None:
+        self._client = client
+        self._count = trajectories
+        self._running = asyncio.Event()
+        self._idle = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self.tally = Tally()
+
+    def start(self) -> None:
+        self._running.set()
+        self._tasks = [asyncio.create_task(self._loop(i)) for i in range(self._count)]
+
+    async def pause(self) -> None:
+        """Until every trajectory has finished its current one and released it."""
+        self._running.clear()
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            while self._idle < self._count:  # noqa: ASYNC110 - counted by the loops
+                await asyncio.sleep(0.1)
+
+    def resume(self) -> None:
+        self._running.set()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _loop(self, index: int) -> None:
+        number = 0
+        while True:
+            if not self._running.is_set():
+                self._idle += 1
+                await self._running.wait()
+                self._idle -= 1
+            number += 1
+            tid = f"soak-{index}-{number}-{secrets.token_hex(3)}"
+            try:
+                await self._trajectory(tid)
+            except _Ended as ended:
+                self.tally.ended[ended.why] += 1
+            finally:
+                with contextlib.suppress(Exception):
+                    await self._client.release(tid, reset_workspace=True)
+            self.tally.trajectories += 1
+
+    async def _trajectory(self, tid: str) -> None:
+        listing = await self._call(tid, "terminal", {"command": "ls -A"})
+        if listing.strip():
+            self.tally.leaks += 1
+            progress(f"LEAK: a new trajectory's workspace holds {listing.strip()[:200]!r}")
+        text = secrets.token_hex(16)
+        await self._call(tid, "write_file", {"path": "notes.txt", "content": text})
+        if text not in await self._call(tid, "read_file", {"path": "notes.txt"}):
+            self.tally.wrong += 1
+        await self._call(tid, "terminal", {"command": "wc -c notes.txt && ls -la"})
+
+    async def _call(self, tid: str, tool: str, arguments: dict[str, Any]) -> str:
+        uniq_id = secrets.token_hex(8)
+        for attempt in range(CALL_TRIES):
+            try:
+                result = await self._client.execute(
+                    tid, tool, arguments, uniq_id=uniq_id, timeout_s=CALL_TIMEOUT_S
+                )
+            except Exception as exc:  # no answer, no executor, overloaded: the same uniq_id again
+                if attempt == CALL_TRIES - 1:
+                    raise _Ended(describe(exc)[:80]) from None
+                self.tally.retries += 1
+                await asyncio.sleep(1.0 + attempt)
+                continue
+            self.tally.calls += 1
+            if result.success:
+                return result.output
+            kind = "workspace_lost" if result.metadata.get("workspace_lost") else None
+            raise _Ended(kind or str(result.metadata.get("error_kind") or result.error)[:80])
+        raise AssertionError("unreachable")
+
+
+class _Ended(Exception):
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+# -- figures --------------------------------------------------------------------------------------
+def _rss_kib(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def _fds(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    return None
+
+
+def _stack_processes(first_uid: int, last_uid: int) -> int:
+    """This process's descendants, and any process running as a soak sandbox user."""
+    parents: dict[int, int] = {}
+    sandboxed: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            status = Path(f"/proc/{entry}/status").read_text().splitlines()
+            fields = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in status}
+            parents[int(entry)] = int(fields["PPid"])
+            if first_uid <= int(fields["Uid"].split()[0]) <= last_uid:
+                sandboxed.add(int(entry))
+    me, found = os.getpid(), set(sandboxed)
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor is not None and ancestor > 1:
+            if ancestor == me:
+                found.add(pid)
+                break
+            ancestor = parents.get(ancestor)
+    return len(found)
+
+
+def _cgroups() -> int:
+    """The soak's workers' pids cgroups (their own and their slots')."""
+    if not CGROUP_ROOT.is_dir():
+        return 0
+    workers = list(CGROUP_ROOT.glob("soak-worker-*"))
+    return len(workers) + sum(len(list(worker.glob("slot_*"))) for worker in workers)
+
+
+async def _keys(url: str, bucket: str) -> int:
+    nc = await nats.connect(url, name="soak-keys")
+    try:
+        kv = await nc.jetstream().key_value(bucket)
+        try:
+            return len(await kv.keys())
+        except NoKeysError:
+            return 0
+    finally:
+        await nc.close()
+
+
+async def _snapshot(url: str, stack: Stack, nats_pid: int, uids: tuple[int, int]) -> Report:
+    pids = {"nats-server": nats_pid, **{r: p.pid for r, p in stack.processes.items()}}
+    return {
+        "processes": {
+            role: {"pid": pid, "rss_kib": _rss_kib(pid), "fds": _fds(pid)}
+            for role, pid in pids.items()
+        },
+        "stack_processes": _stack_processes(*uids),
+        "cgroups": _cgroups(),
+        "leases_keys": await _keys(url, LEASES_BUCKET),
+        "workers_keys": await _keys(url, WORKERS_BUCKET),
+    }
+
+
+async def _settle(client: ToolbusClient, workers: int) -> None:
+    """Until every worker is registered and no slot is held; then the clean-ups' time."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            status = await client.status()
+            if status.pool.containers == workers and status.pool.acquired_slots == 0:
+                await asyncio.sleep(SETTLE_QUIET_S)
+                return
+        await asyncio.sleep(0.5)
+    raise BenchError(f"the slots did not settle within {SETTLE_TIMEOUT_S:g}s")
+
+
+def _verdicts(baseline: Report, final: Report, tally: Tally) -> list[tuple[str, str, bool]]:
+    checks: list[tuple[str, str, bool]] = []
+    for role, before in baseline["processes"].items():
+        after = final["processes"][role]
+        if before["rss_kib"] is None or after["rss_kib"] is None:
+            checks.append((f"{role} alive", "no process", False))
+            continue
+        growth = after["rss_kib"] / before["rss_kib"] - 1
+        text = (
+            f"{before['rss_kib'] / 1024:.1f} -> {after['rss_kib'] / 1024:.1f} MiB ({growth:+.1%})"
+        )
+        checks.append((f"{role} RSS", text, growth < RSS_GROWTH_LIMIT))
+        checks.append(
+            (f"{role} fds", f"{before['fds']} -> {after['fds']}", after["fds"] <= before["fds"])
+        )
+    for name in ("stack_processes", "cgroups", "leases_keys", "workers_keys"):
+        checks.append((name, f"{baseline[name]} -> {final[name]}", final[name] <= baseline[name]))
+    checks.append(("leaks between trajectories", str(tally.leaks), tally.leaks == 0))
+    checks.append(("wrong read_file contents", str(tally.wrong), tally.wrong == 0))
+    return checks
+
+
+# -- the run --------------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def _running_stack(
+    data_dir: Path, settings: Settings
+) -> AsyncIterator[tuple[str, Stack, int, ToolbusClient]]:
+    async with AsyncExitStack() as exits:
+        server = await exits.enter_async_context(
+            EmbeddedNatsServer(store_dir=data_dir / "nats", port=0)
+        )
+        stack = Stack(server.url, settings)
+        exits.push_async_callback(stack.stop)
+        for role in ("worker-0", "worker-1", "executor-0", "executor-1"):
+            await stack.start(role)
+        client = await exits.enter_async_context(
+            ToolbusClient.connect(server.url, execute_margin_s=10)
+        )
+        await _settle(client, workers=2)
+        assert server.pid is not None
+        yield server.url, stack, server.pid, client
+
+
+async def run(data_dir: Path, args: argparse.Namespace) -> Report:
+    settings = Settings(
+        slots=args.slots,
+        data_dir=data_dir,
+        sandbox_uid_base=SANDBOX_UID_BASE,
+        min_free_disk_mb=0,
+        log_level="warning",
+    )
+    per_worker = settings.slots + settings.spare_slots
+    uids = (SANDBOX_UID_BASE, SANDBOX_UID_BASE + 2 * per_worker - 1)
+    trajectories = args.trajectories or args.slots  # half of the two workers' slots
+    duration = args.duration
+    async with _running_stack(data_dir, settings) as (url, stack, nats_pid, client):
+        load = Load(client, trajectories)
+        began = time.monotonic()
+
+        async def until(fraction: float) -> None:
+            await asyncio.sleep(max(began + fraction * duration - time.monotonic(), 0.0))
+
+        progress(f"{trajectories} trajectories on 2 workers x {args.slots} slots, {duration:g}s")
+        load.start()
+        try:
+            await until(0.15)
+            await load.pause()
+            await _settle(client, workers=2)
+            baseline = await _snapshot(url, stack, nats_pid, uids)
+            progress(f"baseline after {time.monotonic() - began:.0f}s: {baseline}")
+            load.resume()
+            await until(0.40)
+            await stack.kill_and_restart("worker-0")
+            await until(0.65)
+            await stack.kill_and_restart("executor-0")
+            await until(0.95)
+            await load.pause()
+            await _settle(client, workers=2)
+            final = await _snapshot(url, stack, nats_pid, uids)
+            progress(f"final after {time.monotonic() - began:.0f}s: {final}")
+        finally:
+            await load.stop()
+    checks = _verdicts(baseline, final, load.tally)
+    return {
+        "machine": machine_info(),
+        "config": {
+            "duration_s": duration,
+            "slots_per_worker": args.slots,
+            "workers": 2,
+            "executors": 2,
+            "trajectories": trajectories,
+        },
+        "restarted": sorted(stack.restarted),
+        "tally": {**vars(load.tally), "ended": dict(load.tally.ended)},
+        "baseline": baseline,
+        "final": final,
+        "checks": [{"figure": f, "value": v, "ok": ok} for f, v, ok in checks],
+        "passed": all(ok for _, _, ok in checks),
+    }
+
+
+def table(report: Report) -> str:
+    tally, config = report["tally"], report["config"]
+    lines = [
+        f"soak: {config['duration_s']:g}s, {config['trajectories']} trajectories on "
+        f"{config['workers']} workers x {config['slots_per_worker']} slots, "
+        f"{config['executors']} executors; killed and restarted: {', '.join(report['restarted'])}",
+        f"trajectories {tally['trajectories']}, calls {tally['calls']}, retries "
+        f"{tally['retries']}, cut short: {tally['ended'] or 'none'}",
+        "(a restarted process is compared with the baseline of the one it replaced)",
+        "",
+        f"{'figure':32} {'baseline -> final':36} ok",
+    ]
+    lines += [
+        f"{c['figure']:32} {c['value']:36} {'yes' if c['ok'] else 'NO'}" for c in report["checks"]
+    ]
+    lines.append(f"\n{'PASS' if report['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=1200.0, help="seconds [default: 1200]")
+    parser.add_argument("--slots", type=int, default=16, help="slots per worker [default: 16]")
+    parser.add_argument("--trajectories", type=int, default=0, help="default: half the slots")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    if args.duration < 60:
+        parser.error("--duration must be at least 60 s")
+
+    reports: list[Report] = []
+
+    async def soak(data_dir: Path) -> Report:
+        reports.append(await run(data_dir, args))
+        return reports[-1]
+
+    code = run_and_report(soak, prefix="toolbus-soak-", as_json=args.json, table=table)
+    return code or (0 if reports and reports[-1]["passed"] else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
