@@ -14,10 +14,14 @@ of a random text, ``read_file`` of it (it must come back), a ``terminal`` call; 
 that fails to arrive (a timeout, no executor) is retried with its ``uniq_id``; one that says the
 workspace is lost ends its trajectory, which starts over.
 
-Timeline, in fractions of ``--duration``: load from 0; at 0.15 the load pauses (every trajectory
-finishes and releases, the slots settle) and the **baseline** is taken; load again; at 0.40 a
-worker is killed and started again with its id; at 0.65 an executor; at 0.95 the load pauses
-again and the **final** figures are taken, in the same quiet state as the baseline.
+Timeline, in fractions of ``--duration``: the warm-up from 0 runs a trajectory on every slot
+(every slot's sandbox, cgroup and pipes come to be, as they do whenever a worker is down and the
+other takes all the load) and, at the default duration, lasts past the 5-minute TTL of the
+purge markers the nats-server keeps; at 0.30 the load pauses (every trajectory finishes and
+releases, the slots settle) and the **baseline** is taken; then half the slots' worth of
+trajectories; at 0.40 a worker is killed and started again with its id; at 0.65 an executor; at
+0.95 the load pauses again and the **final** figures are taken, in the same quiet state as the
+baseline.
 
 Figures: RSS and open fds of each process (a restarted one against the baseline of the one it
 replaced), the processes of the stack (this process's descendants and anything running as a
@@ -108,14 +112,19 @@ class Tally:
     leaks: int = 0  # a new trajectory's workspace was not empty
     wrong: int = 0  # read_file did not return what write_file wrote
     ended: Counter[str] = field(default_factory=Counter)  # trajectories cut short, by why
+    samples: dict[str, str] = field(default_factory=dict)  # the first error of each why
 
 
 class Load:
+    """``trajectories`` loops, of which the first ``active`` run in a phase (the others wait)."""
+
     def __init__(self, client: ToolbusClient, trajectories: int) -> None:
         self._client = client
         self._count = trajectories
         self._running = asyncio.Event()
+        self._paused = asyncio.Event()
         self._idle = 0
+        self.active = trajectories
         self._tasks: list[asyncio.Task[None]] = []
         self.tally = Tally()
 
@@ -126,11 +135,15 @@ class Load:
     async def pause(self) -> None:
         """Until every trajectory has finished its current one and released it."""
         self._running.clear()
+        self._paused.set()
         async with asyncio.timeout(SETTLE_TIMEOUT_S):
             while self._idle < self._count:  # noqa: ASYNC110 - counted by the loops
                 await asyncio.sleep(0.1)
 
-    def resume(self) -> None:
+    def resume(self, *, active: int | None = None) -> None:
+        if active is not None:
+            self.active = active
+        self._paused.clear()
         self._running.set()
 
     async def stop(self) -> None:
@@ -141,16 +154,22 @@ class Load:
     async def _loop(self, index: int) -> None:
         number = 0
         while True:
-            if not self._running.is_set():
+            while not (self._running.is_set() and index < self.active):
                 self._idle += 1
-                await self._running.wait()
-                self._idle -= 1
+                try:
+                    await self._paused.wait()  # not in this phase: until the next pause ...
+                    await self._running.wait()  # ... and the resume after it
+                finally:
+                    self._idle -= 1
             number += 1
             tid = f"soak-{index}-{number}-{secrets.token_hex(3)}"
             try:
                 await self._trajectory(tid)
             except _Ended as ended:
                 self.tally.ended[ended.why] += 1
+                if ended.why not in self.tally.samples:
+                    self.tally.samples[ended.why] = ended.detail
+                    progress(f"a trajectory cut short ({ended.why}): {ended.detail}")
             finally:
                 with contextlib.suppress(Exception):
                     await self._client.release(tid, reset_workspace=True)
@@ -176,7 +195,7 @@ class Load:
                 )
             except Exception as exc:  # no answer, no executor, overloaded: the same uniq_id again
                 if attempt == CALL_TRIES - 1:
-                    raise _Ended(describe(exc)[:80]) from None
+                    raise _Ended(describe(exc)[:80], f"{tool}: {describe(exc)}") from None
                 self.tally.retries += 1
                 await asyncio.sleep(1.0 + attempt)
                 continue
@@ -184,14 +203,16 @@ class Load:
             if result.success:
                 return result.output
             kind = "workspace_lost" if result.metadata.get("workspace_lost") else None
-            raise _Ended(kind or str(result.metadata.get("error_kind") or result.error)[:80])
+            why = kind or str(result.metadata.get("error_kind") or result.error)[:80]
+            raise _Ended(why, f"{tool}: {result.error} {result.metadata}"[:600])
         raise AssertionError("unreachable")
 
 
 class _Ended(Exception):
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, detail: str) -> None:
         super().__init__(why)
         self.why = why
+        self.detail = detail
 
 
 # -- figures --------------------------------------------------------------------------------------
@@ -334,23 +355,24 @@ async def run(data_dir: Path, args: argparse.Namespace) -> Report:
     per_worker = settings.slots + settings.spare_slots
     uids = (SANDBOX_UID_BASE, SANDBOX_UID_BASE + 2 * per_worker - 1)
     trajectories = args.trajectories or args.slots  # half of the two workers' slots
+    every_slot = 2 * args.slots
     duration = args.duration
     async with _running_stack(data_dir, settings) as (url, stack, nats_pid, client):
-        load = Load(client, trajectories)
+        load = Load(client, max(every_slot, trajectories))
         began = time.monotonic()
 
         async def until(fraction: float) -> None:
             await asyncio.sleep(max(began + fraction * duration - time.monotonic(), 0.0))
 
         progress(f"{trajectories} trajectories on 2 workers x {args.slots} slots, {duration:g}s")
-        load.start()
+        load.start()  # the warm-up: a trajectory on every slot
         try:
-            await until(0.15)
+            await until(0.30)
             await load.pause()
             await _settle(client, workers=2)
             baseline = await _snapshot(url, stack, nats_pid, uids)
             progress(f"baseline after {time.monotonic() - began:.0f}s: {baseline}")
-            load.resume()
+            load.resume(active=trajectories)
             await until(0.40)
             await stack.kill_and_restart("worker-0")
             await until(0.65)
@@ -389,6 +411,7 @@ def table(report: Report) -> str:
         f"{config['executors']} executors; killed and restarted: {', '.join(report['restarted'])}",
         f"trajectories {tally['trajectories']}, calls {tally['calls']}, retries "
         f"{tally['retries']}, cut short: {tally['ended'] or 'none'}",
+        *(f"  first {why}: {detail}" for why, detail in tally["samples"].items()),
         "(a restarted process is compared with the baseline of the one it replaced)",
         "",
         f"{'figure':32} {'baseline -> final':36} ok",

@@ -22,7 +22,8 @@ from typing import Protocol
 import structlog
 from nats.aio.client import Client
 
-from schemas.internal import DrainReply, DrainRequest, DrainState
+from schemas.internal import DrainReply, DrainRequest, DrainState, WorkerInfo
+from schemas.messages import WaitingStatus
 from schemas.subjects import SCALER_BUCKET, Subjects
 
 from ._kv import KvBucket, encode_key, open_bucket
@@ -30,7 +31,6 @@ from ._leadership import DEFAULT_LEADER_TTL_S, Leadership
 from ._scale_policy import Cooldown, ScalePolicy, Step, WorkersSeen, plan
 from ._setting_defaults import DEFAULT_SCALE_DRAIN_TIMEOUT_S
 from ._tasks import cancel_and_wait
-from .executor import ExecutorService
 
 log = structlog.get_logger("toolbus.autoscaler")
 
@@ -63,6 +63,17 @@ class WorkerPool(Protocol):
         ...
 
 
+class Demand(Protocol):
+    """What the autoscaler reads of its executor (an ``ExecutorService`` is one)."""
+
+    @property
+    def executor_id(self) -> str: ...
+
+    def registered_workers(self) -> list[tuple[WorkerInfo, float]]: ...
+
+    async def queue_status(self) -> WaitingStatus: ...
+
+
 class Autoscaler:
     def __init__(
         self,
@@ -70,7 +81,7 @@ class Autoscaler:
         pool: WorkerPool,
         policy: ScalePolicy,
         *,
-        executor: ExecutorService,
+        executor: Demand,
         subjects: Subjects,
         drain_timeout_s: float = DEFAULT_SCALE_DRAIN_TIMEOUT_S,
         interval_s: float = DEFAULT_SCALE_INTERVAL_S,

@@ -11,6 +11,8 @@ endpoint's ``$SRV`` stats, the call rates, the metrics).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -140,6 +142,16 @@ class _InFlight(AbstractContextManager[None]):
         self._stats.calls_in_flight -= 1
 
 
+class _Intake(enum.Enum):
+    SERVING = "serving"
+    DRAINING = "draining"  # unsubscribed; what the server routed here before is served
+    STOPPED = "stopped"  # drained: a request that still comes is refused at once
+
+
+_QUEUED_TAKE_S = 2.0  # after a failed drain, for the requests a subscription had queued
+_STOPPING = NoCapacity("the executor is shutting down; retry", kind=ErrorKind.NO_CAPACITY)
+
+
 class RequestServer:
     def __init__(
         self,
@@ -159,6 +171,7 @@ class RequestServer:
         self._max_pending_calls = max_pending_calls
         self._pending_calls = 0
         self._subscriptions: list[Subscription] = []
+        self._intake = _Intake.SERVING
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, handlers: dict[str, Handler]) -> None:
@@ -174,19 +187,33 @@ class RequestServer:
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Stop accepting, wait for requests in flight, then cancel the rest (each gets 503)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+        self._intake = _Intake.DRAINING
         # Drain, not unsubscribe: requests the server routed here before it saw that are served.
-        await asyncio.gather(*(_quietly(sub.drain()) for sub in self._subscriptions))  # type: ignore[no-untyped-call]
-        self._subscriptions.clear()
+        subscriptions, self._subscriptions = self._subscriptions, []
+        await asyncio.gather(*(_drain(sub) for sub in subscriptions))
+        self._intake = _Intake.STOPPED
         await _quietly(self._discovery.stop())
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=drain_timeout_s)
+        # Until every request task has ended: one created after a first look is waited for too.
+        while self._tasks and (remaining := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        while self._tasks:
+            pending = set(self._tasks)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
     def _callback(self, handler: Handler, stats: EndpointStats) -> Callable[[Msg], Awaitable[None]]:
         async def on_request(msg: Msg) -> None:
-            task = asyncio.create_task(self._serve(msg, handler, stats))
+            if self._intake is _Intake.STOPPED:
+                # After the drain nothing should come; if it does, it is told at once.
+                log.warning("a request reached a stopped executor", subject=msg.subject)
+                task = asyncio.create_task(
+                    self._fail(msg, stats, time.perf_counter_ns(), _STOPPING)
+                )
+            else:
+                task = asyncio.create_task(self._serve(msg, handler, stats))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -229,10 +256,7 @@ class RequestServer:
             await self._fail(msg, stats, started, error)
         except asyncio.CancelledError:
             tracing.mark_error(span, "cancelled")
-            stopping = NoCapacity(
-                "the executor is shutting down; retry", kind=ErrorKind.NO_CAPACITY
-            )
-            await self._fail(msg, stats, started, stopping)
+            await self._fail(msg, stats, started, _STOPPING)
             raise
         except Exception as exc:
             tracing.mark_error(span, type(exc).__qualname__)
@@ -277,6 +301,23 @@ class RequestServer:
             raise Unauthorized("Invalid Authorization header (expected 'Bearer <token>')")
         if not hmac.compare_digest(given.strip().encode(), self._token.encode()):
             raise Forbidden("Invalid token")
+
+
+async def _drain(sub: Subscription) -> None:
+    """``sub.drain()``; when it fails (the connection dropped during its round trip), the
+    subscription is taken out of the connection by hand: nats-py keeps it in its table, and its
+    next reconnect would subscribe it again, routing calls to an executor that has stopped."""
+    try:
+        await sub.drain()  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        log.warning("drain failed: unsubscribing", subject=sub.subject, error=repr(exc))
+        sub._conn._remove_sub(sub._id)
+        await _quietly(sub._conn._send_unsubscribe(sub._id))
+        # What it had queued is taken (each gets a task, which answers), then its reader ends:
+        # out of the table, the connection's close would not end it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sub._pending_queue.join(), _QUEUED_TAKE_S)
+        sub._stop_processing()
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

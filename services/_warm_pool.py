@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import Callable
 
 import structlog
 
@@ -59,9 +60,15 @@ class WarmPool:
     the table (a slot freed or taken) makes it look again."""
 
     def __init__(
-        self, table: SlotTable, *, size: int, concurrency: int = WARM_START_CONCURRENCY
+        self,
+        table: SlotTable,
+        *,
+        size: int,
+        concurrency: int = WARM_START_CONCURRENCY,
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
         self._table = table
+        self._paused = paused  # while true (a draining worker), no new warm start
         self._size = size
         self._concurrency = max(1, min(concurrency, size))
         self._wanted = asyncio.Event()
@@ -149,6 +156,8 @@ class WarmPool:
     def _to_warm(self) -> list[Slot]:
         """Cold FREE slots to start now: within the bound (warm and warming count) and the
         concurrency."""
+        if self._paused():
+            return []
         starting = len(self._starting)
         room = min(self._size - self.warm - starting, self._concurrency - starting)
         if room <= 0:

@@ -37,6 +37,7 @@ from ._slot_calls import SlotCalls
 from ._slot_keeper import SlotKeeper
 
 log = structlog.get_logger("toolbus.worker")
+_MAX_ERROR_CHARS = 500  # of a failed request's exception text in its reply (the log has it all)
 
 
 class WorkerEndpoints:
@@ -80,9 +81,7 @@ class WorkerEndpoints:
             (subjects.worker_cancel(wid), self._on_cancel),
             (
                 subjects.worker_drain(wid),
-                self._answered(
-                    self._on_drain, lambda exc: DrainReply(error=f"{type(exc).__name__}: {exc}")
-                ),
+                self._answered(self._on_drain, lambda exc: DrainReply(error=_error_text(exc))),
             ),
         ):
             self._subscriptions.append(await self._nc.subscribe(subject, cb=handler))
@@ -147,3 +146,7 @@ class WorkerEndpoints:
 
     async def _on_drain(self, msg: Msg) -> DrainReply:
         return await self._drain(DrainRequest.model_validate_json(msg.data))
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]

@@ -325,12 +325,13 @@ class ToolbusClient:
     async def _request(
         self, subject: str, body: bytes, timeout_s: float | None, resend_on_reconnect: bool
     ) -> bytes:
+        wait_s = timeout_s or self._request_timeout_s
         try:
             msg = await nats_request(
                 self._nc,
                 subject,
                 body,
-                timeout=timeout_s or self._request_timeout_s,
+                timeout=wait_s,
                 headers=(
                     tracing.inject_context(self._headers) or None
                     if tracing.enabled()
@@ -345,7 +346,7 @@ class ToolbusClient:
                 kind="no_responders",
             ) from None
         except NatsTimeoutError:
-            raise RequestTimeout(f"no reply on {subject!r} within {timeout_s}s") from None
+            raise RequestTimeout(f"no reply on {subject!r} within {wait_s:g}s") from None
         headers = msg.headers or {}
         if ERROR_CODE_HEADER in headers:
             try:

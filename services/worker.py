@@ -103,7 +103,10 @@ class SandboxWorker:
             warm=lambda: self._warm.pick(),
             capacity=config.slots,  # and spare_slots more, kept free for the next trajectory
         )
-        self._warm = WarmPool(self._table, size=config.warm_slots)
+        # A draining worker is about to stop: a slot it frees stays cold.
+        self._warm = WarmPool(
+            self._table, size=config.warm_slots, paused=lambda: self._keeper.draining
+        )
         runs = RunsById(window_s=config.retry_window_s, max_bytes=config.retry_memory_bytes)
         self._cleaner = SlotCleaner(self._table, assignment_ended=runs.forget_assignment)
         self._calls = SlotCalls(

@@ -17,8 +17,10 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 
 from observability.logging import configure_logging
+from schemas.subjects import Subjects
 from services._cli_nats import SERVICE_RECONNECT
 from services.client import ToolbusClient
 from services.executor import ExecutorConfig, ExecutorService
@@ -57,6 +59,23 @@ def _logging() -> None:
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with nats_server(tmp_path_factory.mktemp("nats")) as url:
         yield url
+
+
+@pytest.fixture(autouse=True)
+async def _no_executor_left_behind(
+    request: pytest.FixtureRequest, nats_url: str
+) -> AsyncIterator[None]:
+    """After each test (and its stacks' teardown): no executor still serves on the session's
+    nats-server. One left behind takes a share of every later test's calls in the queue group."""
+    yield
+    connection = await nats.connect(nats_url, name="toolbus-tests-leak-check")
+    try:
+        await connection.request(Subjects().list_tools, b"", timeout=5)
+    except NoRespondersError:
+        return
+    finally:
+        await connection.close()
+    pytest.fail(f"an executor still answers {Subjects().list_tools} after this test")
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from services._requests import Requester
+from services.client import ToolbusClient
+from services.exceptions import RequestTimeout
 
 
 async def test_concurrent_requests_each_get_their_own_reply(nc: Client) -> None:
@@ -41,3 +43,16 @@ async def test_no_responders_and_timeouts_raise_as_nc_request_does(nc: Client) -
     with pytest.raises(NatsTimeoutError):
         await requester.request(silent, b"hello?", timeout=0.2)
     assert not requester._waiting
+
+
+async def test_a_client_timeout_names_the_wait_it_used(nc: Client) -> None:
+    """With no ``timeout_s`` the client waits its own ``request_timeout_s`` and says so."""
+    client = ToolbusClient(nc, request_timeout_s=0.3)
+    subject = nc.new_inbox()
+    sub = await nc.subscribe(subject)  # takes the request, never answers
+    await nc.flush()
+    with pytest.raises(RequestTimeout, match=r"within 0\.3s"):
+        await client.request_raw(subject, b"{}")
+    with pytest.raises(RequestTimeout, match=r"within 0\.2s"):
+        await client.request_raw(subject, b"{}", timeout_s=0.2)
+    await sub.unsubscribe()

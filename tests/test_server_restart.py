@@ -83,3 +83,30 @@ async def test_a_server_restart_loses_no_workspace_and_calls_succeed_again_soon(
         ]
         assert not failed_late, failed_late
         assert any(a.success for at, a in after if at <= _SERVED_AGAIN_WITHIN_S), after[:5]
+
+
+async def test_an_executor_stopped_while_the_server_is_down_takes_no_call_after(
+    make_stack: StackFactory, restartable: NatsServerProcess, trajectory: Callable[[], str]
+) -> None:
+    """Its drain cannot finish while the server is down; the interest it had must not come back
+    with the reconnect and take calls it can no longer serve."""
+    stack = await make_stack(
+        executors=2, workers=1, slots=8, client_options={"execute_margin_s": 5.0}
+    )
+    leaving = stack.executors.pop(0)
+    restartable.stop()
+    stopping = asyncio.create_task(leaving.__aexit__(None, None, None))
+    await asyncio.sleep(1.0)
+    restartable.start()
+    await asyncio.wait_for(stopping, 60)
+    await asyncio.sleep(3.0)  # every connection is back, with its subscriptions
+    answers = await asyncio.gather(
+        *(
+            stack.client.execute(trajectory(), "terminal", {"command": "echo ok"}, timeout_s=5)
+            for _ in range(8)
+        ),
+        return_exceptions=True,
+    )
+    failed = [a for a in answers if not isinstance(a, ToolResult) or not a.success]
+    assert not failed, failed
+    assert leaving.total_requests == 0

@@ -123,3 +123,27 @@ async def test_a_malformed_drain_request_is_answered_with_an_error(
     reply = DrainReply.model_validate_json(msg.data)
     assert reply.state is None and reply.error is not None and "ValidationError" in reply.error
     assert (await _drain(nc, worker, DrainRequest(drain=None))).state is DrainState.SERVING
+
+
+async def test_a_draining_worker_warms_no_slot_again(
+    make_stack: StackFactory, nc: Client, trajectory: Callable[[], str]
+) -> None:
+    """A slot freed while the worker drains stays cold: the worker is about to stop, and a warm
+    sandbox there would only be ended with it. A resume warms again."""
+    stack = await make_stack(executors=1, workers=1, slots=2, worker_options={"warm_slots": 2})
+    client, [draining] = stack.client, stack.workers
+    await draining.wait_warmed()
+    assert draining.info().slots_warm == 2
+    tid = trajectory()
+    assert (await client.execute(tid, "terminal", {"command": "true"})).success
+    assert draining.info().slots_warm == 1
+
+    assert (await _drain(nc, draining, DrainRequest(deadline_s=60))).state is DrainState.DRAINING
+    await client.release(tid, reset_workspace=True)
+    await draining.wait_settled()  # its slot is wiped and FREE
+    assert (await _drain(nc, draining, DrainRequest(drain=None))).state is DrainState.DRAINED
+    await draining.wait_warmed()
+    assert draining.info().slots_warm == 1
+
+    assert (await _drain(nc, draining, DrainRequest(drain=False))).state is DrainState.SERVING
+    await until(lambda: draining.info().slots_warm == 2, 20)
