@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -166,13 +167,42 @@ async def make_stack(nats_url: str, tmp_path: Path) -> AsyncIterator[StackFactor
 def _dump_asyncio_tasks(signum: int, frame: object) -> None:
     """SIGUSR1: every asyncio task's stack to /tmp/toolbus-tasks-<pid>.txt (a hung test's)."""
     loop = asyncio._get_running_loop()
-    with open(f"/tmp/toolbus-tasks-{os.getpid()}.txt", "a") as out:
-        if loop is None:
+    if loop is None:
+        with open(f"/tmp/toolbus-tasks-{os.getpid()}.txt", "a") as out:
             print("no running loop", file=out)
-            return
+        return
+    _write_tasks(loop, "SIGUSR1")
+
+
+def _write_tasks(loop: asyncio.AbstractEventLoop, why: str) -> None:
+    path = f"/tmp/toolbus-tasks-{os.getpid()}.txt"
+    with open(path, "a") as out:
+        print(f"=== {why}", file=out)
         for task in asyncio.all_tasks(loop):
             print(f"--- {task!r}", file=out)
             task.print_stack(file=out)
+    # Past pytest's capture: a CI log shows where to look.
+    print(f"\nasyncio tasks of {why} written to {path}", file=sys.__stderr__, flush=True)
+
+
+# Shortly before pytest-timeout fails a hung test (and leaves its tasks running in the session's
+# loop), the stacks of every task are written down: what the hung call waits for.
+_DUMP_BEFORE_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(autouse=True)
+async def _tasks_written_down_before_the_timeout(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[None]:
+    timeout = request.config.getoption("timeout", None) or request.config.getini("timeout")
+    after_s = float(timeout or 0) - _DUMP_BEFORE_TIMEOUT_S
+    if after_s <= 0:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(after_s, _write_tasks, loop, f"{request.node.nodeid} (hung?)")
+    yield
+    timer.cancel()
 
 
 signal.signal(signal.SIGUSR1, _dump_asyncio_tasks)

@@ -38,11 +38,12 @@ async def test_no_responders_and_timeouts_raise_as_nc_request_does(nc: Client) -
     with pytest.raises(NoRespondersError):
         await requester.request(nc.new_inbox(), b"anyone?", timeout=10)
     silent = nc.new_inbox()
-    await nc.subscribe(silent)  # takes requests, never answers
+    sub = await nc.subscribe(silent)  # takes requests, never answers
     await nc.flush()
     with pytest.raises(NatsTimeoutError):
         await requester.request(silent, b"hello?", timeout=0.2)
     assert not requester._waiting
+    await sub.unsubscribe()  # else the connection's drain waits for its unread message
 
 
 async def test_a_client_timeout_names_the_wait_it_used(nc: Client) -> None:
