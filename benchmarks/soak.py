@@ -65,6 +65,7 @@ CALL_TIMEOUT_S = 30.0
 CALL_TRIES = 4
 SETTLE_TIMEOUT_S = 120.0
 SETTLE_QUIET_S = 10.0  # after the slots are all free: wipes end, warm sandboxes start
+SAMPLE_EVERY_S = 60.0  # RSS of every process, for the trend beside the two figures
 
 
 # -- the stack: one process per part --------------------------------------------------------------
@@ -288,6 +289,20 @@ async def _snapshot(url: str, stack: Stack, nats_pid: int, uids: tuple[int, int]
     }
 
 
+async def _sample_rss(
+    stack: Stack, nats_pid: int, began: float, series: dict[str, list[tuple[int, float]]]
+) -> None:
+    """Every SAMPLE_EVERY_S, each process's RSS in MiB (a restarted one's under its role):
+    a leak climbs steadily, an allocator's settling flattens."""
+    while True:
+        pids = {"nats-server": nats_pid, **{r: p.pid for r, p in stack.processes.items()}}
+        at = round(time.monotonic() - began)
+        for role, pid in pids.items():
+            if (kib := _rss_kib(pid)) is not None:
+                series.setdefault(role, []).append((at, round(kib / 1024, 1)))
+        await asyncio.sleep(SAMPLE_EVERY_S)
+
+
 async def _settle(client: ToolbusClient, workers: int) -> None:
     """Until every worker is registered and no slot is held; then the clean-ups' time."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
@@ -366,6 +381,8 @@ async def run(data_dir: Path, args: argparse.Namespace) -> Report:
 
         progress(f"{trajectories} trajectories on 2 workers x {args.slots} slots, {duration:g}s")
         load.start()  # the warm-up: a trajectory on every slot
+        series: dict[str, list[tuple[int, float]]] = {}
+        sampling = asyncio.create_task(_sample_rss(stack, nats_pid, began, series))
         try:
             await until(0.30)
             await load.pause()
@@ -383,6 +400,7 @@ async def run(data_dir: Path, args: argparse.Namespace) -> Report:
             final = await _snapshot(url, stack, nats_pid, uids)
             progress(f"final after {time.monotonic() - began:.0f}s: {final}")
         finally:
+            sampling.cancel()
             await load.stop()
     checks = _verdicts(baseline, final, load.tally)
     return {
@@ -398,6 +416,7 @@ async def run(data_dir: Path, args: argparse.Namespace) -> Report:
         "tally": {**vars(load.tally), "ended": dict(load.tally.ended)},
         "baseline": baseline,
         "final": final,
+        "rss_mib_series": series,
         "checks": [{"figure": f, "value": v, "ok": ok} for f, v, ok in checks],
         "passed": all(ok for _, _, ok in checks),
     }
@@ -419,6 +438,11 @@ def table(report: Report) -> str:
     lines += [
         f"{c['figure']:32} {c['value']:36} {'yes' if c['ok'] else 'NO'}" for c in report["checks"]
     ]
+    lines.append(
+        f"\nRSS in MiB every {SAMPLE_EVERY_S:g} s (the load pauses at the baseline and the end):"
+    )
+    for role, samples in report["rss_mib_series"].items():
+        lines.append(f"{role:12} " + " ".join(f"{mib:g}" for _, mib in samples))
     lines.append(f"\n{'PASS' if report['passed'] else 'FAIL'}")
     return "\n".join(lines)
 

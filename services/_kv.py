@@ -28,6 +28,8 @@ _ROLLUP = "Nats-Rollup"
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _TTL = "Nats-TTL"
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream API error codes
+# How long the marker of a removed key stays: long enough for a watch that resumes after a
+# reconnect to see the removal (the workers bucket's registrations are watched).
 REMOVAL_MARKER_TTL_S = 300
 
 
@@ -89,10 +91,17 @@ class KvEntry:
 class KvBucket:
     """Reads and compare-and-set writes of one KV bucket's keys (keys must be KV-safe)."""
 
-    def __init__(self, js: JetStreamContext, bucket: str) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        bucket: str,
+        *,
+        removal_marker_ttl_s: int = REMOVAL_MARKER_TTL_S,
+    ) -> None:
         self._js = js
         self._stream = f"KV_{bucket}"
         self._prefix = f"$KV.{bucket}."
+        self._removal_marker_ttl_s = removal_marker_ttl_s
 
     async def get(self, key: str) -> KvEntry | None:
         """The key's last message, or None when it has none."""
@@ -139,7 +148,11 @@ class KvBucket:
     async def remove(self, key: str, *, expect: int | None) -> None:
         """Remove the key (a purge marker that expires itself); with ``expect``, only if its
         last revision is that one, else RevisionMismatch."""
-        headers = {_KV_OPERATION: "PURGE", _ROLLUP: "sub", **ttl_header(REMOVAL_MARKER_TTL_S)}
+        headers = {
+            _KV_OPERATION: "PURGE",
+            _ROLLUP: "sub",
+            **ttl_header(self._removal_marker_ttl_s),
+        }
         if expect is not None:
             headers[_EXPECTED_LAST] = str(expect)
         try:

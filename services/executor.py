@@ -113,7 +113,7 @@ class ExecutorService:
         self._placement = Placement(
             nc,
             self._registry,
-            LeaseStore(KvBucket(js, LEASES_BUCKET)),
+            LeaseStore.on(js),
             subjects=self._subjects,
             queue=self._queue,
             acquire_timeout_s=self._config.acquire_timeout_s,

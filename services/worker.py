@@ -132,7 +132,7 @@ class SandboxWorker:
         self._keeper = SlotKeeper(
             self._table,
             self._cleaner,
-            LeaseStore(KvBucket(js, LEASES_BUCKET)),
+            LeaseStore.on(js),
             worker_id=config.worker_id,
             incarnation=lambda: self._registration.incarnation,
             slot_idle_timeout_s=config.slot_idle_timeout_s,

@@ -8,11 +8,13 @@ executor and worker failed to start on it.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from nats.aio.client import Client
 
-from services._kv import open_bucket
+from services._kv import REMOVAL_MARKER_TTL_S, KvBucket, open_bucket
+from services._leases import REMOVED_LEASE_MARKER_TTL_S
 
 
 async def test_a_bucket_made_without_ttls_and_markers_is_updated_to_have_them(nc: Client) -> None:
@@ -24,3 +26,22 @@ async def test_a_bucket_made_without_ttls_and_markers_is_updated_to_have_them(nc
     assert config.allow_msg_ttl is True
     assert config.subject_delete_marker_ttl == 60
     await js.delete_key_value(bucket)
+
+
+async def test_a_removed_keys_marker_is_gone_after_the_buckets_marker_ttl(nc: Client) -> None:
+    """A removal leaves a marker that expires by itself, after the TTL its bucket chose: the
+    leases bucket, whose every key is removed at a trajectory's release and which nobody
+    watches, keeps them for less time than the watched workers bucket."""
+    js = nc.jetstream()
+    bucket = f"test-markers-{uuid.uuid4().hex[:8]}"
+    await open_bucket(js, bucket, description="markers")
+    kv = KvBucket(js, bucket, removal_marker_ttl_s=1)
+    revision = await kv.create("k", b"value")
+    await kv.remove("k", expect=revision)
+    marker = await kv.get("k")
+    assert marker is not None and marker.value is None  # removed, and said so for now
+    async with asyncio.timeout(10):
+        while await kv.get("k") is not None:  # noqa: ASYNC110 - the server expires it
+            await asyncio.sleep(0.2)
+    assert (await js.stream_info(f"KV_{bucket}")).state.messages == 0
+    assert REMOVED_LEASE_MARKER_TTL_S < REMOVAL_MARKER_TTL_S

@@ -16,8 +16,6 @@ import nats
 from nats.aio.client import Client
 
 from schemas.internal import AcquireOutcome, AcquireReply, AcquireRequest, LostReason
-from schemas.subjects import LEASES_BUCKET
-from services._kv import KvBucket
 from services._leases import LeaseStore
 from services.worker import SandboxWorker, WorkerConfig
 from tests._waits import until
@@ -93,7 +91,7 @@ async def test_a_rejoin_under_way_when_the_worker_stops_does_not_reopen_it(
         outcome = AcquireReply.model_validate_json(reply.data).outcome
         await stopping
         await running
-        leases = LeaseStore(KvBucket(connection.jetstream(), LEASES_BUCKET))
+        leases = LeaseStore.on(connection.jetstream())
         stored = await leases.get(newcomer)
         assert outcome is AcquireOutcome.STOPPING, (outcome, stored)
     finally:
@@ -115,7 +113,7 @@ async def test_a_long_call_keeps_its_lease_so_no_second_workspace_is_made(
     long_call = asyncio.create_task(
         first.execute(t, "terminal", {"command": "sleep 7"}, timeout_s=20, uniq_id=None)
     )
-    leases = LeaseStore(KvBucket(stack.workers[0]._nc.jetstream(), LEASES_BUCKET))
+    leases = LeaseStore.on(stack.workers[0]._nc.jetstream())
     # The long call outlives the lease's TTL (twice the idle timeout): the lease must stay.
     for _ in range(25):
         await asyncio.sleep(0.25)
@@ -163,7 +161,7 @@ async def test_a_tombstone_written_at_shutdown_stays_a_tombstone(
         await until(lambda: len(worker._calls.running) == 2)  # the second waits behind it
         await worker.__aexit__(None, None, None)
         await asyncio.gather(*calls)
-        leases = LeaseStore(KvBucket(connection.jetstream(), LEASES_BUCKET))
+        leases = LeaseStore.on(connection.jetstream())
         stored = await leases.get(t)
         assert stored is not None
         assert stored[0].lost is LostReason.WORKER_STOPPED, stored

@@ -16,8 +16,8 @@ import pytest
 from nats.aio.msg import Msg
 
 from schemas.internal import SlotOfferReply, SlotWaiter
-from schemas.subjects import LEASES_BUCKET, WAITING_STREAM, Subjects
-from services._kv import KvBucket, ttl_header
+from schemas.subjects import WAITING_STREAM, Subjects
+from services._kv import ttl_header
 from services._leases import LeaseStore
 from services.exceptions import NoCapacity
 from services.executor import ExecutorConfig
@@ -124,7 +124,7 @@ async def test_tickets_nobody_takes_up_any_more_give_the_slot_to_the_next_waiter
         result = await waiting
     assert result.success, result.error
     assert await _queued_tickets(stack) == 0
-    leases = LeaseStore(KvBucket(client.nc.jetstream(), LEASES_BUCKET))
+    leases = LeaseStore.on(client.nc.jetstream())
     for orphan in orphans:  # the orphans' slots were given back, not leased to them for ever
         assert await leases.get(orphan.trajectory_id) is None
 
