@@ -344,3 +344,54 @@ async def test_autoscale_needs_a_backend_that_starts_workers(nats_url: str) -> N
     settings = Settings(nats_url=nats_url, autoscale=True, backend="external")
     with pytest.raises(ToolbusError, match="--autoscale needs a backend"):
         await run_serve(settings)
+
+
+async def test_a_drained_worker_that_nomad_would_not_remove_serves_again(
+    make_stack: StackFactory, nc: Client, nats_url: str, tmp_path: Path
+) -> None:
+    """The group changed after the drain (a third allocation came, so a lower count now removes
+    that one): the drained worker is not stopped, Nomad's count is not lowered, and the worker
+    serves again."""
+    stack = await make_stack(executors=1, workers=0)
+    executor = stack.executors[0]
+    job_id = f"toolbus-scale-{uuid.uuid4().hex[:6]}"
+    with NomadSimulator() as nomad:
+        config = NomadConfig(
+            address=nomad.address,
+            job_id=job_id,
+            min_workers=1,
+            max_workers=3,
+            worker_env={"TOOLBUS_NATS_URL": nats_url},
+        )
+        async with (
+            NomadWorkers(config, poll_s=0.05) as workers,
+            _nomad_clients(nomad, job_id, nats_url, tmp_path / "allocs") as running,
+        ):
+            await workers.scale(2)
+            await until(lambda: len(executor.registered_workers()) == 2, 20)
+            scaler = Autoscaler(
+                nc,
+                NomadPool(workers),
+                _policy(cooldown_s=0.5),
+                executor=executor,
+                subjects=Subjects(),
+                interval_s=3600.0,  # the rounds are this test's own
+            )
+            async with scaler:
+                await until(lambda: scaler.is_leader, 10)
+                drained = str(nomad.live(job_id)[-1]["ID"])  # what a lower count removes now
+                assert not (await scaler.round()).drain_one  # fewer wanted from now ...
+                await asyncio.sleep(0.6)  # ... for the cooldown
+                assert (await scaler.round()).drain_one
+                await until(lambda: _states(executor).get(drained) is DrainState.DRAINED, 20)
+
+                await workers.scale(3)  # behind the autoscaler's back
+                await until(lambda: len(executor.registered_workers()) == 3, 20)
+                assert str(nomad.live(job_id)[-1]["ID"]) != drained
+                step = await scaler.round()
+                assert step.stop == [drained]
+                await until(lambda: _states(executor).get(drained) is DrainState.SERVING, 20)
+                assert drained in running()
+            stops = [r for r in nomad.writes() if r.path.endswith(f"/{drained}/stop")]
+            assert not stops  # never asked to stop it
+            assert workers.count == 3
