@@ -236,6 +236,27 @@ async def _nomad_clients(
             await stack.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _simulated_job(
+    nomad: NomadSimulator, nats_url: str, root: Path
+) -> AsyncIterator[tuple[str, NomadWorkers, Callable[[], set[str]]]]:
+    """A workers job of 1..3 on the simulator, its allocations played by in-process workers:
+    its id, its NomadWorkers, and the ids of the workers running."""
+    job_id = f"toolbus-scale-{uuid.uuid4().hex[:6]}"
+    config = NomadConfig(
+        address=nomad.address,
+        job_id=job_id,
+        min_workers=1,
+        max_workers=3,
+        worker_env={"TOOLBUS_NATS_URL": nats_url},
+    )
+    async with (
+        NomadWorkers(config, poll_s=0.05) as workers,
+        _nomad_clients(nomad, job_id, nats_url, root / "allocs") as running,
+    ):
+        yield job_id, workers, running
+
+
 async def test_nomad_autoscaler_scales_the_job_and_stops_the_drained_allocation_nomad_removes(
     make_stack: StackFactory,
     nc: Client,
@@ -245,19 +266,8 @@ async def test_nomad_autoscaler_scales_the_job_and_stops_the_drained_allocation_
 ) -> None:
     stack = await make_stack(executors=1, workers=0)
     executor = stack.executors[0]
-    job_id = f"toolbus-scale-{uuid.uuid4().hex[:6]}"
     with NomadSimulator() as nomad:
-        config = NomadConfig(
-            address=nomad.address,
-            job_id=job_id,
-            min_workers=1,
-            max_workers=3,
-            worker_env={"TOOLBUS_NATS_URL": nats_url},
-        )
-        async with (
-            NomadWorkers(config, poll_s=0.05) as workers,
-            _nomad_clients(nomad, job_id, nats_url, tmp_path / "allocs") as running,
-        ):
+        async with _simulated_job(nomad, nats_url, tmp_path) as (job_id, workers, running):
             await workers.wait_registered(lambda: len(executor.registered_workers()))
 
             def highest_index(_: set[str]) -> str:
@@ -354,19 +364,8 @@ async def test_a_drained_worker_that_nomad_would_not_remove_serves_again(
     serves again."""
     stack = await make_stack(executors=1, workers=0)
     executor = stack.executors[0]
-    job_id = f"toolbus-scale-{uuid.uuid4().hex[:6]}"
     with NomadSimulator() as nomad:
-        config = NomadConfig(
-            address=nomad.address,
-            job_id=job_id,
-            min_workers=1,
-            max_workers=3,
-            worker_env={"TOOLBUS_NATS_URL": nats_url},
-        )
-        async with (
-            NomadWorkers(config, poll_s=0.05) as workers,
-            _nomad_clients(nomad, job_id, nats_url, tmp_path / "allocs") as running,
-        ):
+        async with _simulated_job(nomad, nats_url, tmp_path) as (job_id, workers, running):
             await workers.scale(2)
             await until(lambda: len(executor.registered_workers()) == 2, 20)
             scaler = Autoscaler(
