@@ -16,12 +16,12 @@ workspace is lost ends its trajectory, which starts over.
 
 Timeline, in fractions of ``--duration``: the warm-up from 0 runs a trajectory on every slot
 (every slot's sandbox, cgroup and pipes come to be, as they do whenever a worker is down and the
-other takes all the load) and, at the default duration, lasts past the 5-minute TTL of the
-purge markers the nats-server keeps; at 0.30 the load pauses (every trajectory finishes and
-releases, the slots settle) and the **baseline** is taken; then half the slots' worth of
-trajectories; at 0.40 a worker is killed and started again with its id; at 0.65 an executor; at
-0.95 the load pauses again and the **final** figures are taken, in the same quiet state as the
-baseline.
+other takes all the load) and, at the default duration, outlasts the 5 minutes for which the
+nats-server keeps the workers bucket's removal markers; at 0.30 the load pauses (every
+trajectory finishes and releases, the slots settle) and the **baseline** is taken; then half the
+slots' worth of trajectories; at 0.40 a worker is killed and started again with its id; at 0.65
+an executor; at 0.95 the load pauses again and the **final** figures are taken, in the same
+quiet state as the baseline.
 
 Figures: RSS and open fds of each process (a restarted one against the baseline of the one it
 replaced), the processes of the stack (this process's descendants and anything running as a

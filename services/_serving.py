@@ -149,7 +149,11 @@ class _Intake(enum.Enum):
 
 
 _QUEUED_TAKE_S = 2.0  # after a failed drain, for the requests a subscription had queued
-_STOPPING = NoCapacity("the executor is shutting down; retry", kind=ErrorKind.NO_CAPACITY)
+
+
+def _stopping() -> NoCapacity:
+    """What a request that the stop cut short, or that came after it, is told."""
+    return NoCapacity("the executor is shutting down; retry", kind=ErrorKind.NO_CAPACITY)
 
 
 class RequestServer:
@@ -210,7 +214,7 @@ class RequestServer:
                 # After the drain nothing should come; if it does, it is told at once.
                 log.warning("a request reached a stopped executor", subject=msg.subject)
                 task = asyncio.create_task(
-                    self._fail(msg, stats, time.perf_counter_ns(), _STOPPING)
+                    self._fail(msg, stats, time.perf_counter_ns(), _stopping())
                 )
             else:
                 task = asyncio.create_task(self._serve(msg, handler, stats))
@@ -256,7 +260,7 @@ class RequestServer:
             await self._fail(msg, stats, started, error)
         except asyncio.CancelledError:
             tracing.mark_error(span, "cancelled")
-            await self._fail(msg, stats, started, _STOPPING)
+            await self._fail(msg, stats, started, _stopping())
             raise
         except Exception as exc:
             tracing.mark_error(span, type(exc).__qualname__)

@@ -19,6 +19,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from observability.logging import configure_logging
 from schemas.subjects import Subjects
@@ -69,14 +70,17 @@ async def _no_executor_left_behind(
     """After each test (and its stacks' teardown): no executor still serves on the session's
     nats-server. One left behind takes a share of every later test's calls in the queue group."""
     yield
+    subject = Subjects().list_tools
     connection = await nats.connect(nats_url, name="toolbus-tests-leak-check")
     try:
-        await connection.request(Subjects().list_tools, b"", timeout=5)
+        await connection.request(subject, b"", timeout=5)
     except NoRespondersError:
         return
+    except NatsTimeoutError:
+        pytest.fail(f"an executor still takes {subject} after this test, and answers nothing")
     finally:
         await connection.close()
-    pytest.fail(f"an executor still answers {Subjects().list_tools} after this test")
+    pytest.fail(f"an executor still answers {subject} after this test")
 
 
 @pytest.fixture

@@ -13,8 +13,10 @@ import uuid
 
 from nats.aio.client import Client
 
-from services._kv import REMOVAL_MARKER_TTL_S, KvBucket, open_bucket
-from services._leases import REMOVED_LEASE_MARKER_TTL_S
+from schemas.internal import Lease
+from schemas.subjects import LEASES_BUCKET
+from services._kv import REMOVAL_MARKER_TTL_S, KvBucket, encode_key, open_bucket
+from services._leases import REMOVED_LEASE_MARKER_TTL_S, LeaseStore
 
 
 async def test_a_bucket_made_without_ttls_and_markers_is_updated_to_have_them(nc: Client) -> None:
@@ -45,3 +47,17 @@ async def test_a_removed_keys_marker_is_gone_after_the_buckets_marker_ttl(nc: Cl
             await asyncio.sleep(0.2)
     assert (await js.stream_info(f"KV_{bucket}")).state.messages == 0
     assert REMOVED_LEASE_MARKER_TTL_S < REMOVAL_MARKER_TTL_S
+
+
+async def test_a_released_lease_leaves_a_marker_of_the_leases_ttl(nc: Client) -> None:
+    """The lease store is the one that removes keys with the short marker TTL."""
+    js = nc.jetstream()
+    await open_bucket(js, LEASES_BUCKET, description="toolbus trajectory leases")
+    leases = LeaseStore.on(js)
+    tid = f"traj-{uuid.uuid4().hex[:12]}"
+    lease = Lease(worker_id="w", incarnation="i", slot=0, epoch=1, acquired_at=0.0)
+    revision = await leases.create(tid, lease, ttl_s=None)
+    assert await leases.remove(tid, expect=revision)
+    marker = await js.get_last_msg(f"KV_{LEASES_BUCKET}", f"$KV.{LEASES_BUCKET}.{encode_key(tid)}")
+    assert marker.headers is not None
+    assert marker.headers["Nats-TTL"] == str(REMOVED_LEASE_MARKER_TTL_S)
