@@ -29,7 +29,9 @@ from ._kv import KvBucket, KvEntry, RevisionMismatch
 log = structlog.get_logger("toolbus.worker")
 
 MISSED_HEARTBEATS = 3  # a registration lives this many heartbeats
-MIN_REGISTRATION_TTL_S = 5  # and at least this long: a busy event loop must not look dead
+# And at least this long: a busy event loop must not look dead (and one that misses it is
+# still asked over core NATS before it is said gone, see _registry.py).
+MIN_REGISTRATION_TTL_S = 4
 WORKER_MARKER_TTL_S = 60  # how long executors' watches can see that a registration expired
 
 

@@ -178,6 +178,11 @@ class RequestServer:
         self._intake = _Intake.SERVING
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def serving(self) -> bool:
+        """Subscribed and taking requests: served, not yet told to stop."""
+        return self._intake is _Intake.SERVING and bool(self._subscriptions)
+
     async def serve(self, handlers: dict[str, Handler]) -> None:
         """Subscribe each endpoint (by name) in the queue group, then answer discovery."""
         for name, handler in handlers.items():

@@ -33,7 +33,9 @@ DEFAULT_MAX_PENDING_CALLS = 10_000
 # Calls of one trajectory in flight at one executor; past it 429 (README, Fair share). A slot
 # runs one call at a time, so more than an agent's parallel tool calls only wait in its queue.
 DEFAULT_MAX_CALLS_PER_TRAJECTORY = 64
-DEFAULT_HEARTBEAT_S = 2.0
+# A registration lives 4 beats (registration_ttl_s): a worker killed is known as gone within
+# about 4.5 s (README, Failures).
+DEFAULT_HEARTBEAT_S = 1.0
 DEFAULT_MAX_PROCESSES = 512
 DEFAULT_MAX_MEMORY_MB = 4096
 DEFAULT_MAX_CPU_S = 600

@@ -180,6 +180,11 @@ class ExecutorService:
         """This executor's trajectories in the queue for a slot."""
         return self._queue.waiting
 
+    @property
+    def serving(self) -> bool:
+        """Entered and not yet exited: it takes requests."""
+        return self._server.serving
+
     # -- lifecycle ----------------------------------------------------------------------------
     async def __aenter__(self) -> ExecutorService:
         js = self._nc.jetstream()

@@ -218,19 +218,26 @@ async def test_a_call_without_an_id_that_an_executor_stops_waiting_for_is_not_le
     stack = await make_stack(workers=1, executors=0)
     worker = stack.workers[0]
     connection = await nats.connect(nats_url, name="rv-executor")
-    executor = ExecutorService(connection, ExecutorConfig(drain_timeout_s=0.5))
-    await executor.__aenter__()
-    t = trajectory()
-    command = {"command": "sleep 2; echo done > f"}
-    body = {"trajectory_id": t, "tool": {"name": "terminal", "arguments": command}, "timeout_s": 30}
-    call = asyncio.create_task(
-        stack.client.nc.request("tools.execute.terminal", json.dumps(body).encode(), timeout=30)
-    )
-    await until(lambda: bool(worker._calls.running))
-    await executor.__aexit__(None, None, None)
-    answer = (await asyncio.gather(call, return_exceptions=True))[0]
-    await until(lambda: not worker._calls.running)
-    slot = next(s for s in worker._table if s.trajectory_id == t)
-    ran = (slot.workspace / "f").exists()
-    await connection.drain()
+    try:
+        t = trajectory()
+        command = {"command": "sleep 2; echo done > f"}
+        body = {
+            "trajectory_id": t,
+            "tool": {"name": "terminal", "arguments": command},
+            "timeout_s": 30,
+        }
+        async with ExecutorService(connection, ExecutorConfig(drain_timeout_s=0.5)):
+            call = asyncio.create_task(
+                stack.client.nc.request(
+                    "tools.execute.terminal", json.dumps(body).encode(), timeout=30
+                )
+            )
+            await until(lambda: bool(worker._calls.running))
+        # The executor has stopped, its call still running on the worker.
+        answer = (await asyncio.gather(call, return_exceptions=True))[0]
+        await until(lambda: not worker._calls.running)
+        slot = next(s for s in worker._table if s.trajectory_id == t)
+        ran = (slot.workspace / "f").exists()
+    finally:
+        await connection.drain()
     assert not ran, f"told {answer!r}, yet the call ran to the end"

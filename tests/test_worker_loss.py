@@ -17,13 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.executor import ExecutorService
+from services.settings import DEFAULT_HEARTBEAT_S
 from tests._processes import registered_with, worker_process
 from tests._waits import until
 from tests.conftest import StackFactory
 
-# The registration of a worker with a 0.5 s heartbeat lives 5 s without one (the least TTL):
-# that, and the server's expiry of it, bounds how soon a death is known.
-_KNOWN_WITHIN_S = 8.0
+# A worker at the default heartbeat (1 s) has a registration that lives 4 s without a beat (the
+# least TTL): that, the server's expiry of it and one ping that nobody answers bound how soon a
+# death is known (issue 11: within 5 s).
+_KNOWN_WITHIN_S = 5.0
 
 
 async def test_a_killed_workers_trajectories_each_hear_workspace_lost_once_and_move_on(
@@ -38,7 +40,7 @@ async def test_a_killed_workers_trajectories_each_hear_workspace_lost_once_and_m
         doomed_id,
         registered=registered_with(executor),
         slots=2,
-        heartbeat_s=2.0,
+        heartbeat_s=DEFAULT_HEARTBEAT_S,
     ) as doomed:
         running, idle = trajectory(), trajectory()
         for tid in (running, idle):
@@ -92,7 +94,7 @@ async def test_a_worker_stalled_past_its_ttl_is_gone_and_comes_back_empty(
         assert opened.success and opened.metadata["worker_id"] == stalled_id, opened.error
         incarnation = _incarnation(executor, stalled_id)
         stalled.pause()
-        # Its registration (TTL 5 s) expires and is settled: the worker is gone.
+        # Its registration (TTL 4 s) expires and is settled: the worker is gone.
         await until(lambda: _incarnation(executor, stalled_id) != incarnation, 20)
         stalled.resume()
         lost = await client.execute(tid, "terminal", {"command": "cat f"})
