@@ -216,9 +216,9 @@ class ExecutorService:
             ]
             await self._nc.flush()
         except BaseException:
-            # Nothing of a start that failed goes on (the watch, the reconnect clock).
-            await self._registry.stop()
-            await self._connection.__aexit__()
+            # Nothing of a start that failed goes on: what it subscribed (the queue group would
+            # route calls here), the watch, the reconnect clock.
+            await self._stop(drain_timeout_s=0.0)
             raise
         log.info("executor started", executor_id=self.executor_id, prefix=self._subjects.prefix)
         return self
@@ -229,8 +229,12 @@ class ExecutorService:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self._stop(drain_timeout_s=self._config.drain_timeout_s)
+
+    async def _stop(self, *, drain_timeout_s: float) -> None:
+        """Whatever of the executor was started; each step is a no-op for a part that was not."""
         # 1. stop accepting, 2. wait for calls in flight, 3. cancel the rest (each replies 503).
-        await self._server.stop(self._config.drain_timeout_s)
+        await self._server.stop(drain_timeout_s)
         # 4. nothing of this executor goes on: no acquisition, no batch, no result wait.
         await self._queue.stop()  # offers from now on are declined: their slots freed again
         await self._placement.close()

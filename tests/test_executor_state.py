@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import nats
 import pytest
 from nats.aio.client import Client
 
 from schemas.internal import Lease
-from schemas.subjects import LEASES_BUCKET, WAITING_STREAM
+from schemas.subjects import LEASES_BUCKET, WAITING_STREAM, Subjects
 from services._kv import encode_key
 from services._leases import LeaseCache
 from services.exceptions import NoCapacity
@@ -98,3 +99,26 @@ def test_the_lease_cache_drops_leases_not_used_for_its_idle_time() -> None:
         assert cache.get("busy") == lease
     assert cache.get("released-elsewhere") is None
     assert len(cache) == 1
+
+
+async def test_an_executor_whose_start_fails_late_leaves_nothing_subscribed(
+    nats_url: str, nc: Client
+) -> None:
+    # Its last step (a flush) fails after it has subscribed in the queue group: what it
+    # subscribed must go with the failed start, or the queue group routes calls to it.
+    connection = await nats.connect(nats_url, name="failed-start")
+    real_flush = connection.flush
+
+    async def failing_flush(timeout: int = 10) -> None:
+        raise nats.errors.FlushTimeoutError
+
+    try:
+        connection.flush = failing_flush  # type: ignore[method-assign]
+        with pytest.raises(nats.errors.FlushTimeoutError):
+            await ExecutorService(connection, ExecutorConfig()).__aenter__()
+        connection.flush = real_flush  # type: ignore[method-assign]
+        await connection.flush()
+        with pytest.raises(nats.errors.NoRespondersError):
+            await nc.request(Subjects().list_tools, b"", timeout=5)
+    finally:
+        await connection.close()
