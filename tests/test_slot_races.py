@@ -236,6 +236,9 @@ async def test_a_call_without_an_id_that_an_executor_stops_waiting_for_is_not_le
         # The executor has stopped, its call still running on the worker.
         answer = (await asyncio.gather(call, return_exceptions=True))[0]
         await until(lambda: not worker._calls.running)
+        # Past the time the command would have finished: a run that only stopped being waited
+        # for, its process left going, writes the file meanwhile.
+        await asyncio.sleep(2.5)
         slot = next(s for s in worker._table if s.trajectory_id == t)
         ran = (slot.workspace / "f").exists()
     finally:
