@@ -113,7 +113,9 @@ class PidsCgroups:
                 _kill_members(slot)
         return found
 
-    def slot(self, index: int, max_pids: int) -> Path:
+    def slot(self, index: int | str, max_pids: int) -> Path:
+        """Slot ``index``'s cgroup (``"probe"``: the start's probe sandbox's, which a kill of
+        the worker mid-start can leave behind as well)."""
         path = self._root / f"slot_{index}"
         path.mkdir(exist_ok=True)
         (path / "pids.max").write_text(str(max_pids))

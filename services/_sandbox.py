@@ -122,15 +122,19 @@ class SandboxFactory:
                 bwrap=bwrap, allow_network=self._allow_network, limits=self._limits
             )
             scratch.mkdir(parents=True, exist_ok=True)
+            # In a cgroup of the worker's like a slot's: a worker killed while bubblewrap sets
+            # the probe up leaves bubblewrap's child waiting for ever for its dead parent, and
+            # the next start of the worker kills what its cgroups hold.
+            cgroup = self._cgroup("probe")
             if self._uid_base > 0:
                 owner = (self._uid_base, self._uid_base)
-                reason = await _try_sandbox(scratch, options, self._zygote, owner)
+                reason = await _try_sandbox(scratch, options, self._zygote, owner, cgroup)
                 if reason:
                     # Still a sandbox, but as root: say why, so the operator can fix it.
                     self.reason_not_separate_user = reason
                     self._uid_base = 0
             if self._uid_base == 0:
-                reason = await _try_sandbox(scratch, options, self._zygote, None)
+                reason = await _try_sandbox(scratch, options, self._zygote, None, cgroup)
             if not reason:
                 self._options = options
                 return
@@ -165,19 +169,23 @@ class SandboxFactory:
         """End the launcher zygote; after the slots' sandboxes have ended."""
         await self._zygote.close()
 
-    def _cgroup(self, index: int) -> Path | None:
+    def _cgroup(self, index: int | str) -> Path | None:
         if self._cgroups is None:
             return None
         return self._cgroups.slot(index, self._limits.max_processes)
 
 
 async def _try_sandbox(
-    scratch: Path, options: BwrapOptions, zygote: LauncherZygote, owner: tuple[int, int] | None
+    scratch: Path,
+    options: BwrapOptions,
+    zygote: LauncherZygote,
+    owner: tuple[int, int] | None,
+    cgroup: Path | None,
 ) -> str:
     """Run ``true`` in a throwaway sandbox; the reason it failed, or "" when it worked."""
     if owner is not None:
         os.chown(scratch, *owner)
-    probe = BwrapSandbox(scratch, options, zygote=zygote, owner=owner)
+    probe = BwrapSandbox(scratch, options, zygote=zygote, owner=owner, cgroup=cgroup)
     try:
         command = await probe.run("true")
         code = await asyncio.wait_for(command.wait(), _READY_TIMEOUT_S)

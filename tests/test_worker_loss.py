@@ -15,7 +15,14 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from services._cgroups import PidsCgroups
+from services._sandbox import SandboxFactory
+from services._sandbox_contract import SandboxLimits
+from services._zygote import LauncherZygote
 from services.executor import ExecutorService
 from services.settings import DEFAULT_HEARTBEAT_S
 from tests._processes import registered_with, worker_process
@@ -202,3 +209,34 @@ async def test_a_worker_started_again_with_its_id_kills_what_its_killed_process_
         if leftover.returncode is None:
             leftover.kill()
             await leftover.wait()
+
+
+async def test_the_start_probe_sandbox_runs_in_a_cgroup_of_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker killed while bubblewrap sets its probe sandbox up leaves bubblewrap's child
+    # waiting for ever for its dead parent (seen after a CI run: a probe's bwrap, reparented to
+    # init). Only a cgroup of the worker's holds it for the next start to kill, as a slot's.
+    cgroups = PidsCgroups.create(f"probe-{uuid.uuid4().hex[:6]}").cgroups
+    if cgroups is None:
+        pytest.skip("no writable pids cgroup hierarchy here")
+    factory = SandboxFactory(
+        allow_network=False, require_sandbox=True, limits=SandboxLimits(), cgroups=cgroups
+    )
+    spawned_in: list[Path | None] = []
+    spawn = LauncherZygote.spawn
+
+    async def spawn_noted(self: LauncherZygote, argv: list[str], **options: Any) -> None:
+        spawned_in.append(options["cgroup"])
+        await spawn(self, argv, **options)
+
+    monkeypatch.setattr(LauncherZygote, "spawn", spawn_noted)
+    try:
+        await factory.probe(tmp_path / ".probe")
+        assert factory.sandboxed, factory.reason_unsandboxed
+        assert spawned_in, "the probe started no sandbox"
+        for cgroup in spawned_in:
+            assert cgroup is not None and cgroup.name.startswith("slot_"), cgroup
+    finally:
+        await factory.close()
+        await cgroups.remove()
