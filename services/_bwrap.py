@@ -150,14 +150,7 @@ def bwrap_argv(
     """The bubblewrap command line of a slot's sandbox (workspace: a path or an open fd);
     ``etc_files``: (fd, path) files over the host's in /etc (see :func:`identity_files`);
     ``owner``: the (uid, gid) it runs as, when not the worker's own."""
-    tmp_bytes = str(options.limits.max_tmp_mb * 1024 * 1024)
-    argv = [str(options.bwrap)]
-    argv += ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
-    # The command is the namespace's pid 1 (it must reap orphans): no init of bubblewrap's
-    # own beside it, and nothing in the sandbox can kill or stop it (see HOLD_COMMAND).
-    argv += ["--as-pid-1"]
-    argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
-    argv += ["--cap-drop", "ALL", "--hostname", "sandbox"]
+    argv = _namespaces(options)
     argv += ["--ro-bind", "/usr", "/usr"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = Path("/") / name
@@ -178,15 +171,56 @@ def bwrap_argv(
             argv += ["--tmpfs", secret, "--remount-ro", secret]
     for fd, destination in etc_files:  # after /etc is bound: bubblewrap mounts in order
         argv += ["--ro-bind-data", str(fd), destination]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += _mounts(options, workspace, SANDBOX_WORKSPACE)
+    # The sandbox's own root is a tmpfs: read-only, so only /workspace and /tmp take writes.
+    return [*argv, "--remount-ro", "/", "--", *command]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRoot:
+    """An image slot's root filesystem: the image's, read-only, under a writable overlay of
+    the slot's own (``upper``, with bubblewrap's ``work`` directory beside it on one file
+    system); its commands start in ``workdir``."""
+
+    lower: Path
+    upper: Path
+    work: Path
+    workdir: str = "/"
+    shell: str = "/bin/sh"  # what runs a command string (the image's bash, when it has one)
+
+
+def image_bwrap_argv(
+    options: BwrapOptions, image: ImageRoot, workspace: Path | int, command: list[str]
+) -> list[str]:
+    """The command line of an image slot's sandbox: the image as its root (writes anywhere go
+    to the slot's overlay and vanish with it), uid 0 inside (the host user bubblewrap runs
+    as, which owns the image's files: see ``_image_store.py``), none of the host's files."""
+    argv = _namespaces(options)
+    argv += ["--uid", "0", "--gid", "0"]
+    argv += ["--overlay-src", str(image.lower), "--overlay", str(image.upper), str(image.work), "/"]
+    return [*argv, *_mounts(options, workspace, image.workdir), "--", *command]
+
+
+def _namespaces(options: BwrapOptions) -> list[str]:
+    argv = [str(options.bwrap)]
+    argv += ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+    # The command is the namespace's pid 1 (it must reap orphans): no init of bubblewrap's
+    # own beside it, and nothing in the sandbox can kill or stop it (see HOLD_COMMAND).
+    argv += ["--as-pid-1"]
+    argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    return [*argv, "--cap-drop", "ALL", "--hostname", "sandbox"]
+
+
+def _mounts(options: BwrapOptions, workspace: Path | int, chdir: str) -> list[str]:
+    """/proc, /dev, the size-limited tmpfs, /workspace, the working directory, the network."""
+    tmp_bytes = str(options.limits.max_tmp_mb * 1024 * 1024)
+    argv = ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--size", tmp_bytes, "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/var/tmp"]
     if isinstance(workspace, int):  # an fd: bubblewrap need not be able to walk to it
         argv += ["--bind-fd", str(workspace), SANDBOX_WORKSPACE]
     else:
         argv += ["--bind", str(workspace), SANDBOX_WORKSPACE]
-    argv += ["--chdir", SANDBOX_WORKSPACE]
-    argv += ["--clearenv"]
+    argv += ["--chdir", chdir, "--clearenv"]
     if not options.allow_network:
         argv += ["--unshare-net"]
-    # The sandbox's own root is a tmpfs: read-only, so only /workspace and /tmp take writes.
-    return [*argv, "--remount-ro", "/", "--", *command]
+    return argv

@@ -28,9 +28,11 @@ from ._bwrap import (
     HOLD_COMMAND,
     SANDBOX_READY,
     BwrapOptions,
+    ImageRoot,
     _sandbox_python,
     bwrap_argv,
     identity_files,
+    image_bwrap_argv,
 )
 from ._command_pipes import _CallPipes
 from ._fd_limits import inherited_limit
@@ -103,8 +105,11 @@ class BwrapSandbox:
         zygote: LauncherZygote,
         cgroup: Path | None = None,
         owner: tuple[int, int] | None = None,
+        image: ImageRoot | None = None,
+        image_env: tuple[str, ...] = (),
     ) -> None:
         self.workspace = workspace
+        self.image = image  # the slot's root filesystem, when it is an image's
         self.inner_workspace = SANDBOX_WORKSPACE
         self.python = _sandbox_python().executable
         self.owner = owner  # (uid, gid) the sandbox runs as, when the worker is root
@@ -131,6 +136,7 @@ class BwrapSandbox:
         self._resets = 0  # how many resets began: a start that saw one begin gives up
         self._calls: dict[int, _SandboxCommand] = {}
         self._call_ids = itertools.count(1)
+        self._env = _command_env(image, image_env)
 
     async def _ensure_started(self) -> socket.socket:
         async with self._start_lock:
@@ -179,20 +185,16 @@ class BwrapSandbox:
         fds: list[int] = []
         try:
             fds.append(os.open(self.workspace, os.O_PATH | os.O_DIRECTORY))
-            etc_files: list[tuple[int, str]] = []
-            if self.owner is not None:  # the slot's user has a name in there
-                for path, data in identity_files(self.owner):
-                    fds.append(_memfd(data))
-                    etc_files.append((_passed_as(len(fds) - 1), path))
-            argv = bwrap_argv(
-                self._options, _passed_as(0), HOLD_COMMAND, etc_files=etc_files, owner=self.owner
-            )
+            if self.image is not None:  # the image's own /etc, /usr, everything
+                argv = image_bwrap_argv(self._options, self.image, _passed_as(0), HOLD_COMMAND)
+            else:
+                argv = self._default_argv(fds)
             # bubblewrap says its child's pid (the namespace's pid 1) on a pipe of its own;
             # its stderr is another, where its errors come, or the sandbox's "ready".
             info, info_theirs = os.pipe2(os.O_CLOEXEC)
             fds.append(info_theirs)
             extra = ["--info-fd", str(_passed_as(len(fds) - 1))]
-            if python.prefix is not None:
+            if python.prefix is not None and self.image is None:
                 fds.append(os.open(python.prefix, os.O_PATH | os.O_DIRECTORY))
                 extra += ["--ro-bind-fd", str(_passed_as(len(fds) - 1)), _SANDBOX_PYTHON_PREFIX]
             argv[1:1] = extra
@@ -249,6 +251,17 @@ class BwrapSandbox:
             theirs.close()
         return ours
 
+    def _default_argv(self, fds: list[int]) -> list[str]:
+        """The worker's system read-only, ``fds`` taking the files given to bubblewrap."""
+        etc_files: list[tuple[int, str]] = []
+        if self.owner is not None:  # the slot's user has a name in there
+            for path, data in identity_files(self.owner):
+                fds.append(_memfd(data))
+                etc_files.append((_passed_as(len(fds) - 1), path))
+        return bwrap_argv(
+            self._options, _passed_as(0), HOLD_COMMAND, etc_files=etc_files, owner=self.owner
+        )
+
     async def _launch(
         self, spawning: asyncio.Task[Spawned], said: int, theirs: socket.socket, resets: int
     ) -> None:
@@ -280,6 +293,7 @@ class BwrapSandbox:
             owner=self.owner,
             cgroup=self._cgroup,
             rlimits=format_rlimits(self._rlimits),
+            cwd=self.image.workdir if self.image is not None else SANDBOX_WORKSPACE,
         )
 
     async def _read_events(self, sock: socket.socket) -> None:
@@ -343,7 +357,8 @@ class BwrapSandbox:
                 call.exited.set_exception(SandboxError(str(event.get("error"))))
 
     async def run(self, command: str) -> RunningCommand:
-        return await self.spawn(["/bin/bash", "-c", command])
+        shell = self.image.shell if self.image is not None else "/bin/bash"
+        return await self.spawn([shell, "-c", command])
 
     async def spawn(
         self, argv: list[str], *, stdin: bool = False, stdin_fd: int | None = None
@@ -368,8 +383,7 @@ class BwrapSandbox:
                 pipes.for_child.append(os.dup(stdin_fd))  # sent as the command's stdin
             stdout, stderr = pipes.readers
             call = _SandboxCommand(self, call_id, stdout, stderr, pipes.stdin, pipes.transports)
-            env = {**_BASE_ENV, "HOME": SANDBOX_WORKSPACE, "PWD": SANDBOX_WORKSPACE}
-            env[CALL_TAG] = str(call_id)
+            env = {**self._env, CALL_TAG: str(call_id)}
             message = {"op": "run", "id": call_id, "argv": argv, "env": env}
             self._calls[call_id] = call
             try:
@@ -454,6 +468,18 @@ class BwrapSandbox:
         if sock is not None:
             sock.close()
         return await end_bubblewrap(process, pidfd, spawning, self._unreaped)
+
+
+def _command_env(image: ImageRoot | None, image_env: tuple[str, ...]) -> dict[str, str]:
+    """What a command's environment starts from: the image's ``Env`` over the defaults."""
+    if image is None:
+        return {**_BASE_ENV, "HOME": SANDBOX_WORKSPACE, "PWD": SANDBOX_WORKSPACE}
+    env = {**_BASE_ENV, "HOME": "/root", "PWD": image.workdir}
+    for item in image_env:
+        name, equals, value = item.partition("=")
+        if equals and name:
+            env[name] = value
+    return env
 
 
 def _memfd(data: bytes) -> int:

@@ -6,7 +6,8 @@ directory of what earlier layers put there. Nothing of a layer reaches outside t
 path is walked from the root one component at a time (``O_NOFOLLOW``), and a symlink met on
 the way is resolved as the image sees it (an absolute target from the image's root), never the
 host's. Hard links must point inside the root. Device nodes are left out (a sandbox gets a
-fresh ``/dev``); owners are kept only when the worker may set them (root).
+fresh ``/dev``). Every file is the image owner's (``owner``, the host user an image slot's
+uid 0 maps to), or the worker's when it is not root: one uid inside, for now.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _decompressed(blob: Path) -> Iterator[IO[bytes]]:
             yield raw
 
 
-def apply_layer(blob: Path, root: Path, *, keep_owners: bool) -> None:
+def apply_layer(blob: Path, root: Path, *, owner: tuple[int, int] | None) -> None:
     """Apply the layer in ``blob`` onto ``root``. Blocking."""
     made: set[str] = set()  # paths this layer wrote: an opaque marker keeps them
     modes: list[tuple[str, int]] = []  # directories' modes, set last (one may be read-only)
@@ -58,7 +59,7 @@ def apply_layer(blob: Path, root: Path, *, keep_owners: bool) -> None:
                 for member in tar:
                     path = _clean(member.name)
                     if path is not None:
-                        _apply(root, path, member, tar, made, modes, keep_owners)
+                        _apply(root, path, member, tar, made, modes, owner)
         except (tarfile.TarError, EOFError, gzip.BadGzipFile) as exc:
             raise LayerError(f"the layer is not a readable tar: {exc}") from None
     for path, mode in reversed(modes):  # children before parents
@@ -83,7 +84,7 @@ def _apply(
     tar: tarfile.TarFile,
     made: set[str],
     modes: list[tuple[str, int]],
-    keep_owners: bool,
+    owner: tuple[int, int] | None,
 ) -> None:
     parent, base = posixpath.split(path)
     if base == _OPAQUE:
@@ -94,7 +95,7 @@ def _apply(
         return
     if member.ischr() or member.isblk():
         return  # a fresh /dev in every sandbox
-    where = _make_parents(root, parent)
+    where = _make_parents(root, parent, owner)
     target = os.path.join(where, base)
     existing = _lstat(target)
     if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
@@ -120,8 +121,8 @@ def _apply(
     else:
         return  # (sparse and other GNU types read as regular; nothing else is meaningful)
     made.add(path)
-    if keep_owners:
-        os.chown(target, member.uid, member.gid, follow_symlinks=False)
+    if owner is not None:
+        os.chown(target, *owner, follow_symlinks=False)
     if not member.isdir() and not member.issym():  # (a file this layer just made: no link)
         os.chmod(target, member.mode & 0o7777)
     if not member.issym():
@@ -187,12 +188,14 @@ def _empty_except(root: Path, directory: str, made: set[str]) -> None:
             _remove_path(os.path.join(where, name), os.lstat(os.path.join(where, name)))
 
 
-def _make_parents(root: Path, parent: str) -> str:
+def _make_parents(root: Path, parent: str, owner: tuple[int, int] | None) -> str:
     """The host path of directory ``parent`` in the image, made where missing."""
-    return _resolve(root, parent, make=True) if parent else str(root)
+    return _resolve(root, parent, make=True, owner=owner) if parent else str(root)
 
 
-def _resolve(root: Path, path: str, *, make: bool = False) -> str:
+def _resolve(
+    root: Path, path: str, *, make: bool = False, owner: tuple[int, int] | None = None
+) -> str:
     """The host path of ``path`` as the image sees it: symlinks followed inside the root only
     (an absolute target starts at the image's root, ``..`` stops there). Missing components
     are made as directories when ``make``, else FileNotFoundError."""
@@ -212,6 +215,8 @@ def _resolve(root: Path, path: str, *, make: bool = False) -> str:
             if not make:
                 raise
             os.mkdir(host, 0o755)
+            if owner is not None:
+                os.chown(host, *owner)
             resolved.append(part)
             continue
         if stat.S_ISLNK(status.st_mode):
@@ -227,6 +232,14 @@ def _resolve(root: Path, path: str, *, make: bool = False) -> str:
             raise LayerError(f"{'/'.join([*resolved, part])!r} is a file in the image")
         resolved.append(part)
     return os.path.join(root, *resolved)
+
+
+def has_file(root: Path, path: str) -> bool:
+    """Whether the image has a file at ``path`` (its symlinks followed inside it)."""
+    try:
+        return os.path.isfile(_resolve(root, path))
+    except (FileNotFoundError, LayerError):
+        return False
 
 
 def tree_bytes(root: Path) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from ._image_layers import LayerError, apply_layer, make_tree_writable, tree_bytes
+from ._image_layers import LayerError, apply_layer, has_file, make_tree_writable, tree_bytes
 from ._image_refs import ImageName, parse_image_name
 from ._image_sources import ImageManifest, ImageSource, ImageSourceError, open_source
 from .exceptions import ServiceError
@@ -69,6 +69,7 @@ class Image:
     rootfs: Path
     config: ImageConfig
     size_bytes: int
+    shell: str = "/bin/sh"  # /bin/bash when the image has it: what runs a command string
 
 
 @dataclass(slots=True)
@@ -88,6 +89,7 @@ class ImageStore:
         auth_file: Path | None = None,
         insecure_registries: frozenset[str] = frozenset(),
         tag_ttl_s: float = DEFAULT_TAG_TTL_S,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         self._root = root
         self._blobs = root / "blobs" / "sha256"
@@ -96,7 +98,7 @@ class ImageStore:
         self._auth_file = auth_file
         self._insecure = insecure_registries
         self._tag_ttl_s = tag_ttl_s
-        self._keep_owners = os.geteuid() == 0
+        self._owner = owner  # of every file of every root (image slots' uid 0), if not ours
         self._images: dict[str, _Cached] = {}  # by id
         self._pulls: dict[str, asyncio.Task[None]] = {}  # by name, while one runs
         self._unpacks: dict[str, asyncio.Task[None]] = {}  # by image id, while one runs
@@ -123,6 +125,7 @@ class ImageStore:
                 rootfs=self._roots / data["id"].partition(":")[2],
                 config=ImageConfig(**data["config"]),
                 size_bytes=int(data["size_bytes"]),
+                shell=str(data.get("shell", "/bin/sh")),
             )
         except (OSError, ValueError, KeyError, TypeError):
             meta.unlink(missing_ok=True)  # its root, if any, is removed as unknown below
@@ -234,18 +237,26 @@ class ImageStore:
             raise ImageSourceError(f"its config is not JSON: {exc}") from None
         partial = self._roots / f".partial-{secrets.token_hex(6)}"
         partial.mkdir(mode=0o755)
+        if self._owner is not None:
+            os.chown(partial, *self._owner)
         try:
             for layer in manifest.layers:
                 blob = self._fetch(source, layer.digest)
-                apply_layer(blob, partial, keep_owners=self._keep_owners)
+                apply_layer(blob, partial, owner=self._owner)
             size = tree_bytes(partial)
+            shell = "/bin/bash" if has_file(partial, "bin/bash") else "/bin/sh"
             rootfs = self._roots / manifest.config_digest.partition(":")[2]
             os.rename(partial, rootfs)
         except BaseException:
             _remove_tree(partial)
             raise
-        image = Image(manifest.config_digest, rootfs, config, size)
-        meta = {"id": image.id, "size_bytes": size, "config": _config_fields(config)}
+        image = Image(manifest.config_digest, rootfs, config, size, shell)
+        meta = {
+            "id": image.id,
+            "size_bytes": size,
+            "config": _config_fields(config),
+            "shell": shell,
+        }
         _write_atomically(rootfs.with_suffix(".json"), json.dumps(meta).encode())
         return image
 

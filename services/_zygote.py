@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from ._sandbox_contract import SandboxError
+from ._sandbox_contract import SANDBOX_WORKSPACE, SandboxError
 from ._sandbox_process import pidfd_exited
 
 log = structlog.get_logger("toolbus.sandbox")
@@ -71,10 +71,12 @@ class LauncherZygote:
         owner: tuple[int, int] | None,
         cgroup: Path | None,
         rlimits: str,
+        cwd: str = SANDBOX_WORKSPACE,
     ) -> int:
         """Fork a launcher that joins the namespaces of ``pidfd`` (pid ``pid1`` on the host)
-        and serves ``control``; its launch id, for :meth:`end`. The launcher says ``ready``
-        (or why not) on ``control``. SandboxError when no zygote answers."""
+        and serves ``control`` from ``cwd`` (its commands start there); its launch id, for
+        :meth:`end`. The launcher says ``ready`` (or why not) on ``control``. SandboxError
+        when no zygote answers."""
         launch_id = next(self._launch_ids)
         message = {
             "op": "launch",
@@ -84,6 +86,7 @@ class LauncherZygote:
             "gid": owner[1] if owner else None,
             "cgroup": str(cgroup) if cgroup is not None else None,
             "rlimits": rlimits,
+            "cwd": cwd,
         }
         await self._send(marshal.dumps(message), [pidfd, control.fileno()])
         return launch_id

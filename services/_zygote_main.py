@@ -17,7 +17,7 @@ It reads messages from the worker on a SOCK_SEQPACKET socket, marshal-encoded:
         anything else it writes its pid to the first fd and closes it, so the worker learns
         it whatever fails next; a failure before the exec is said on its stderr
     {"op": "launch", "id": N, "pid": P, "uid": U or None, "gid": G or None,
-     "cgroup": PATH or None, "rlimits": "..."}
+     "cgroup": PATH or None, "rlimits": "...", "cwd": DIR}
         with two fds attached: a pidfd of the sandbox's pid 1 (P, the host's pid), and the
         launcher's end of its control socket
     {"op": "end", "id": N}      SIGKILL to that launcher if it still runs
@@ -198,7 +198,11 @@ class _Zygote:
             raise OSError(ctypes.get_errno(), "cannot drop the capabilities")
         if self._libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
-        os.chdir("/workspace")
+        cwd = message.get("cwd")
+        try:
+            os.chdir(cwd if isinstance(cwd, str) else "/workspace")
+        except OSError:  # an image's WorkingDir that is not there: its commands say so
+            os.chdir("/")
 
 
 def _exec_child(message: dict[str, object], argv: list[str], fds: list[int], pid: int) -> None:
