@@ -46,7 +46,7 @@ def _static(binary: Path) -> bool:
 pytestmark = [
     pytest.mark.skipif(
         not _static(_BUSYBOX),
-        reason="no static /bin/busybox: apt-get install busybox-static (README, Tests)",
+        reason="no static /bin/busybox: apt-get install busybox-static (README, Quick start)",
     ),
     pytest.mark.skipif(os.geteuid() != 0, reason="the image owner is a user of its own: root"),
 ]

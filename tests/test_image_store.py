@@ -219,7 +219,7 @@ async def test_a_restarted_store_uses_the_roots_it_unpacked_and_removes_half_mad
 
 needs_registry = pytest.mark.skipif(
     registry_binary() is None,
-    reason="no docker-registry binary: apt-get install docker-registry (README, Tests)",
+    reason="no docker-registry binary: apt-get install docker-registry (README, Quick start)",
 )
 
 
