@@ -255,7 +255,7 @@ async def run(data_dir: Path, args: argparse.Namespace) -> Report:
         min_free_disk_mb=0,
         log_level="warning",
     )
-    per_worker = settings.slots + settings.spare_slots
+    per_worker = settings.slots + settings.spare_slots + 1  # (+ its image slots' user)
     uids = (SANDBOX_UID_BASE, SANDBOX_UID_BASE + 2 * per_worker - 1)
     trajectories = args.trajectories or args.slots  # half of the two workers' slots
     every_slot = 2 * args.slots

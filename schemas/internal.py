@@ -95,6 +95,9 @@ class Lease(BaseModel):
     lost: LostReason | None = Field(
         default=None, description="Set on a tombstone: the workspace is gone, and why."
     )
+    image: str | None = Field(
+        default=None, description="The image the slot is made from (normalized), if any."
+    )
 
     def same_assignment(self, other: Lease) -> bool:
         return (self.worker_id, self.incarnation, self.epoch) == (
@@ -106,6 +109,7 @@ class Lease(BaseModel):
 
 class AcquireRequest(BaseModel):
     trajectory_id: str
+    image: str | None = None  # normalized (``_image_refs.py``): the slot is made from it
 
 
 class AcquireOutcome(StrEnum):
@@ -136,6 +140,7 @@ class SlotWaiter(BaseModel):
     offer_to: str = Field(description="The waiting executor's offers subject.")
     deadline: float = Field(description="Unix time after which nobody waits for an offer.")
     enqueued_at: float
+    image: str | None = Field(default=None, description="The slot is made from this image.")
 
 
 class SlotOffer(BaseModel):

@@ -141,6 +141,16 @@ class ExecuteRequest(BaseModel):
         description="false: run this call without network (only loopback), even where the "
         "service allows it. It can only restrict: true never grants what the service denies.",
     )
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="The image the trajectory's slot is made from, on the call that gets the "
+        "slot: a registry image (python:3.12-slim, host:5000/team/task@sha256:...), "
+        "oci:<dir>[:tag] or docker-archive:<file>[:repo:tag] on the worker's host. Without "
+        "one the slot is the default environment. A later call naming another image than the "
+        "slot's is refused.",
+    )
 
 
 class ErrorKindOfResult(StrEnum):

@@ -22,7 +22,7 @@ from ._batcher import OutgoingItem
 from ._dispatch import CallRejected, Dispatcher, SendAgain, WorkerGone
 from ._failures import infra_failure, workspace_lost
 from ._placement import Placement, WorkspaceLost
-from .exceptions import NoCapacity
+from .exceptions import BadRequest, NoCapacity
 
 _MAX_ATTEMPTS = 4  # the worker refused the call on this many leases in a row: 503
 _MAX_SENDS_AGAIN = 5  # after reconnects of this executor (then it waits, as for a call with no id)
@@ -60,10 +60,13 @@ class CallRouter:
         allow_network: bool = True,
         *,
         acquire: bool = True,
+        image: str | None = None,
     ) -> ItemResult | ToolResult:
         """The worker's answer, or an infra failure result when there was none.
 
         ``acquire=False``: a trajectory without a slot gets NotFound instead of a new slot.
+        ``image`` (normalized): a new slot is made from it; BadRequest when the trajectory's
+        slot is made from another.
         """
         rejected: tuple[Lease, RejectReason] | None = None
         attempts = sent_again = 0
@@ -71,10 +74,16 @@ class CallRouter:
         while True:
             try:
                 lease = await self._placement.lease(
-                    trajectory_id, acquire=acquire, rejected=rejected
+                    trajectory_id, acquire=acquire, rejected=rejected, image=image
                 )
             except WorkspaceLost as lost:
                 return workspace_lost(lost.lease, uniq_id)
+            if image is not None and lease.image != image:
+                has = f"image {lease.image}" if lease.image else "the default environment"
+                raise BadRequest(
+                    f"trajectory {trajectory_id!r} has a slot of {has}, not of {image}: "
+                    "release it first to start over in another image"
+                )
             item = OutgoingItem.encode(
                 item_id=self._ids.next(),
                 trajectory_id=trajectory_id,

@@ -80,5 +80,6 @@ def worker_uid_range(settings: Settings, k: int) -> dict[str, str]:
     this host share a uid (and with it RLIMIT_NPROC and file ownership)."""
     if settings.sandbox_uid_base == 0:
         return {}
-    per_worker = settings.slots + settings.spare_slots  # each slot of a worker has its user
+    # Each slot of a worker has its user, and its image slots one more (``SandboxFactory``).
+    per_worker = settings.slots + settings.spare_slots + 1
     return {"TOOLBUS_SANDBOX_UID_BASE": str(settings.sandbox_uid_base + k * per_worker)}

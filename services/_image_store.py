@@ -89,7 +89,6 @@ class ImageStore:
         auth_file: Path | None = None,
         insecure_registries: frozenset[str] = frozenset(),
         tag_ttl_s: float = DEFAULT_TAG_TTL_S,
-        owner: tuple[int, int] | None = None,
     ) -> None:
         self._root = root
         self._blobs = root / "blobs" / "sha256"
@@ -98,15 +97,18 @@ class ImageStore:
         self._auth_file = auth_file
         self._insecure = insecure_registries
         self._tag_ttl_s = tag_ttl_s
-        self._owner = owner  # of every file of every root (image slots' uid 0), if not ours
+        self._owner: tuple[int, int] | None = None  # of every file of every root (see open)
         self._images: dict[str, _Cached] = {}  # by id
         self._pulls: dict[str, asyncio.Task[None]] = {}  # by name, while one runs
         self._unpacks: dict[str, asyncio.Task[None]] = {}  # by image id, while one runs
         self._manifests: dict[str, ImageManifest] = {}  # of the unpacks under way, by id
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def open(self) -> None:
-        """Load what earlier runs left (whole roots only; half-made ones are removed)."""
+    def open(self, *, owner: tuple[int, int] | None = None) -> None:
+        """Load what earlier runs left (whole roots only; half-made ones are removed). Roots
+        unpacked from now on are ``owner``'s (image slots' uid 0), else this process's user.
+        Blocking."""
+        self._owner = owner
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._roots.mkdir(parents=True, exist_ok=True)
         for entry in self._roots.iterdir():

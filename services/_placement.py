@@ -108,10 +108,12 @@ class Placement:
         *,
         acquire: bool,
         rejected: tuple[Lease, RejectReason] | None = None,
+        image: str | None = None,
     ) -> Lease:
-        """The trajectory's live lease; a new slot when it has none and ``acquire``, else
-        NotFound. ``rejected``: the worker said it does not take calls on this lease
-        (``no_slot`` or ``stopping``). WorkspaceLost when the workspace is gone."""
+        """The trajectory's live lease; a new slot (made from ``image``, if given) when it has
+        none and ``acquire``, else NotFound. ``rejected``: the worker said it does not take
+        calls on this lease (``no_slot`` or ``stopping``). WorkspaceLost when the workspace is
+        gone."""
         if rejected is None:
             cached = self._cache.get(trajectory_id)
             if cached is not None and self._registry.is_registered(
@@ -119,12 +121,12 @@ class Placement:
             ):
                 return cached
         if rejected is not None or not acquire:
-            return await self._resolve(trajectory_id, acquire, rejected)
+            return await self._resolve(trajectory_id, acquire, rejected, image)
         acquiring = self._acquiring.get(trajectory_id)
         if acquiring is None:
             # A task of its own: concurrent calls of one trajectory share it, and a caller
             # that gives up does not cancel the others' acquisition.
-            acquiring = asyncio.create_task(self._resolve(trajectory_id, True, None))
+            acquiring = asyncio.create_task(self._resolve(trajectory_id, True, None, image))
             self._acquiring[trajectory_id] = acquiring
             acquiring.add_done_callback(lambda task: self._resolved(trajectory_id, task))
         return await asyncio.shield(acquiring)
@@ -140,6 +142,7 @@ class Placement:
         trajectory_id: str,
         acquire: bool,
         rejected: tuple[Lease, RejectReason] | None,
+        image: str | None = None,
     ) -> Lease:
         """Read the stored lease until it says where the trajectory's live slot is."""
         waits = iter(_REJECTED_LEASE_WAITS_S)
@@ -149,7 +152,7 @@ class Placement:
                 self._cache.forget(trajectory_id)
                 if not acquire:
                     raise NotFound(f"No active slot for trajectory {trajectory_id!r}")
-                lease = await self._acquire(trajectory_id)
+                lease = await self._acquire(trajectory_id, image)
                 if lease is not None:
                     return lease
                 continue  # a lease appeared meanwhile (another executor's): read it
@@ -204,27 +207,28 @@ class Placement:
             await self._store.remove(trajectory_id, expect=stored[1])
 
     # -- acquiring ----------------------------------------------------------------------------
-    async def _acquire(self, trajectory_id: str) -> Lease | None:
+    async def _acquire(self, trajectory_id: str, image: str | None) -> Lease | None:
         with tracing.span("acquire slot") as span:
-            lease = await self._acquire_in_span(trajectory_id)
+            lease = await self._acquire_in_span(trajectory_id, image)
             if lease is not None:
                 span.set_attributes(
                     {"toolbus.worker_id": lease.worker_id, "toolbus.slot": lease.slot}
                 )
             return lease
 
-    async def _acquire_in_span(self, trajectory_id: str) -> Lease | None:
+    async def _acquire_in_span(self, trajectory_id: str, image: str | None) -> Lease | None:
         """A new lease from a worker with a free slot; None when the trajectory got a lease
         meanwhile some other way (read it); NoCapacity when no slot freed in time."""
         deadline = time.monotonic() + self._acquire_timeout_s
-        request = AcquireRequest(trajectory_id=trajectory_id).model_dump_json().encode()
+        request = AcquireRequest(trajectory_id=trajectory_id, image=image)
+        request_data = request.model_dump_json().encode()
         while True:
             version = self._registry.capacity_version
             for worker_id in self._registry.candidates():
                 # Count the slot as taken before asking, so that concurrent new trajectories
                 # spread over the workers instead of all asking the one that looked emptiest.
                 self._registry.note_acquired(worker_id)
-                reply = await self._ask_acquire(worker_id, request)
+                reply = await self._ask_acquire(worker_id, request_data)
                 if reply is None or reply.outcome is AcquireOutcome.CONFLICT:
                     return None  # the worker may have leased a slot after all: read the lease
                 if reply.slots_free is not None:  # fresher than its last heartbeat
@@ -242,7 +246,7 @@ class Placement:
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                offered = await self._queue.wait(trajectory_id, remaining)
+                offered = await self._queue.wait(trajectory_id, remaining, image=image)
             except NatsError as exc:  # before TimeoutError: a publish timeout is both
                 raise NoCapacity(
                     f"cannot queue for a slot ({type(exc).__name__}); retry",

@@ -22,7 +22,14 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ._bwrap import _SANDBOX_PYTHON_PREFIX, BwrapOptions, _sandbox_python, bwrap_argv, find_bwrap
+from ._bwrap import (
+    _SANDBOX_PYTHON_PREFIX,
+    BwrapOptions,
+    ImageRoot,
+    _sandbox_python,
+    bwrap_argv,
+    find_bwrap,
+)
 from ._bwrap_sandbox import _READY_TIMEOUT_S, BwrapSandbox
 from ._cgroups import PidsCgroups
 from ._plain_sandbox import PlainSandbox
@@ -71,8 +78,10 @@ class SandboxFactory:
         limits: SandboxLimits,
         cgroups: PidsCgroups | None,
         uid_base: int = 0,
+        users: int = 0,
     ) -> None:
         self._uid_base = uid_base if os.geteuid() == 0 else 0
+        self._users = users  # slot users from uid_base on (the image slots' is the next)
         self._allow_network = allow_network
         self._require_sandbox = require_sandbox
         self._limits = limits
@@ -150,6 +159,33 @@ class SandboxFactory:
             chown_tree(workspace, owner)
         return BwrapSandbox(
             workspace, self._options, zygote=self._zygote, cgroup=self._cgroup(index), owner=owner
+        )
+
+    @property
+    def image_owner(self) -> tuple[int, int] | None:
+        """The host user every image slot's uid 0 is, and who owns the unpacked images: one
+        past the slots' users (``worker_uid_range`` leaves it free); None when the worker has
+        no users of its own (its slots and images are its own user's)."""
+        if self._uid_base <= 0 or self._options is None:
+            return None
+        uid = self._uid_base + self._users
+        return (uid, uid)
+
+    def make_image(
+        self, index: int, workspace: Path, root: ImageRoot, env: tuple[str, ...], *, offline: bool
+    ) -> Sandbox:
+        """A sandbox of slot ``index`` made from an image (see ``image_bwrap_argv``)."""
+        if self._options is None:
+            raise SandboxError("image slots need bubblewrap, and this worker runs unsandboxed")
+        options = dataclasses.replace(self._options, allow_network=False) if offline else None
+        return BwrapSandbox(
+            workspace,
+            options or self._options,
+            zygote=self._zygote,
+            cgroup=self._cgroup(index),
+            owner=self.image_owner,
+            image=root,
+            image_env=env,
         )
 
     def make_offline(self, index: int, workspace: Path) -> Sandbox | None:

@@ -67,6 +67,7 @@ from ._call_runs import (
     run_key,
     same_call,
 )
+from ._image_slots import ImageSlots
 from ._result_sender import ResultSender, fit_result
 from ._slots import Slot, SlotTable
 from ._tools import ToolRunner
@@ -87,8 +88,10 @@ class SlotCalls:
         tools: ToolRunner,
         artifacts: ArtifactRunner,
         runs: RunsById | None = None,
+        images: ImageSlots,
     ) -> None:
         self._nc = nc
+        self._images = images
         self._table = table
         self._worker_id = worker_id
         self._tools = tools
@@ -349,11 +352,13 @@ class SlotCalls:
         ) as span:
             if item.tool.startswith(_ARTIFACTS):
                 outcome.reply = await self._run_artifact_operation(slot, item)
+            elif isinstance(tools := await self._images.tools_or_failure(slot), ToolResult):
+                outcome.result = tools  # its image could not be had
             else:
                 outcome.result = await self._tools.run(
                     item.tool,
                     item.arguments,
-                    slot.tools,
+                    tools,
                     timeout_s=item.timeout_s,
                     allow_network=item.allow_network,
                 )
@@ -363,6 +368,11 @@ class SlotCalls:
 
     async def _run_artifact_operation(self, slot: Slot, item: BatchItem) -> dict[str, Any]:
         operation = item.tool.removeprefix(_ARTIFACTS)
+        if slot.image is not None:  # its helper is a Python of the host's, not in the image
+            return {
+                "success": False,
+                "error": "artifact operations are not yet available in image slots",
+            }
         # Its transfers and its helper share the call's time; past it, a failure reply.
         reply = await self._artifacts.run(
             operation,

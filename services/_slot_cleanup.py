@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from ._image_slots import ImageSlots
 from ._slots import Slot, SlotTable
 from ._tasks import finish_or_cancel
 
@@ -44,8 +45,10 @@ class SlotCleaner:
         cancel_timeout_s: float = DEFAULT_CANCEL_TIMEOUT_S,
         sandbox_end_timeout_s: float = DEFAULT_SANDBOX_END_TIMEOUT_S,
         assignment_ended: Callable[[int], None] = lambda epoch: None,
+        images: ImageSlots,
     ) -> None:
         self._table = table
+        self._images = images  # what image slots made, undone with the rest
         self._assignment_ended = assignment_ended  # by epoch: what is kept of its calls goes
         self._cancel_timeout_s = cancel_timeout_s
         self._sandbox_end_timeout_s = sandbox_end_timeout_s
@@ -110,7 +113,7 @@ class SlotCleaner:
     async def _end_sandbox(self, slot: Slot) -> str:
         try:
             # Background processes (&, nohup, setsid, tmux) end with the sandbox.
-            await asyncio.wait_for(slot.tools.close(), self._sandbox_end_timeout_s)
+            await asyncio.wait_for(self._end_sandboxes(slot), self._sandbox_end_timeout_s)
         except TimeoutError:
             return f"its sandbox did not end within {self._sandbox_end_timeout_s:g}s"
         except Exception as exc:
@@ -118,8 +121,15 @@ class SlotCleaner:
             return f"ending its sandbox failed: {exc}"
         return ""
 
+    async def _end_sandboxes(self, slot: Slot) -> None:
+        try:
+            await slot.tools.close()
+        finally:
+            await self._images.end(slot)
+
     async def _wipe(self, slot: Slot) -> None:
         try:
+            await self._images.drop_overlay(slot)
             # In a thread: a big tree takes a while, and heartbeats must go on meanwhile.
             await asyncio.to_thread(wipe_workspace, slot.workspace, slot.tools.sandbox.owner)
         except Exception as exc:  # whatever it was, the slot is not known to be clean

@@ -85,14 +85,15 @@ class SlotKeeper:
         return self.accepting and not self.draining
 
     # -- giving -------------------------------------------------------------------------------
-    async def acquire(self, trajectory_id: str) -> AcquireReply:
-        """A direct acquisition: give the trajectory a free, clean slot and write its lease
-        (the one it has, if any); FULL while trajectories wait for a slot (they come first)."""
+    async def acquire(self, trajectory_id: str, image: str | None = None) -> AcquireReply:
+        """A direct acquisition: give the trajectory a free, clean slot (made from ``image``,
+        if given) and write its lease (the one it has, if any); FULL while trajectories wait
+        for a slot (they come first)."""
         newcomer = self.giving and self._table.holding(trajectory_id) is None
         if newcomer and not await self._direct_turn():
             return AcquireReply(outcome=AcquireOutcome.FULL, slots_free=0)
         # No await since the turn was given: assign() takes the slot in this step.
-        reply, _ = await self.assign(trajectory_id)
+        reply, _ = await self.assign(trajectory_id, image)
         return reply
 
     async def _direct_turn(self) -> bool:
@@ -103,19 +104,21 @@ class SlotKeeper:
                 return False  # no look in time (JetStream slow or away): the queue decides
         return turn is DirectTurn.TAKE
 
-    async def assign(self, trajectory_id: str) -> tuple[AcquireReply, bool]:
+    async def assign(
+        self, trajectory_id: str, image: str | None = None
+    ) -> tuple[AcquireReply, bool]:
         """:meth:`acquire`, and whether the slot was assigned by this call (not held before)."""
         if not self.accepting:
             return AcquireReply(outcome=AcquireOutcome.STOPPING), False
         if (held := self._held_reply(trajectory_id)) is not None:
             return held, False
-        slot = self._table.assign(trajectory_id) if self.giving else None
+        slot = self._table.assign(trajectory_id, image) if self.giving else None
         while slot is None and self.giving and (dirty := self._table.claim_dirty()) is not None:
             await asyncio.shield(self._cleaner.start_wipe(dirty))  # the deferred wipe, now
             if (held := self._held_reply(trajectory_id)) is not None:
                 return held, False  # another acquisition of it got a slot meanwhile
             # Another acquisition may have taken the slot wiped here: then wipe the next one.
-            slot = self._table.assign(trajectory_id) if self.giving else None
+            slot = self._table.assign(trajectory_id, image) if self.giving else None
         if slot is None:
             return AcquireReply(outcome=AcquireOutcome.FULL, slots_free=0), False
         return await self._lease(trajectory_id, slot), True
@@ -128,6 +131,7 @@ class SlotKeeper:
             slot=slot.index,
             epoch=slot.epoch,
             acquired_at=time.time(),
+            image=slot.image,
         )
         async with slot.lease_lock:  # a release of it waits for this to settle
             try:

@@ -274,7 +274,7 @@ class SlotOffers:
         if waiter.deadline + _CLOCK_SKEW_S < time.time():
             await _settle(ticket.ack())  # nobody waits for it any more
             return None
-        reply, fresh = await self._keeper.assign(waiter.trajectory_id)
+        reply, fresh = await self._keeper.assign(waiter.trajectory_id, waiter.image)
         if reply.outcome not in (AcquireOutcome.LEASED, AcquireOutcome.CONFLICT):
             await self._put_back(ticket)  # no slot after all (or none now): the next worker's
             if reply.outcome is AcquireOutcome.FAILED:  # KV is away: do not spin on the ticket

@@ -38,6 +38,7 @@ import structlog
 
 from schemas.internal import Lease
 
+from ._image_store import Image
 from ._tools import SlotTools
 
 log = structlog.get_logger("toolbus.slots")
@@ -78,6 +79,12 @@ class Slot:
     # Its lease's writes run one at a time, each from the revision the last one left.
     lease_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # its calls, queued or running
+    # The image the assignment is made from (its trajectory named it), and what of it the
+    # slot has at the time (``_image_slots.py``): its tools, made at the first call, and the
+    # image they hold.
+    image: str | None = None
+    image_tools: SlotTools | None = None
+    image_held: Image | None = None
 
     @property
     def held(self) -> bool:
@@ -143,9 +150,9 @@ class SlotTable:
         return min(self.count(SlotState.FREE, SlotState.DIRTY), self.room)
 
     # -- transitions --------------------------------------------------------------------------
-    def assign(self, trajectory_id: str) -> Slot | None:
+    def assign(self, trajectory_id: str, image: str | None = None) -> Slot | None:
         """FREE → ASSIGNING for the trajectory, with a new epoch (a warm slot before a cold
-        one); None when no slot is free."""
+        one), made from ``image`` if given; None when no slot is free."""
         if trajectory_id in self._by_trajectory:
             raise SlotStateError(f"trajectory {trajectory_id!r} already holds a slot")
         if not self.room:
@@ -157,6 +164,7 @@ class SlotTable:
             return None
         slot.state = SlotState.ASSIGNING
         slot.trajectory_id = trajectory_id
+        slot.image = image
         slot.epoch = next(self._epochs)
         slot.last_used = time.monotonic()
         slot.calls = 0
@@ -177,6 +185,7 @@ class SlotTable:
         self._expect(slot, SlotState.ASSIGNING)
         self._unhold(slot)
         slot.state = SlotState.FREE
+        slot.image = None  # nothing of it was made: no call came
         self._on_change()
 
     def fail_assignment(self, slot: Slot) -> None:
@@ -221,9 +230,10 @@ class SlotTable:
         return slot
 
     def wiped(self, slot: Slot) -> None:
-        """WIPING → FREE: its workspace is empty and its sandbox gone."""
+        """WIPING → FREE: its workspace (and its image overlay) empty and its sandbox gone."""
         self._expect(slot, SlotState.WIPING)
         slot.state = SlotState.FREE
+        slot.image = None
         slot.problem = ""
         self._on_change()
 

@@ -174,7 +174,9 @@ class SlotQueue:
             except Exception as exc:  # the connection is gone already
                 log.debug("unsubscribe failed", error=str(exc))
 
-    async def wait(self, trajectory_id: str, timeout_s: float) -> Lease | None:
+    async def wait(
+        self, trajectory_id: str, timeout_s: float, *, image: str | None = None
+    ) -> Lease | None:
         """The lease a worker offered within ``timeout_s`` (None: the trajectory got one some
         other way; read it). TimeoutError (the builtin) when no slot freed in time; a NATS
         error (``nats.errors.TimeoutError`` included) when the ticket could not be queued."""
@@ -190,6 +192,7 @@ class SlotQueue:
                 offer_to=self._offers_subject,
                 deadline=now + timeout_s,
                 enqueued_at=now,
+                image=image,
             )
             async with asyncio.timeout(timeout_s):
                 await self._enqueue(message.model_dump_json().encode(), timeout_s)

@@ -13,6 +13,7 @@ from .settings import (
     DEFAULT_ARTIFACTS_BUCKET,
     DEFAULT_ARTIFACTS_TTL_S,
     DEFAULT_HEARTBEAT_S,
+    DEFAULT_IMAGE_CACHE_MB,
     DEFAULT_MAX_FILE_CHARS,
     DEFAULT_MAX_OUTPUT_CHARS,
     DEFAULT_MIN_FREE_DISK_MB,
@@ -54,6 +55,9 @@ class WorkerConfig:
     artifacts_bucket: str = DEFAULT_ARTIFACTS_BUCKET
     artifacts_ttl_s: float = DEFAULT_ARTIFACTS_TTL_S
     artifact_limits: ArtifactLimits = ArtifactLimits()
+    image_cache_mb: int = DEFAULT_IMAGE_CACHE_MB
+    registry_auth_file: Path | None = None
+    insecure_registries: frozenset[str] = frozenset()
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str) -> WorkerConfig:
@@ -77,6 +81,11 @@ class WorkerConfig:
                 max_tmp_mb=settings.max_tmp_mb,
             ),
             sandbox_uid_base=settings.sandbox_uid_base,
+            image_cache_mb=settings.image_cache_mb,
+            registry_auth_file=settings.registry_auth_file,
+            insecure_registries=frozenset(
+                host.strip() for host in settings.insecure_registries.split(",") if host.strip()
+            ),
             min_free_disk_mb=settings.min_free_disk_mb,
             pids_cgroup=settings.pids_cgroup,
             slot_idle_timeout_s=settings.slot_idle_timeout_s,

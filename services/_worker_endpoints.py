@@ -136,7 +136,7 @@ class WorkerEndpoints:
 
     async def _on_acquire(self, msg: Msg) -> AcquireReply:
         request = AcquireRequest.model_validate_json(msg.data)
-        return await self._keeper.acquire(request.trajectory_id)
+        return await self._keeper.acquire(request.trajectory_id, request.image)
 
     async def _on_release(self, msg: Msg) -> WorkerReleaseReply:
         request = WorkerReleaseRequest.model_validate_json(msg.data)

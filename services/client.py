@@ -122,7 +122,10 @@ class ToolbusClient:
         uniq_id: str | None = None,
         timeout_s: float | None = None,
         allow_network: bool | None = None,
+        image: str | None = None,
     ) -> ToolResult:
+        """Run a tool call in the trajectory's slot; ``image`` names what a new slot is made
+        from (README, Images)."""
         # An ExecuteRequest's JSON, written directly: validating it here as well as in the
         # executor cost more than the rest of the client's work on a call. The executor's
         # answer to a bad value is as precise (a BadRequest naming the field).
@@ -138,6 +141,8 @@ class ToolbusClient:
             request["timeout_s"] = timeout_s
         if allow_network is not None:
             request["allow_network"] = allow_network
+        if image is not None:
+            request["image"] = image
         body = pydantic_core.to_json(request)
         wait = (timeout_s or MAX_TIMEOUT_S) + self._execute_margin_s
         result = await self._traced(

@@ -57,6 +57,7 @@ from ._executor_config import ExecutorConfig
 from ._external import ExternalTools
 from ._failures import infra_failure
 from ._fair_share import TrajectoryLimits
+from ._image_refs import parse_image_name
 from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
 from ._placement import Placement
@@ -290,6 +291,7 @@ class ExecutorService:
                 timeout_s=self._config.clamp_timeout(requested),
                 uniq_id=request.tool.uniq_id,
                 allow_network=request.allow_network is not False,
+                image=None if request.image is None else str(parse_image_name(request.image)),
             )
         log.debug("call answered", success=result.success)
         return result.model_dump_json().encode()
@@ -319,12 +321,14 @@ class ExecutorService:
         timeout_s: float,
         uniq_id: str | None,
         allow_network: bool = True,
+        image: str | None = None,
     ) -> ToolResult:
-        """Run one call of a built-in tool in the trajectory's slot."""
+        """Run one call of a built-in tool in the trajectory's slot (a new one made from
+        ``image``, a normalized image name, when it has none)."""
         started = time.perf_counter()
         with self._stats.in_flight():
             done = await self._calls.run(
-                trajectory_id, tool, arguments, timeout_s, uniq_id, allow_network
+                trajectory_id, tool, arguments, timeout_s, uniq_id, allow_network, image=image
             )
         if isinstance(done, ToolResult):
             result = done

@@ -307,6 +307,24 @@ class Settings(BaseSettings):
         validation_alias=_env("max_tmp_mb"),
         description="Size of the sandbox's private /tmp (in memory), in MiB.",
     )
+    image_cache_mb: int = Field(
+        default=DEFAULT_IMAGE_CACHE_MB,
+        ge=1,
+        validation_alias=_env("image_cache_mb"),
+        description="Disk a worker's unpacked images may take, in MiB; past it the images no "
+        "slot uses, least recently used first, are removed.",
+    )
+    registry_auth_file: Path | None = Field(
+        default=None,
+        validation_alias=_env("registry_auth_file"),
+        description="A Docker config.json with registry credentials (default: "
+        "$DOCKER_CONFIG/config.json, else ~/.docker/config.json).",
+    )
+    insecure_registries: str = Field(
+        default="",
+        validation_alias=_env("insecure_registries"),
+        description="Comma-separated registry host[:port]s reached over plain HTTP.",
+    )
     min_free_disk_mb: int = Field(
         default=DEFAULT_MIN_FREE_DISK_MB,
         ge=0,

@@ -37,6 +37,8 @@ from ._call_runs import RunsById
 from ._cgroups import CgroupProbe, PidsCgroups
 from ._diskguard import DiskGuard
 from ._fd_limits import check_fd_limit
+from ._image_slots import ImageSlots
+from ._image_store import ImageStore
 from ._kv import KvBucket, open_bucket
 from ._leases import LeaseStore
 from ._leftovers import AliveLock, clean_dead_workers
@@ -90,6 +92,7 @@ class SandboxWorker:
             limits=config.limits,
             cgroups=self._cgroups,
             uid_base=config.sandbox_uid_base,
+            users=config.slots + config.spare_slots,
         )
         self._artifacts = ArtifactRunner(
             nc.jetstream(),
@@ -108,7 +111,18 @@ class SandboxWorker:
             self._table, size=config.warm_slots, paused=lambda: self._keeper.draining
         )
         runs = RunsById(window_s=config.retry_window_s, max_bytes=config.retry_memory_bytes)
-        self._cleaner = SlotCleaner(self._table, assignment_ended=runs.forget_assignment)
+        self._image_store = ImageStore(
+            config.workspace_root / "images",
+            max_bytes=config.image_cache_mb * 1024 * 1024,
+            auth_file=config.registry_auth_file,
+            insecure_registries=config.insecure_registries,
+        )
+        images = ImageSlots(
+            self._image_store, self._sandboxes, overlays=config.workspace_root / "overlays"
+        )
+        self._cleaner = SlotCleaner(
+            self._table, assignment_ended=runs.forget_assignment, images=images
+        )
         self._calls = SlotCalls(
             nc,
             self._table,
@@ -122,6 +136,7 @@ class SandboxWorker:
             ),
             artifacts=self._artifacts,
             runs=runs,
+            images=images,
         )
         js = nc.jetstream()
         self._registration = WorkerRegistration(
@@ -231,6 +246,8 @@ class SandboxWorker:
                 )
             # Fails closed here when require_sandbox is set and bubblewrap cannot run.
             await self._sandboxes.probe(root / ".probe")
+            # The images' files are the image slots' user's (known once the probe has run).
+            await asyncio.to_thread(self._image_store.open, owner=self._sandboxes.image_owner)
             await self._start(root, slots)
         except BaseException as exc:
             # Whatever it got to (the zygote the probe started, the cgroups, wipes,

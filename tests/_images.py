@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import socket
+import struct
 import subprocess
 import tarfile
 import time
@@ -236,3 +237,45 @@ def put_manifest(host: str, repository: str, reference: str, data: bytes, media:
     )
     with urllib.request.urlopen(request):
         pass
+
+
+# -- an image that runs: Debian's static busybox -------------------------------------------------
+BUSYBOX = Path("/bin/busybox")
+_APPLETS = ("sh", "cat", "ls", "id", "echo", "mkdir", "touch", "pwd", "env", "ps", "sleep", "rm")
+_APPLETS += ("sed", "grep", "test", "[")
+
+
+def static_busybox() -> bool:
+    """Whether /bin/busybox is an ELF with no interpreter (PT_INTERP): it runs in an image
+    without the host's libc (busybox-static; the dynamic busybox package would not)."""
+    try:
+        data = BUSYBOX.read_bytes()
+    except OSError:
+        return False
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit ELF
+        return False
+    phoff = struct.unpack_from("<Q", data, 0x20)[0]
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
+
+
+_TEST_SH = b"grep -q 'a + b' app.py && echo PASSED || { echo FAILED; exit 1; }\n"
+
+
+def busybox_image() -> BuiltImage:
+    """A task image: busybox, and at /testbed an app with a bug and the test that finds it."""
+    entries = [
+        Entry("bin", kind="dir"),
+        Entry("bin/busybox", BUSYBOX.read_bytes(), mode=0o755),
+        *(Entry(f"bin/{name}", kind="symlink", target="busybox") for name in _APPLETS),
+        Entry("etc/os-release", b"ID=toolbus-test-image\n"),
+        Entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+        Entry("root", kind="dir", mode=0o700),
+        Entry("testbed", kind="dir"),
+        Entry("testbed/app.py", b"def add(a, b):\n    return a - b\n"),
+        Entry(
+            "testbed/test.sh",
+            b"grep -q 'a + b' app.py && echo PASSED || { echo FAILED; exit 1; }\n",
+        ),
+    ]
+    return BuiltImage([layer(*entries)], env=["PATH=/bin", "IMAGE=busybox"], workdir="/testbed")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -19,59 +18,27 @@ from services._bwrap import ImageRoot
 from services._image_store import Image, ImageStore
 from services._sandbox import BwrapOptions, BwrapSandbox, find_bwrap
 from services._zygote import LauncherZygote
-from tests._images import BuiltImage, Entry, layer
+from tests._images import busybox_image, static_busybox
 from tests._sandboxes import sh
 
-_BUSYBOX = Path("/bin/busybox")
-_APPLETS = ("sh", "cat", "ls", "id", "echo", "mkdir", "touch", "pwd", "env", "ps", "sleep", "rm")
-# The image's owner: the host user its slots' uid 0 is (apart from every other test's).
-_OWNER = (2_000_000_990, 2_000_000_990)
-
-
-def _static(binary: Path) -> bool:
-    """An ELF with no interpreter (PT_INTERP): it runs in an image without the host's libc."""
-    try:
-        data = binary.read_bytes()
-    except OSError:
-        return False
-    if data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit ELF
-        return False
-    phoff, phentsize, phnum = (
-        struct.unpack_from("<Q", data, 0x20)[0],
-        *struct.unpack_from("<HH", data, 0x36),
-    )
-    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
+_OWNER = (2_000_000_990, 2_000_000_990)  # the image owner: apart from every other test's
 
 
 pytestmark = [
     pytest.mark.skipif(
-        not _static(_BUSYBOX),
+        not static_busybox(),
         reason="no static /bin/busybox: apt-get install busybox-static (README, Quick start)",
     ),
     pytest.mark.skipif(os.geteuid() != 0, reason="the image owner is a user of its own: root"),
 ]
 
 
-def _busybox_image() -> BuiltImage:
-    entries = [
-        Entry("bin", kind="dir"),
-        Entry("bin/busybox", _BUSYBOX.read_bytes(), mode=0o755),
-        *(Entry(f"bin/{name}", kind="symlink", target="busybox") for name in _APPLETS),
-        Entry("etc/os-release", b"ID=toolbus-test-image\n"),
-        Entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
-        Entry("root", kind="dir", mode=0o700),
-        Entry("testbed", kind="dir"),
-        Entry("testbed/app.py", b"def add(a, b):\n    return a - b\n"),
-    ]
-    return BuiltImage([layer(*entries)], env=["PATH=/bin", "IMAGE=busybox"], workdir="/testbed")
-
-
 @pytest.fixture
 async def image(tmp_path: Path) -> AsyncIterator[Image]:
     _passable(tmp_path)
-    store = ImageStore(tmp_path / "images", owner=_OWNER)
-    store.open()
-    layout = _busybox_image().write_layout(tmp_path / "layout")
+    store = ImageStore(tmp_path / "images")
+    store.open(owner=_OWNER)
+    layout = busybox_image().write_layout(tmp_path / "layout")
     got = await store.acquire(f"oci:{layout}")
     yield got
     store.release(got)

@@ -39,7 +39,13 @@ def test_committed_json_schemas_match_the_models() -> None:
 def test_execute_request_schema_names_the_seed_fields() -> None:
     schema = json.loads((SCHEMA_DIR / "execute_request.json").read_text())
     assert schema["required"] == ["trajectory_id", "tool"]
-    assert set(schema["properties"]) == {"trajectory_id", "tool", "timeout_s", "allow_network"}
+    assert set(schema["properties"]) == {
+        "trajectory_id",
+        "tool",
+        "timeout_s",
+        "allow_network",
+        "image",  # toolbus's own (issue 12): the slot's environment
+    }
     tool = schema["$defs"]["ToolCall"]
     assert set(tool["properties"]) == {"name", "arguments", "uniq_id"}
 
