@@ -124,6 +124,7 @@ def _registry_client(host: str, *, insecure: bool) -> Any:
     for a registry that is down); here a pull fails at once and says why, and whoever asked
     decides whether to ask again."""
     import oras.provider  # imported when an image is first pulled: it brings requests
+    import requests
     import requests.adapters
 
     class Registry(oras.provider.Registry):  # type: ignore[misc]
@@ -134,7 +135,15 @@ def _registry_client(host: str, *, insecure: bool) -> Any:
             kwargs["timeout"] = kwargs.get("timeout") or REGISTRY_TIMEOUT_S
             return super().send(*args, **kwargs)
 
-    registry = Registry(host, insecure=insecure)
+    # oras answers a challenge with a token request unless told the registry wants Basic
+    # auth (a distribution registry with htpasswd): asked once here, at the API's root.
+    prefix = "http" if insecure else "https"
+    try:
+        challenge = requests.get(f"{prefix}://{host}/v2/", timeout=REGISTRY_TIMEOUT_S).headers
+    except requests.RequestException as exc:
+        raise ImageSourceError(f"cannot reach the registry {host}: {exc}") from None
+    basic = challenge.get("WWW-Authenticate", "").lower().startswith("basic")
+    registry = Registry(host, insecure=insecure, auth_backend="basic" if basic else "token")
     for scheme in ("http://", "https://"):
         registry.session.mount(scheme, TimedAdapter())
     return registry
@@ -149,6 +158,14 @@ class RegistrySource:
 
     def manifest(self) -> ImageManifest:
         self._registry.auth.load_configs(self._container, configs=self._auth_files)
+        basic = type(self._registry.auth).__name__ == "BasicAuth"
+        if basic and not getattr(self._registry.auth, "_basic_auth", None):
+            # (oras would fail on the missing attribute, saying nothing useful)
+            where = self._auth_files[0] if self._auth_files else "~/.docker/config.json"
+            raise ImageSourceError(
+                f"{self._name}: the registry wants credentials, and {where} has none for "
+                f"{self._name.location}"
+            )
         data, media_type = self._get_manifest(self._name.reference)
         if media_type in INDEXES:
             data, media_type = self._get_manifest(_pick_platform(data))

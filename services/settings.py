@@ -318,7 +318,7 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=_env("registry_auth_file"),
         description="A Docker config.json with registry credentials (default: "
-        "$DOCKER_CONFIG/config.json, else ~/.docker/config.json).",
+        "~/.docker/config.json).",
     )
     insecure_registries: str = Field(
         default="",

@@ -4,6 +4,7 @@ CNCF distribution registry, started here on a free port)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import hashlib
@@ -15,6 +16,7 @@ import struct
 import subprocess
 import tarfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -163,8 +165,9 @@ def registry_binary() -> str | None:
 
 
 @contextlib.contextmanager
-def running_registry(directory: Path) -> Iterator[str]:
-    """The distribution registry on a free loopback port; yields its host:port."""
+def running_registry(directory: Path, *, user: tuple[str, str] | None = None) -> Iterator[str]:
+    """The distribution registry on a free loopback port; yields its host:port. With ``user``
+    (a name and password) it wants them, by Basic auth (htpasswd, as a private one would)."""
     binary = registry_binary()
     assert binary is not None
     with socket.socket() as probe:
@@ -179,6 +182,15 @@ def running_registry(directory: Path) -> Iterator[str]:
         "  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
     )
+    if user is not None:
+        import bcrypt
+
+        hashed = bcrypt.hashpw(user[1].encode(), bcrypt.gensalt(rounds=4)).decode()
+        (directory / "htpasswd").write_text(f"{user[0]}:{hashed}\n")
+        with config.open("a") as out:
+            out.write(
+                f"auth:\n  htpasswd:\n    realm: toolbus-test\n    path: {directory / 'htpasswd'}\n"
+            )
     log = directory / "registry.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -192,6 +204,10 @@ def running_registry(directory: Path) -> Iterator[str]:
                 with urllib.request.urlopen(f"http://{host}/v2/", timeout=1) as reply:
                     if reply.status == 200:
                         break
+            except urllib.error.HTTPError as refused:
+                if refused.code == 401:  # up, and wants credentials
+                    break
+                raise
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     said = log.read_text(errors="replace")
@@ -203,14 +219,17 @@ def running_registry(directory: Path) -> Iterator[str]:
         process.wait(10)
 
 
-def push(host: str, repository: str, tag: str, image: BuiltImage) -> str:
+def push(
+    host: str, repository: str, tag: str, image: BuiltImage, *, user: tuple[str, str] | None = None
+) -> str:
     """Push the image's blobs and manifest over the registry API; its manifest digest."""
+    headers = _basic(user)
     manifest, _, blobs = image.blobs()
     for digest, data in blobs.items():
         if data is manifest:
             continue
         request = urllib.request.Request(
-            f"http://{host}/v2/{repository}/blobs/uploads/", method="POST"
+            f"http://{host}/v2/{repository}/blobs/uploads/", method="POST", headers=headers
         )
         with urllib.request.urlopen(request) as reply:
             location = reply.headers["Location"]
@@ -220,20 +239,34 @@ def push(host: str, repository: str, tag: str, image: BuiltImage) -> str:
             f"{upload}{separator}digest={digest}",
             data=data,
             method="PUT",
-            headers={"Content-Type": "application/octet-stream"},
+            headers={"Content-Type": "application/octet-stream", **headers},
         )
         with urllib.request.urlopen(request):
             pass
-    put_manifest(host, repository, tag, manifest, OCI_MANIFEST)
+    put_manifest(host, repository, tag, manifest, OCI_MANIFEST, user=user)
     return digest_of(manifest)
 
 
-def put_manifest(host: str, repository: str, reference: str, data: bytes, media: str) -> None:
+def _basic(user: tuple[str, str] | None) -> dict[str, str]:
+    if user is None:
+        return {}
+    return {"Authorization": f"Basic {base64.b64encode(':'.join(user).encode()).decode()}"}
+
+
+def put_manifest(
+    host: str,
+    repository: str,
+    reference: str,
+    data: bytes,
+    media: str,
+    *,
+    user: tuple[str, str] | None = None,
+) -> None:
     request = urllib.request.Request(
         f"http://{host}/v2/{repository}/manifests/{reference}",
         data=data,
         method="PUT",
-        headers={"Content-Type": media},
+        headers={"Content-Type": media, **_basic(user)},
     )
     with urllib.request.urlopen(request):
         pass

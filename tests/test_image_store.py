@@ -5,6 +5,7 @@ layers applied as a runtime applies them, digests checked, one pull per image, e
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 from pathlib import Path
@@ -264,3 +265,39 @@ async def test_a_multi_platform_index_gives_this_hosts_platform(tmp_path: Path) 
         store = _store(tmp_path, insecure_registries=frozenset({host}))
         image = await store.acquire(f"{host}/multi/arch")
         assert (image.rootfs / "which").read_bytes() == arch.encode()
+
+
+@needs_registry
+async def test_a_private_registry_is_pulled_from_with_the_credentials_of_a_docker_config(
+    tmp_path: Path,
+) -> None:
+    user = ("trainer", "s3cret")
+    with running_registry(tmp_path / "registry", user=user) as host:
+        push(host, "private/task", "v1", _image(), user=user)
+        insecure = frozenset({host})
+
+        def docker_config(name: str, credentials: bytes | None) -> Path:
+            auths = {host: {"auth": base64.b64encode(credentials).decode()}} if credentials else {}
+            path = tmp_path / name
+            path.write_text(json.dumps({"auths": auths}))
+            return path
+
+        config = docker_config("config.json", b"trainer:s3cret")
+        store = _store(tmp_path, insecure_registries=insecure, auth_file=config)
+        image = await store.acquire(f"{host}/private/task:v1")
+        _check_root(image.rootfs)
+        (tmp_path / "none.json").write_text("{}")
+        without = _store(
+            tmp_path / "other",
+            insecure_registries=frozenset({host}),
+            auth_file=tmp_path / "none.json",
+        )
+        with pytest.raises(ImageUnavailable, match="wants credentials"):
+            await without.acquire(f"{host}/private/task:v1")
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(
+            json.dumps({"auths": {host: {"auth": base64.b64encode(b"trainer:no").decode()}}})
+        )
+        refused = _store(tmp_path / "third", insecure_registries=frozenset({host}), auth_file=wrong)
+        with pytest.raises(ImageUnavailable, match="not authorized"):
+            await refused.acquire(f"{host}/private/task:v1")
