@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import socket
 import struct
@@ -21,6 +22,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -293,6 +296,17 @@ def static_busybox() -> bool:
 
 
 _TEST_SH = b"grep -q 'a + b' app.py && echo PASSED || { echo FAILED; exit 1; }\n"
+
+
+def needs_busybox_as_root(why_root: str) -> list[pytest.MarkDecorator]:
+    """The marks of a test that runs the busybox image in a root worker's sandbox."""
+    return [
+        pytest.mark.skipif(
+            not static_busybox(),
+            reason="no static /bin/busybox: apt-get install busybox-static (README, Quick start)",
+        ),
+        pytest.mark.skipif(os.geteuid() != 0, reason=why_root),
+    ]
 
 
 def busybox_image() -> BuiltImage:

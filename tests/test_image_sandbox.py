@@ -18,19 +18,13 @@ from services._bwrap import ImageRoot
 from services._image_store import Image, ImageStore
 from services._sandbox import BwrapOptions, BwrapSandbox, find_bwrap
 from services._zygote import LauncherZygote
-from tests._images import busybox_image, static_busybox
+from tests._images import busybox_image, needs_busybox_as_root
 from tests._sandboxes import sh
 
 _OWNER = (2_000_000_990, 2_000_000_990)  # the image owner: apart from every other test's
 
 
-pytestmark = [
-    pytest.mark.skipif(
-        not static_busybox(),
-        reason="no static /bin/busybox: apt-get install busybox-static (README, Quick start)",
-    ),
-    pytest.mark.skipif(os.geteuid() != 0, reason="the image owner is a user of its own: root"),
-]
+pytestmark = needs_busybox_as_root("the image owner is a user of its own: root")
 
 
 @pytest.fixture

@@ -5,24 +5,17 @@ clear errors for a bad name or an image that cannot be had (issue 12, part 1).""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from services.exceptions import BadRequest
-from tests._images import busybox_image, static_busybox
+from tests._images import busybox_image, needs_busybox_as_root
 from tests._waits import until
 from tests.conftest import StackFactory
 
-pytestmark = [
-    pytest.mark.skipif(
-        not static_busybox(),
-        reason="no static /bin/busybox: apt-get install busybox-static (README, Quick start)",
-    ),
-    pytest.mark.skipif(os.geteuid() != 0, reason="image slots of a root worker: run as root"),
-]
+pytestmark = needs_busybox_as_root("image slots of a root worker: run as root")
 
 
 @pytest.fixture
