@@ -29,6 +29,7 @@ _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _MAX_SYMLINKS = 40  # as the kernel's limit for one lookup
 _COPY_CHUNK = 1024 * 1024
+_FILE_MODE_BITS = 0o1777  # all but setuid and setgid
 
 
 class LayerError(Exception):
@@ -91,7 +92,10 @@ def _apply(
         _empty_except(root, parent, made)
         return
     if base.startswith(_WHITEOUT):
-        _remove(root, posixpath.join(parent, base.removeprefix(_WHITEOUT)))
+        hidden = base.removeprefix(_WHITEOUT)
+        if hidden in ("", ".", ".."):  # ".wh..." would remove the directory above the root
+            raise LayerError(f"the layer has a whiteout of no entry: {path!r}")
+        _remove(root, posixpath.join(parent, hidden))
         return
     if member.ischr() or member.isblk():
         return  # a fresh /dev in every sandbox
@@ -124,7 +128,8 @@ def _apply(
     if owner is not None:
         os.chown(target, *owner, follow_symlinks=False)
     if not member.isdir() and not member.issym():  # (a file this layer just made: no link)
-        os.chmod(target, member.mode & 0o7777)
+        # No setuid or setgid: useless inside (no_new_privs), and the cache is on the host.
+        os.chmod(target, member.mode & _FILE_MODE_BITS)
     if not member.issym():
         os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
 
@@ -166,6 +171,8 @@ def make_tree_writable(directory: str | Path) -> None:
 def _remove(root: Path, path: str) -> None:
     """A whiteout: what earlier layers had at ``path`` goes (nothing there: nothing to do)."""
     parent, base = posixpath.split(path)
+    if base in ("", ".", ".."):
+        raise LayerError(f"the layer has a whiteout of no entry: {path!r}")
     try:
         where = _resolve(root, parent) if parent else str(root)
     except FileNotFoundError:
@@ -232,6 +239,14 @@ def _resolve(
             raise LayerError(f"{'/'.join([*resolved, part])!r} is a file in the image")
         resolved.append(part)
     return os.path.join(root, *resolved)
+
+
+def ensure_directory(root: Path, path: str, owner: tuple[int, int] | None) -> None:
+    """``path`` in the image made a directory where missing (its WorkingDir, as a runtime
+    makes it at a container's start). LayerError when a file is in the way."""
+    directory = _resolve(root, path, make=True, owner=owner)
+    if not os.path.isdir(directory):
+        raise LayerError(f"{path!r} is not a directory in the image")
 
 
 def has_file(root: Path, path: str) -> bool:

@@ -21,6 +21,9 @@ from .exceptions import BadRequest
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"  # where docker.io's registry API answers
 DEFAULT_TAG = "latest"
+_DOCKER_HUB_ALIASES = frozenset(
+    {"index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+)
 MAX_IMAGE_NAME_CHARS = 4096
 
 # The distribution reference grammar (distribution/reference), as far as a puller needs it.
@@ -100,9 +103,11 @@ def _registry(text: str) -> ImageName:
     host, path = DOCKER_HUB, name
     first, slash, rest = name.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost"):
-        host, path = first, rest
+        host, path = first.lower(), rest  # (host names are not case-sensitive)
         if not _HOST.fullmatch(host):
             raise ImageNameError(f"{host!r} is not a registry host[:port]")
+        if host in _DOCKER_HUB_ALIASES:
+            host = DOCKER_HUB
     tag = DEFAULT_TAG
     last_slash = path.rfind("/")
     if ":" in path[last_slash + 1 :]:

@@ -22,9 +22,9 @@ from schemas.messages import ErrorKindOfResult, ToolResult
 from ._bwrap import ImageRoot
 from ._image_layers import make_tree_writable
 from ._image_store import ImageStore, ImageUnavailable
-from ._sandbox import SandboxFactory
+from ._sandbox import Sandbox, SandboxError, SandboxFactory
 from ._slots import Slot
-from ._tools import SlotTools
+from ._tools import SlotTools, ToolFailure
 
 
 class ImageSlots:
@@ -40,8 +40,14 @@ class ImageSlots:
             return slot.tools
         if slot.image_tools is not None:
             return slot.image_tools
-        image = await self._store.acquire(slot.image)
-        slot.image_held = image  # in the step that got it: end() lets it go, whatever follows
+        if slot.image_held is None:  # (a call before got it, and then failed)
+            slot.image_held = await self._store.acquire(slot.image)  # end() lets it go
+        image = slot.image_held
+        if not image.shell:  # the sandbox's pid 1 is a shell loop
+            raise ImageUnavailable(
+                f"image {slot.image} has no /bin/sh, which an image slot needs",
+                kind="image_unavailable",
+            )
         overlay = self._overlays / f"slot_{slot.index}"
         owner = self._sandboxes.image_owner
         for part in ("upper", "work"):
@@ -59,8 +65,7 @@ class ImageSlots:
         sandbox = self._sandboxes.make_image(
             slot.index, slot.workspace, root, image.config.env, offline=False
         )
-        # No network-less second sandbox: it would need the overlay this one has mounted.
-        slot.image_tools = SlotTools.for_sandbox(sandbox, lambda: None)
+        slot.image_tools = SlotTools.for_sandbox(sandbox, _no_offline_sandbox)
         return slot.image_tools
 
     async def tools_or_failure(self, slot: Slot) -> SlotTools | ToolResult:
@@ -68,7 +73,9 @@ class ImageSlots:
         try:
             return await self.tools_for(slot)
         except ImageUnavailable as exc:
-            return image_unavailable(exc)
+            return image_unavailable(exc.message)
+        except (SandboxError, OSError) as exc:  # the worker's side: its sandbox, its disk
+            return image_unavailable(f"image {slot.image}: cannot make its slot: {exc}")
 
     async def end(self, slot: Slot) -> None:
         """The slot's sandbox ends: its image tools are closed, its image let go."""
@@ -88,12 +95,21 @@ class ImageSlots:
             await asyncio.to_thread(_remove_overlay, overlay)
 
 
-def image_unavailable(exc: ImageUnavailable) -> ToolResult:
+def _no_offline_sandbox() -> Sandbox:
+    # A network-less second sandbox would need the overlay the slot's sandbox has mounted.
+    raise ToolFailure(
+        "allow_network=false is not yet available in image slots (their sandbox has the "
+        "network the worker allows)",
+        ErrorKindOfResult.SANDBOX,
+    )
+
+
+def image_unavailable(message: str) -> ToolResult:
     """A call of a slot whose image cannot be had: it did not run (the caller's image name or
     source is wrong, or the registry away: the message says which)."""
     return ToolResult(
         success=False,
-        error=exc.message,
+        error=message,
         metadata={"error_kind": str(ErrorKindOfResult.SANDBOX), "image_unavailable": True},
     )
 

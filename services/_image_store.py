@@ -29,7 +29,14 @@ from typing import Any
 
 import structlog
 
-from ._image_layers import LayerError, apply_layer, has_file, make_tree_writable, tree_bytes
+from ._image_layers import (
+    LayerError,
+    apply_layer,
+    ensure_directory,
+    has_file,
+    make_tree_writable,
+    tree_bytes,
+)
 from ._image_refs import ImageName, parse_image_name
 from ._image_sources import ImageManifest, ImageSource, ImageSourceError, open_source
 from .exceptions import ServiceError
@@ -38,6 +45,7 @@ log = structlog.get_logger("toolbus.images")
 
 DEFAULT_IMAGE_CACHE_MB = 20 * 1024
 DEFAULT_TAG_TTL_S = 300.0
+DEFAULT_EVICTION_GRACE_S = 60.0
 _CHUNK = 1024 * 1024
 
 
@@ -69,7 +77,7 @@ class Image:
     rootfs: Path
     config: ImageConfig
     size_bytes: int
-    shell: str = "/bin/sh"  # /bin/bash when the image has it: what runs a command string
+    shell: str = "/bin/sh"  # what runs a command string: its bash, else its sh; "" if neither
 
 
 @dataclass(slots=True)
@@ -89,6 +97,7 @@ class ImageStore:
         auth_file: Path | None = None,
         insecure_registries: frozenset[str] = frozenset(),
         tag_ttl_s: float = DEFAULT_TAG_TTL_S,
+        eviction_grace_s: float = DEFAULT_EVICTION_GRACE_S,
     ) -> None:
         self._root = root
         self._blobs = root / "blobs" / "sha256"
@@ -97,11 +106,13 @@ class ImageStore:
         self._auth_file = auth_file
         self._insecure = insecure_registries
         self._tag_ttl_s = tag_ttl_s
+        self._eviction_grace_s = eviction_grace_s
         self._owner: tuple[int, int] | None = None  # of every file of every root (see open)
         self._images: dict[str, _Cached] = {}  # by id
         self._pulls: dict[str, asyncio.Task[None]] = {}  # by name, while one runs
         self._unpacks: dict[str, asyncio.Task[None]] = {}  # by image id, while one runs
         self._manifests: dict[str, ImageManifest] = {}  # of the unpacks under way, by id
+        self._removals: set[asyncio.Task[None]] = set()  # of evicted roots, in threads
 
     # -- lifecycle ----------------------------------------------------------------------------
     def open(self, *, owner: tuple[int, int] | None = None) -> None:
@@ -111,11 +122,20 @@ class ImageStore:
         self._owner = owner
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._roots.mkdir(parents=True, exist_ok=True)
+        # The roots are the image owner's alone (its sandboxes read them), the blobs the
+        # worker's: no other user of the host reaches either.
+        self._root.chmod(0o711)
+        for private in (self._roots, self._blobs.parent, self._blobs):
+            private.chmod(0o700)
+        if owner is not None:
+            os.chown(self._roots, *owner)
         for entry in self._roots.iterdir():
-            if entry.name.startswith(".partial-"):
-                _remove_tree(entry)
-            elif entry.suffix == ".json":
+            if entry.suffix == ".json":
                 self._load(entry)
+        known = {cached.image.rootfs for cached in self._images.values()}
+        for entry in self._roots.iterdir():
+            if entry.is_dir() and entry not in known:  # half made, or its record lost
+                _remove_tree(entry)
         for partial in self._blobs.glob(".partial-*"):
             partial.unlink(missing_ok=True)
 
@@ -193,6 +213,11 @@ class ImageStore:
                 await asyncio.to_thread(source.close)
         except (ImageSourceError, LayerError) as exc:
             raise ImageUnavailable(f"image {name}: {exc}", kind="image_unavailable") from None
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            # A manifest, index or config of the wrong shape, or a tar member of a bad name.
+            raise ImageUnavailable(
+                f"image {name}: malformed ({type(exc).__name__}: {exc})", kind="image_unavailable"
+            ) from None
         except OSError as exc:
             raise ImageUnavailable(
                 f"image {name}: cannot store it ({exc.strerror}: {exc.filename})",
@@ -245,8 +270,10 @@ class ImageStore:
             for layer in manifest.layers:
                 blob = self._fetch(source, layer.digest)
                 apply_layer(blob, partial, owner=self._owner)
+            if config.workdir:
+                ensure_directory(partial, config.workdir, self._owner)
             size = tree_bytes(partial)
-            shell = "/bin/bash" if has_file(partial, "bin/bash") else "/bin/sh"
+            shell = next((f"/{s}" for s in ("bin/bash", "bin/sh") if has_file(partial, s)), "")
             rootfs = self._roots / manifest.config_digest.partition(":")[2]
             os.rename(partial, rootfs)
         except BaseException:
@@ -287,11 +314,18 @@ class ImageStore:
 
     # -- eviction -----------------------------------------------------------------------------
     async def _evict(self, *, keep: str) -> None:
-        """Past the size limit: the images used longest ago that no slot holds go. Each leaves
-        the view and its place at once (renamed aside: a new pull of it unpacks anew); its
-        files are removed in a thread."""
+        """Past the size limit: the images used longest ago that no slot holds go (not one
+        used in the last ``eviction_grace_s``: a pull's askers take their holds a moment after
+        it ends, and two big images must not evict each other in turns). Each leaves the view
+        and its place at once (renamed aside: a new pull of it unpacks anew); its files are
+        removed in a thread."""
+        recent = time.time() - self._eviction_grace_s
         idle = sorted(
-            (c for c in self._images.values() if c.holders == 0 and c.image.id != keep),
+            (
+                c
+                for c in self._images.values()
+                if c.holders == 0 and c.image.id != keep and c.last_used < recent
+            ),
             key=lambda c: c.last_used,
         )
         doomed: list[Path] = []
@@ -303,8 +337,10 @@ class ImageStore:
             os.rename(cached.image.rootfs, aside)
             doomed.append(aside)
             log.info("image evicted", id=cached.image.id, mb=cached.image.size_bytes >> 20)
-        for tree in doomed:
-            await asyncio.to_thread(_remove_tree, tree)
+        for tree in doomed:  # not waited for: a removal left by a stop is redone at open()
+            removal = asyncio.create_task(asyncio.to_thread(_remove_tree, tree))
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
 
 
 def _digests(manifest: ImageManifest) -> set[str]:

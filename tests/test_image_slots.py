@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.exceptions import BadRequest
-from tests._images import busybox_image, needs_busybox_as_root
+from tests._images import BuiltImage, Entry, busybox_image, layer, needs_busybox_as_root
 from tests._waits import until
 from tests.conftest import StackFactory
 
@@ -97,3 +97,19 @@ async def test_a_trajectory_that_waits_for_a_slot_gets_one_made_from_its_image(
     served = await asyncio.wait_for(waiting, 30)
     assert served.success and "toolbus-test-image" in served.output, served
     await client.release(waiter, reset_workspace=True)
+
+
+async def test_an_image_that_cannot_start_a_slot_says_why_and_is_let_go_at_release(
+    make_stack: StackFactory, trajectory: Callable[[], str], tmp_path: Path
+) -> None:
+    no_shell = BuiltImage([layer(Entry("data/only", b"no shell here"))])
+    layout = no_shell.write_layout(tmp_path / "no-shell")
+    stack = await make_stack(slots=1)
+    client, worker, t = stack.client, stack.workers[0], trajectory()
+    for _ in range(2):  # each call says so; the image is held once, not once per call
+        failed = await client.execute(t, "terminal", {"command": "true"}, image=f"oci:{layout}")
+        assert not failed.success and "has no /bin/sh" in (failed.error or ""), failed
+    await client.release(t, reset_workspace=True)
+    await worker.wait_settled()
+    store = worker._image_store
+    assert [c.holders for c in store._images.values()] == [0]

@@ -193,7 +193,7 @@ async def test_the_least_recently_used_image_nobody_holds_is_evicted_past_the_li
         blob = layer(Entry(f"data-{tag}", os.urandom(200_000)))
         return BuiltImage([blob]).write_layout(tmp_path / f"layout-{tag}", tag=tag)
 
-    store = _store(tmp_path, max_bytes=500_000)  # room for two
+    store = _store(tmp_path, max_bytes=500_000, eviction_grace_s=0)  # room for two
     held = await store.acquire(f"oci:{sized('a')}:a")
     old = await store.acquire(f"oci:{sized('b')}:b")
     store.release(old)
@@ -301,3 +301,48 @@ async def test_a_private_registry_is_pulled_from_with_the_credentials_of_a_docke
         refused = _store(tmp_path / "third", insecure_registries=frozenset({host}), auth_file=wrong)
         with pytest.raises(ImageUnavailable, match="not authorized"):
             await refused.acquire(f"{host}/private/task:v1")
+
+
+async def test_a_whiteout_cannot_name_the_directory_above_or_itself(tmp_path: Path) -> None:
+    # ".wh..." would be a whiteout of "..": the cache's directory of roots, every other image.
+    store = _store(tmp_path)
+    kept = await store.acquire(f"oci:{_image().write_layout(tmp_path / 'kept')}")
+    for n, name in enumerate([".wh...", "etc/.wh...", ".wh..", ".wh."]):
+        bad = layer(Entry("etc", kind="dir"), Entry(name, b""))
+        with pytest.raises(ImageUnavailable, match="whiteout"):
+            await store.acquire(f"oci:{BuiltImage([bad]).write_layout(tmp_path / f'bad{n}')}")
+        _check_root(kept.rootfs)
+
+
+async def test_an_images_files_carry_no_setuid_bits_and_its_workdir_exists(
+    tmp_path: Path,
+) -> None:
+    su = layer(Entry("bin", kind="dir"), Entry("bin/su", b"#!/bin/sh\n", mode=0o4755))
+    image = BuiltImage([su], workdir="/srv/app")
+    store = _store(tmp_path)
+    got = await store.acquire(f"oci:{image.write_layout(tmp_path / 'su')}")
+    assert (got.rootfs / "bin/su").stat().st_mode & 0o7777 == 0o755
+    assert (got.rootfs / "srv/app").is_dir()  # as a runtime makes it: a sandbox starts there
+
+
+async def test_a_root_left_without_its_record_is_removed_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    layout = _image().write_layout(tmp_path / "layout")
+    first = await _store(tmp_path).acquire(f"oci:{layout}")
+    first.rootfs.with_suffix(".json").unlink()  # a crash between the root and its record
+    again = await _store(tmp_path).acquire(f"oci:{layout}")  # unpacked anew, not refused
+    _check_root(again.rootfs)
+
+
+async def test_an_image_used_a_moment_ago_is_not_evicted_even_past_the_limit(
+    tmp_path: Path,
+) -> None:
+    # Two images bigger than the cache together must not evict each other in turns while
+    # their pulls' askers take their holds.
+    store = _store(tmp_path, max_bytes=1)
+    first = await store.acquire(f"oci:{_image().write_layout(tmp_path / 'one')}")
+    store.release(first)
+    other = BuiltImage([layer(Entry("other", b"x"))])
+    await store.acquire(f"oci:{other.write_layout(tmp_path / 'two')}")
+    assert first.rootfs.is_dir()
