@@ -52,6 +52,7 @@ class ImageSlots:
         owner = self._sandboxes.image_owner
         for part in ("upper", "work"):
             (overlay / part).mkdir(parents=True, exist_ok=True)
+        overlay.chmod(0o700)  # the trajectory's files: no other user of the host reads them
         if owner is not None:  # uid 0 inside writes them, and the workspace
             for path in (overlay, overlay / "upper", overlay / "work", slot.workspace):
                 os.chown(path, *owner)
