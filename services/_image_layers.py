@@ -168,6 +168,13 @@ def make_tree_writable(directory: str | Path) -> None:
                     os.chmod(path, 0o700)
 
 
+def remove_tree(path: Path, *, ignore_errors: bool) -> None:
+    """A tree of an image's (a root, an overlay), whatever modes its directories were given."""
+    if path.exists():
+        make_tree_writable(path)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def _remove(root: Path, path: str) -> None:
     """A whiteout: what earlier layers had at ``path`` goes (nothing there: nothing to do)."""
     parent, base = posixpath.split(path)

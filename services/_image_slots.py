@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from pathlib import Path
 
 from schemas.messages import ErrorKindOfResult, ToolResult
 
 from ._bwrap import ImageRoot
-from ._image_layers import make_tree_writable
+from ._image_layers import remove_tree
 from ._image_store import ImageStore, ImageUnavailable
 from ._sandbox import Sandbox, SandboxError, SandboxFactory
 from ._slots import Slot
@@ -93,7 +92,7 @@ class ImageSlots:
         """The slot's workspace is wiped: so is its overlay (in a thread: it may be big)."""
         overlay = self._overlays / f"slot_{slot.index}"
         if overlay.exists():
-            await asyncio.to_thread(_remove_overlay, overlay)
+            await asyncio.to_thread(remove_tree, overlay, ignore_errors=False)
 
 
 def _no_offline_sandbox() -> Sandbox:
@@ -113,8 +112,3 @@ def image_unavailable(message: str) -> ToolResult:
         error=message,
         metadata={"error_kind": str(ErrorKindOfResult.SANDBOX), "image_unavailable": True},
     )
-
-
-def _remove_overlay(overlay: Path) -> None:
-    make_tree_writable(overlay)  # an agent may have made directories read-only
-    shutil.rmtree(overlay)

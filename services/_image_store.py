@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from ._image_layers import (
     apply_layer,
     ensure_directory,
     has_file,
-    make_tree_writable,
+    remove_tree,
     tree_bytes,
 )
 from ._image_refs import ImageName, parse_image_name
@@ -135,7 +134,7 @@ class ImageStore:
         known = {cached.image.rootfs for cached in self._images.values()}
         for entry in self._roots.iterdir():
             if entry.is_dir() and entry not in known:  # half made, or its record lost
-                _remove_tree(entry)
+                remove_tree(entry, ignore_errors=True)
         for partial in self._blobs.glob(".partial-*"):
             partial.unlink(missing_ok=True)
 
@@ -277,7 +276,7 @@ class ImageStore:
             rootfs = self._roots / manifest.config_digest.partition(":")[2]
             os.rename(partial, rootfs)
         except BaseException:
-            _remove_tree(partial)
+            remove_tree(partial, ignore_errors=True)
             raise
         image = Image(manifest.config_digest, rootfs, config, size, shell)
         meta = {
@@ -338,7 +337,7 @@ class ImageStore:
             doomed.append(aside)
             log.info("image evicted", id=cached.image.id, mb=cached.image.size_bytes >> 20)
         for tree in doomed:  # not waited for: a removal left by a stop is redone at open()
-            removal = asyncio.create_task(asyncio.to_thread(_remove_tree, tree))
+            removal = asyncio.create_task(asyncio.to_thread(remove_tree, tree, ignore_errors=True))
             self._removals.add(removal)
             removal.add_done_callback(self._removals.discard)
 
@@ -355,10 +354,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(f".partial-{secrets.token_hex(6)}{path.suffix}")
     partial.write_bytes(data)
     os.rename(partial, path)
-
-
-def _remove_tree(path: Path) -> None:
-    """An image root, whatever its modes (an image may have read-only directories)."""
-    if path.exists():
-        make_tree_writable(path)
-        shutil.rmtree(path, ignore_errors=True)

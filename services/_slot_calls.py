@@ -352,17 +352,22 @@ class SlotCalls:
         ) as span:
             if item.tool.startswith(_ARTIFACTS):
                 outcome.reply = await self._run_artifact_operation(slot, item)
-            elif isinstance(tools := await self._images.tools_or_failure(slot), ToolResult):
-                outcome.result = tools  # its image could not be had
             else:
-                outcome.result = await self._tools.run(
-                    item.tool,
-                    item.arguments,
-                    tools,
-                    timeout_s=item.timeout_s,
-                    allow_network=item.allow_network,
+                # A default slot's tools at once; an image slot's made at its first call.
+                tools = (
+                    slot.tools if slot.image is None else await self._images.tools_or_failure(slot)
                 )
-                describe_result(span, outcome.result)
+                if isinstance(tools, ToolResult):
+                    outcome.result = tools  # its image could not be had
+                else:
+                    outcome.result = await self._tools.run(
+                        item.tool,
+                        item.arguments,
+                        tools,
+                        timeout_s=item.timeout_s,
+                        allow_network=item.allow_network,
+                    )
+                    describe_result(span, outcome.result)
             if not succeeded(outcome):
                 tracing.mark_error(span, error_type(outcome), error_message(outcome))
 
